@@ -1,0 +1,65 @@
+"""The ``moss-rlhf`` command: parses flags into a stage's typed config and calls that stage's ``run``. No logic of
+its own. Errors in data or configuration are printed as one line (file, line, field) and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from moss_rlhf import __version__
+from moss_rlhf.config import ConfigError, add_arguments, from_args
+
+
+def _commands() -> dict[str, tuple[str, type, object]]:
+    """name -> (one-line help, config dataclass, run function)."""
+    from moss_rlhf import tokenizer
+    from moss_rlhf.stages import generate, pretrain, sft
+
+    commands = {
+        "tokenizer": ("train a byte-level BPE tokenizer with a chat template", tokenizer.TokenizerConfig,
+                      tokenizer.run),
+        "pretrain": ("self-supervised pretraining (causal or masked LM)", pretrain.PretrainConfig, pretrain.run),
+        "sft": ("supervised fine-tuning on conversations (assistant tokens only)", sft.SFTConfig, sft.run),
+        "generate": ("sample replies from a saved model", generate.GenerateConfig, generate.run),
+    }
+    return commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moss-rlhf", description="moss-rlhf: tokenizer → pretraining → SFT → human feedback → reward model → PPO-max → "
+                                     "evaluation → use. `moss-rlhf COMMAND --help` explains every option.")
+    parser.add_argument("--version", action="version", version=f"moss-rlhf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, config_cls, fn) in _commands().items():
+        if isinstance(config_cls, dict):  # a command group, e.g. `feedback create`
+            group = sub.add_parser(name, help=help_text, description=help_text)
+            group_sub = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+            for sub_name, (sub_help, sub_cls, sub_fn) in config_cls.items():
+                p = group_sub.add_parser(sub_name, help=sub_help, description=sub_help)
+                add_arguments(p, sub_cls)
+                p.set_defaults(_config=sub_cls, _run=sub_fn)
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p, config_cls)
+        p.set_defaults(_config=config_cls, _run=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moss_rlhf.data.formats import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = from_args(args._config, args)
+        args._run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"moss-rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moss-rlhf {args.command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""Read and validate every data format the pipeline uses, with errors that name the file, the line and the field.
+
+Record kinds (one JSON object per line of a ``.jsonl``/``.jsonl.gz`` file, or per element of a ``.json`` array):
+
+- text:          ``{"text": str}``, or a ``.txt`` file (documents separated by blank lines)
+- conversation:  ``{"messages": [{"role": "system|user|assistant", "content": str}, ...]}``
+                 or ``{"prompt": str, "completion": str}``
+- preference:    ``{"prompt": str | messages, "chosen": str, "rejected": str, "margin"?: float}``;
+                 Anthropic HH-RLHF ``{"chosen": transcript, "rejected": transcript}`` with "Human:/Assistant:" turns
+                 (the shared prompt is split from the two final replies);
+                 MOSS-RLHF JSON ``{"chosen": [turns...], "rejected": [turns...]}``, turns alternating user/assistant
+                 (strings, or role/content objects), the last turn being the reply.
+- prompt (RL):   ``{"prompt": str}`` or ``{"messages": [...]}`` (a trailing assistant turn is dropped)
+
+Sources: ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz``, ``.parquet``, ``.txt``, a directory written by
+``datasets.Dataset.save_to_disk``, or a Hugging Face dataset id (``name`` or ``name:split``) loaded through
+``datasets``. Local paths and hub ids go through the same record validation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Message = dict[str, str]
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data file is malformed. ``str(err)`` is one line: ``file:line: field: what was expected``."""
+
+    def __init__(self, source: str, line: int | None, field: str | None, problem: str):
+        self.source, self.line, self.field, self.problem = source, line, field, problem
+        where = source if line is None else f"{source}:{line}"
+        super().__init__(f"{where}: {field + ': ' if field else ''}{problem}")
+
+
+@dataclass(frozen=True)
+class Preference:
+    """One comparison: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt`` (a conversation)."""
+
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rows: (source name, line number, object)
+
+
+def iter_rows(source: str | Path) -> Iterator[tuple[str, int, Any]]:
+    """Yield ``(source, line_or_index, row)`` for every record; line numbers are 1-based."""
+    path = Path(source)
+    name = str(source)
+    if path.is_dir():
+        yield from _iter_dataset(name, load_from_disk=True)
+        return
+    if not path.exists():
+        if _looks_like_hub_id(name):
+            yield from _iter_dataset(name, load_from_disk=False)
+            return
+        raise DataError(name, None, None, "file not found")
+    suffixes = "".join(path.suffixes[-2:]).lower()
+    if path.suffix.lower() == ".parquet":
+        yield from _iter_parquet(name)
+    elif path.suffix.lower() == ".txt":
+        yield from _iter_txt(path)
+    elif suffixes.endswith(".jsonl") or suffixes.endswith(".jsonl.gz"):
+        yield from _iter_jsonl(path)
+    elif suffixes.endswith(".json") or suffixes.endswith(".json.gz"):
+        yield from _iter_json(path)
+    else:
+        raise DataError(name, None, None, "unknown file type: expected .jsonl, .jsonl.gz, .json, .json.gz, "
+                                          ".parquet, .txt or a directory saved by `datasets`")
+
+
+def _open_text(path: Path):
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".gz":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(str(path), None, None, f"not a valid gzip file ({e})") from None
+    return raw
+
+
+def _decode_line(path: Path, number: int, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), number, None, f"not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})") from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, int, Any]]:
+    raw = _open_text(path)
+    seen = 0
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        text = _decode_line(path, number, line).strip()
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), number, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(str(path), number, None, f"expected a JSON object, got {type(row).__name__}")
+        seen += 1
+        yield str(path), number, row
+    if not seen:
+        raise DataError(str(path), None, None, "the file holds no records")
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, int, Any]]:
+    raw = _open_text(path)
+    text = _decode_line(path, 1, raw) if b"\n" not in raw else None
+    if text is None:
+        for number, line in enumerate(raw.split(b"\n"), start=1):
+            _decode_line(path, number, line)
+        text = raw.decode("utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), e.lineno, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    if isinstance(data, dict):
+        # {"data": [...]} is common; a lone object is one record.
+        data = data.get("data", [data]) if isinstance(data.get("data"), list) else [data]
+    if not isinstance(data, list):
+        raise DataError(str(path), None, None, "expected a JSON array of objects")
+    if not data:
+        raise DataError(str(path), None, None, "the file holds no records")
+    for index, row in enumerate(data, start=1):
+        if not isinstance(row, dict):
+            raise DataError(f"{path} (item {index})", None, None, f"expected a JSON object, got {type(row).__name__}")
+        yield f"{path} (item {index})", None, row  # type: ignore[misc]
+
+
+def _iter_txt(path: Path) -> Iterator[tuple[str, int, Any]]:
+    raw = _open_text(path)
+    lines = [_decode_line(path, n, line) for n, line in enumerate(raw.split(b"\n"), start=1)]
+    doc: list[str] = []
+    start = 1
+    seen = 0
+    for number, line in enumerate(lines + [""], start=1):
+        if line.strip():
+            if not doc:
+                start = number
+            doc.append(line)
+        elif doc:
+            seen += 1
+            yield str(path), start, {"text": "\n".join(doc)}
+            doc = []
+    if not seen:
+        raise DataError(str(path), None, None, "the file holds no text")
+
+
+def _iter_parquet(name: str) -> Iterator[tuple[str, int, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(name)
+    except Exception as e:  # pyarrow raises several unrelated types for corrupt files
+        raise DataError(name, None, None, f"not a readable parquet file ({e})") from None
+    if table.num_rows == 0:
+        raise DataError(name, None, None, "the file holds no records")
+    for index, row in enumerate(table.to_pylist(), start=1):
+        yield name, index, row
+
+
+_HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?(:[\w.-]+)?$")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.endswith((".jsonl", ".json", ".gz", ".parquet", ".txt"))
+
+
+def _iter_dataset(name: str, load_from_disk: bool) -> Iterator[tuple[str, int, Any]]:
+    import datasets
+
+    try:
+        if load_from_disk:
+            ds = datasets.load_from_disk(name)
+        else:
+            repo, _, split = name.partition(":")
+            ds = datasets.load_dataset(repo, split=split or "train")
+    except Exception as e:  # datasets raises many types (FileNotFoundError, ConnectionError, DatasetNotFoundError)
+        raise DataError(name, None, None, f"could not load with `datasets` ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        ds = ds[split]
+    if len(ds) == 0:
+        raise DataError(name, None, None, "the dataset holds no records")
+    for index, row in enumerate(ds, start=1):
+        yield name, index, row
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Field validation
+
+
+def _field(row: dict, key: str, where: tuple[str, int | None], kind: type | tuple = str) -> Any:
+    if key not in row or row[key] is None:
+        raise DataError(where[0], where[1], key, f"missing (record has: {', '.join(sorted(row)) or 'no fields'})")
+    value = row[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(where[0], where[1], key, f"expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, where: tuple[str, int | None], key: str = "messages") -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise DataError(where[0], where[1], key, "expected a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(where[0], where[1], f"{key}[{i}]", f"expected an object, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(where[0], where[1], f"{key}[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
+        content = m.get("content")
+        if not isinstance(content, str):
+            raise DataError(where[0], where[1], f"{key}[{i}].content", f"expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def parse_text(row: dict, where: tuple[str, int | None]) -> str:
+    return _field(row, "text", where)
+
+
+def parse_conversation(row: dict, where: tuple[str, int | None]) -> list[Message]:
+    if "messages" in row:
+        messages = _messages(row["messages"], where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise DataError(where[0], where[1], "messages", "needs at least one assistant turn to learn from")
+        return messages
+    if "prompt" in row or "completion" in row:
+        prompt = _field(row, "prompt", where)
+        completion = _field(row, "completion", where)
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    raise DataError(where[0], where[1], "messages", "missing: expected {\"messages\": [...]} or {\"prompt\", \"completion\"}")
+
+
+def parse_prompt(row: dict, where: tuple[str, int | None]) -> list[Message]:
+    if "messages" in row:
+        messages = _messages(row["messages"], where)
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise DataError(where[0], where[1], "messages", "holds no user turn to answer")
+        return messages
+    value = _field(row, "prompt", where, (str, list))
+    return _messages(value, where, "prompt") if isinstance(value, list) else [{"role": "user", "content": value}]
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+
+
+def split_hh_transcript(text: str, where: tuple[str, int | None], key: str) -> list[Message]:
+    """"\\n\\nHuman: … \\n\\nAssistant: …" → messages. The HH-RLHF format's turns start with a blank line."""
+    if not text.startswith("\n\n"):
+        text = "\n\n" + text.lstrip()
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise DataError(where[0], where[1], key, "expected a transcript of '\\n\\nHuman: …' / '\\n\\nAssistant: …' turns")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
+
+
+def _turns(value: list, where: tuple[str, int | None], key: str) -> list[Message]:
+    if all(isinstance(t, str) for t in value):
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(value)]
+    return _messages(value, where, key)
+
+
+def parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
+    chosen_raw = _field(row, "chosen", where, (str, list))
+    rejected_raw = _field(row, "rejected", where, (str, list))
+    margin = row.get("margin", 0.0)
+    if margin is None:
+        margin = 0.0
+    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+        raise DataError(where[0], where[1], "margin", f"expected a number, got {type(margin).__name__}")
+    if "prompt" in row:
+        if not isinstance(chosen_raw, str) or not isinstance(rejected_raw, str):
+            raise DataError(where[0], where[1], "chosen", "with a 'prompt' field, chosen and rejected must be strings")
+        prompt = parse_prompt(row, where)
+        return Preference(prompt, chosen_raw, rejected_raw, float(margin))
+    if isinstance(chosen_raw, str) != isinstance(rejected_raw, str):
+        raise DataError(where[0], where[1], "rejected", "chosen and rejected must both be transcripts or both lists")
+    if isinstance(chosen_raw, str):  # Anthropic HH-RLHF
+        chosen = split_hh_transcript(chosen_raw, where, "chosen")
+        rejected = split_hh_transcript(rejected_raw, where, "rejected")
+    else:  # MOSS-RLHF
+        chosen = _turns(chosen_raw, where, "chosen")
+        rejected = _turns(rejected_raw, where, "rejected")
+    for key, conv in (("chosen", chosen), ("rejected", rejected)):
+        if conv[-1]["role"] != "assistant" or len(conv) < 2:
+            raise DataError(where[0], where[1], key, "must end with an assistant reply after at least one user turn")
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(where[0], where[1], "rejected", "chosen and rejected must share every turn but the last reply")
+    return Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], float(margin))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loaders: whole files of one kind
+
+
+def _load(source: str | Path, parse) -> list:
+    out = []
+    for name, line, row in iter_rows(source):
+        out.append(parse(row, (name, line)))
+    return out
+
+
+def load_texts(source: str | Path) -> list[str]:
+    return _load(source, parse_text)
+
+
+def load_conversations(source: str | Path) -> list[list[Message]]:
+    return _load(source, parse_conversation)
+
+
+def load_preferences(source: str | Path) -> list[Preference]:
+    return _load(source, parse_preference)
+
+
+def load_prompts(source: str | Path) -> list[list[Message]]:
+    return _load(source, parse_prompt)
+
+
+def load_records(source: str | Path) -> list[dict]:
+    """Raw rows (for extra fields such as a demo task name), still with file/line errors for bad JSON."""
+    return [row for _, _, row in iter_rows(source)]

@@ -1,0 +1,453 @@
+"""Pure loss and RL math shared by every MOSS-RLHF training stage.
+
+What lives here (no model, no data, no I/O):
+
+* masked reductions: ``masked_sum/mean/var/whiten`` over ``[B, T]`` tensors with a
+  0/1 mask, the building block of every token-level loss;
+* language modelling: ``token_logprobs``, ``entropy_from_logits``, ``lm_loss_sum``
+  (next-token cross-entropy returned as *sum and count* so that gradient
+  accumulation over micro-batches is exactly equivalent to one big batch);
+* reward modelling: the Bradley-Terry pairwise loss with an optional margin and the
+  label smoothing of "Secrets of RLHF in Large Language Models Part II" (Wang et al.
+  2024), plus ``preference_accuracy``;
+* PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
+  per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
+  the KL-penalised per-token reward, GAE (Schulman et al. 2016), the clipped
+  policy and value losses, explained variance, running reward moments for reward
+  normalisation + clipping (exactly merged across ``torch.distributed`` ranks with
+  Chan et al.'s parallel algorithm), and the fixed / adaptive KL controllers of
+  Ziegler et al. 2019.
+
+Conventions: tensors are batch-first ``[B, T]``; masks are float or bool ``[B, T]``
+with 1 for tokens that count.  Masked-out entries are *selected away* (``torch.where``)
+rather than multiplied by zero, so NaN/inf garbage in padding cannot leak.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+# ----------------------------------------------------------------------------- masked ops
+
+
+def _zero_where_masked(x: Tensor, mask: Tensor) -> Tensor:
+    # where() instead of x * mask: 0 * nan = nan, and padding may hold anything.
+    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``x`` over entries where ``mask`` is set (over ``dim``, or everything)."""
+    x = _zero_where_masked(x, mask)
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean over counted entries; a slice with no counted entries gives 0 (not NaN)."""
+    count = mask.to(x.dtype if x.is_floating_point() else torch.float32)
+    count = count.sum() if dim is None else count.sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance over all counted entries (Bessel-corrected when ``unbiased``)."""
+    n = mask.bool().sum()
+    if int(n) == 0 or (unbiased and int(n) < 2):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} counted entries, got {int(n)}")
+    mean = masked_mean(x, mask)
+    var = masked_sum((x - mean) ** 2, mask) / n
+    return var * n / (n - 1) if unbiased else var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise counted entries to mean 0 / (unbiased) std 1; masked-out entries become 0.
+
+    With ``shift_mean=False`` the mean is added back (only the scale changes), which is what
+    reward whitening wants when the sign of the reward carries meaning.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return _zero_where_masked(out, mask)
+
+
+# ----------------------------------------------------------------------------- LM heads
+
+
+def _upcast(x: Tensor) -> Tensor:
+    # softmax in bf16/fp16 loses ~3 significant digits; float64 inputs stay float64.
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log softmax(logits)[b, t, tokens[b, t]]`` in float32 -> ``[B, T]``.
+
+    No shift is applied: for causal LMs pass ``logits[:, :-1]`` and ``tokens[:, 1:]``.
+    Computed one row at a time as ``logit[token] - logsumexp(logits)`` so at most one
+    ``[T, V]`` float32 copy exists (a full ``log_softmax`` of bf16 ``[B, T, V]`` logits would
+    materialise a float32 tensor twice the size of the logits).
+    """
+    rows = []
+    for lg, tk in zip(logits, tokens):
+        lg = _upcast(lg)
+        picked = lg.gather(-1, tk.long().unsqueeze(-1)).squeeze(-1)
+        rows.append(picked - torch.logsumexp(lg, dim=-1))
+    if not rows:
+        return _upcast(logits.new_zeros(tokens.shape))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy ``-sum_v p log p`` of the softmax at every position -> ``[B, T]`` float32.
+
+    Uses ``H = logsumexp(l) - sum_v softmax(l)_v * l_v``, which avoids ``0 * log 0``.
+    """
+    rows = []
+    for lg in logits:
+        lg = _upcast(lg)
+        rows.append(torch.logsumexp(lg, -1) - (torch.softmax(lg, -1) * lg).sum(-1))
+    if not rows:
+        return _upcast(logits.new_zeros(logits.shape[:-1]))
+    return torch.stack(rows)
+
+
+def lm_loss_sum(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Summed next-token cross-entropy and the number of counted tokens.
+
+    Logits at position t predict ``labels[:, t + 1]``; labels equal to ``ignore_index``
+    (prompt tokens in SFT, padding) do not count.  Divide the sum of ``loss_sum`` over all
+    micro-batches by the sum of ``n_tokens`` to get exactly the big-batch mean.
+    """
+    shift_logits = _upcast(logits[:, :-1].reshape(-1, logits.shape[-1]))
+    shift_labels = labels[:, 1:].reshape(-1).long()
+    loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+    return loss_sum, (shift_labels != ignore_index).sum()
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross-entropy over counted tokens (0 if none count)."""
+    loss_sum, n = lm_loss_sum(logits, labels, ignore_index)
+    return loss_sum / n.clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def bradley_terry_loss(
+    r_chosen: Tensor,
+    r_rejected: Tensor,
+    margin: Tensor | float | None = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> Tensor:
+    """Pairwise reward-model loss ``-(1-e) log s(d) - e log s(-d)``, ``d = r_c - r_r - margin``.
+
+    ``e = label_smoothing`` treats a fraction e of the human labels as flipped (Secrets of
+    RLHF Part II), which keeps the reward from growing without bound on easy pairs.
+    ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError("label_smoothing must be in [0, 0.5]")
+    d = r_chosen - r_rejected
+    if margin is not None:
+        d = d - margin
+    loss = -F.logsigmoid(d)  # logsigmoid is stable for large |d|, unlike log(sigmoid(d))
+    if label_smoothing > 0:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-d)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "none":
+        return loss
+    raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def preference_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
+    """Fraction of pairs ranked correctly; a tie counts 1/2 (an untrained RM scores 0.5)."""
+    correct = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    return correct.mean()
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+
+    With ``log_r = log pi - log pi_ref`` (Schulman, "Approximating KL Divergence"):
+    k1 = log_r (unbiased, can be negative), k2 = log_r^2 / 2 (biased, low variance, >= 0),
+    k3 = exp(-log_r) - 1 + log_r (unbiased and >= 0).
+    """
+    log_r = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(-log_r) + log_r
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last counted token of each row (-1 for rows with none) -> ``[B]``."""
+    pos = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), pos, torch.full_like(pos, -1)).amax(-1)
+
+
+def per_token_rewards(
+    score: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float | Tensor,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor]:
+    """PPO reward ``r_t = -kl_coef * KL_t`` plus the sequence ``score[b]`` on the last counted token.
+
+    Returns ``(rewards, kl)``, both ``[B, T]`` and 0 where masked out.  Rows with no counted
+    token get no score.  Call under ``torch.no_grad()``: these are targets, not losses.
+    """
+    kl = _zero_where_masked(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+    rewards = -kl_coef * kl
+    last = last_token_index(mask)
+    has_tok = last >= 0
+    bonus = torch.zeros_like(rewards)
+    bonus.scatter_(1, last.clamp_min(0).unsqueeze(1), torch.where(has_tok, score.to(rewards.dtype), 0.0).unsqueeze(1))
+    return rewards + bonus, kl
+
+
+@torch.no_grad()
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the counted tokens of each row.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` where t+1 is the
+    next *counted* token (masked positions are skipped, so holes in the mask are bridged) and
+    the value after the last counted token is 0 (the episode ends with the response).
+    Returns ``(advantages, returns)`` with ``returns = advantages + values``; both are 0 at
+    masked-out positions.  Inputs are treated as constants (no gradient).
+    """
+    m = mask.bool()
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
+    rewards, values = _zero_where_masked(rewards.to(dtype), m), _zero_where_masked(values.to(dtype), m)
+    next_v = torch.zeros(rewards.shape[0], dtype=dtype, device=rewards.device)
+    next_a = torch.zeros_like(next_v)
+    adv = torch.zeros_like(rewards)
+    for t in reversed(range(rewards.shape[1])):
+        a = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * next_a
+        mt = m[:, t]
+        adv[:, t] = torch.where(mt, a, 0.0)
+        next_v = torch.where(mt, values[:, t], next_v)
+        next_a = torch.where(mt, a, next_a)
+    return adv, _zero_where_masked(adv + values, m)
+
+
+def _reduce(loss: Tensor, mask: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return masked_mean(loss, mask)
+    if reduction == "sum":  # pair with stats["n_tokens"] for exact gradient accumulation
+        return masked_sum(loss, mask)
+    raise ValueError(f"unknown reduction {reduction!r} (mean, sum)")
+
+
+def clipped_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    reduction: str = "mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate, to be *minimised*: ``max(-A r, -A clip(r, 1-eps, 1+eps))``.
+
+    ``r = exp(logprobs - old_logprobs)``; ``advantages`` and ``old_logprobs`` are constants.
+    ``reduction="mean"`` is the masked token mean; ``"sum"`` the masked sum (divide the total over
+    micro-batches by the total ``stats["n_tokens"]``).  Stats (detached): ``clipfrac`` = fraction of
+    tokens where the clipped branch is active (their gradient is 0), ``approx_kl`` = k3 estimate
+    ``mean((r - 1) - log r)`` of KL(pi_old || pi), ``ratio_mean``, ``n_tokens``.
+    """
+    log_ratio = logprobs - old_logprobs.detach()
+    ratio = torch.exp(log_ratio)
+    advantages = advantages.detach()
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = _reduce(torch.maximum(unclipped, clipped), mask, reduction)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).float(), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio_mean": masked_mean(ratio, mask),
+            "n_tokens": mask.bool().sum(),
+        }
+    return loss, stats
+
+
+def clipped_value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_eps: float,
+    reduction: str = "mean",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO value loss ``0.5 max((v - R)^2, (clip(v, v_old - eps, v_old + eps) - R)^2)``.
+
+    Same ``reduction`` semantics as :func:`clipped_policy_loss`.  Stats: ``vf_clipfrac`` (fraction
+    of tokens where the clipped branch is larger), ``n_tokens``.
+    """
+    old_values, returns = old_values.detach(), returns.detach()
+    v_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    err_unclipped = (values - returns) ** 2
+    err_clipped = (v_clipped - returns) ** 2
+    loss = _reduce(0.5 * torch.maximum(err_unclipped, err_clipped), mask, reduction)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((err_clipped > err_unclipped).float(), mask), "n_tokens": mask.bool().sum()}
+    return loss, stats
+
+
+@torch.no_grad()
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(R - V) / Var(R)`` over counted tokens; NaN when the returns have no variance."""
+    var_r = masked_var(_upcast(returns), mask, unbiased=False)
+    if float(var_r) == 0.0:
+        return torch.tensor(float("nan"))
+    return 1.0 - masked_var(_upcast(returns) - _upcast(values), mask, unbiased=False) / var_r
+
+
+# ----------------------------------------------------------------------------- running stats
+
+
+def _dist_group_size(group) -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(group)
+    return 1
+
+
+class RunningMoments:
+    """Running mean / std of scalars (PPO-max reward normalisation), kept in float64.
+
+    Batches are merged with Chan et al.'s parallel update of (count, mean, M2), so the result
+    equals the moments of the concatenation of every batch, independent of batch sizes.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    @property
+    def var(self) -> float:
+        """Unbiased variance (``torch.var`` default); 0 with fewer than 2 samples."""
+        return self.m2 / (self.count - 1) if self.count > 1 else 0.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    @torch.no_grad()
+    def update(self, x: Tensor, group=None, mask: Tensor | None = None) -> tuple[float, float]:
+        """Fold the (counted) entries of ``x`` in; returns the batch's (mean, std).
+
+        When ``torch.distributed`` is initialised every rank must call this (a rank may pass an
+        empty batch): counts and sums are all-reduced, then each rank's squared deviations about
+        the *global* batch mean, so every rank merges the same exact global batch statistics.
+        """
+        x = x.detach().double()
+        x = x[mask.bool()] if mask is not None else x.reshape(-1)
+        n, s = float(x.numel()), x.sum()
+        buf = torch.stack([torch.tensor(n, dtype=torch.float64, device=x.device), s])
+        distributed = _dist_group_size(group) > 1
+        if distributed:
+            torch.distributed.all_reduce(buf, group=group)
+        n, s = float(buf[0]), float(buf[1])
+        b_mean = s / n if n > 0 else 0.0
+        m2 = ((x - b_mean) ** 2).sum().reshape(1)
+        if distributed:
+            torch.distributed.all_reduce(m2, group=group)
+        b_m2 = float(m2[0])
+        if n == 0:
+            return 0.0, 0.0
+        delta, total = b_mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += b_m2 + delta * delta * self.count * n / total
+        self.count = total
+        return b_mean, math.sqrt(b_m2 / (n - 1)) if n > 1 else 0.0
+
+    def normalize(self, x: Tensor, clip: float | None = None, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+        """``(x - mean) / std`` (``x / std`` without ``shift_mean``), then clamp to ``[-clip, clip]``.
+
+        Before 2 samples have been seen the std is taken as 1 (nothing to scale by yet); ``eps``
+        only floors a zero std.
+        """
+        std = max(self.std, eps) if self.count > 1 else 1.0
+        out = ((x - self.mean) if shift_mean else x) / std
+        return out.clamp(-clip, clip) if clip is not None else out
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+# ----------------------------------------------------------------------------- KL controllers
+
+
+@dataclass
+class FixedKLController:
+    """Constant KL coefficient (same interface as :class:`AdaptiveKLController`)."""
+
+    kl_coef: float
+
+    @property
+    def value(self) -> float:
+        return self.kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.kl_coef
+
+    def state_dict(self) -> dict[str, float]:
+        return {"kl_coef": self.kl_coef}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.kl_coef = float(state["kl_coef"])
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. 2019: steer the observed KL towards ``target``.
+
+    ``err = clip(current_kl / target - 1, -0.2, 0.2)``; ``coef *= 1 + err * n_steps / horizon``,
+    where ``n_steps`` is the number of samples (episodes) since the last update.
+    """
+
+    init_kl_coef: float
+    target: float
+    horizon: float
+
+    def __post_init__(self) -> None:
+        if self.target <= 0 or self.horizon <= 0:
+            raise ValueError("target and horizon must be positive")
+        self.kl_coef = float(self.init_kl_coef)
+
+    @property
+    def value(self) -> float:
+        return self.kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        err = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.kl_coef *= 1.0 + err * n_steps / self.horizon
+        return self.kl_coef
+
+    def state_dict(self) -> dict[str, float]:
+        return {"kl_coef": self.kl_coef, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.kl_coef = float(state["kl_coef"])
+        self.target, self.horizon = float(state["target"]), float(state["horizon"])

@@ -1,0 +1,202 @@
+"""Build, load and save models: causal LMs from a size preset or any ``transformers`` checkpoint, masked LMs for the
+optional encoder objective, scalar scorers (reward model / critic), and LoRA adapters through ``peft``.
+
+Everything is saved with ``save_pretrained`` (safetensors), so a plain ``AutoModelForCausalLM.from_pretrained``
+— or vLLM — loads what we write.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers.utils import logging as _hf_logging
+
+# Our own progress bars cover long work; transformers' per-file bars ("Loading weights", "Writing model shards")
+# would interleave with them on every checkpoint.
+_hf_logging.disable_progress_bar()
+
+# Llama-architecture presets. Vocabulary size comes from the tokenizer.
+PRESETS: dict[str, dict] = {
+    # ~1.5M parameters with a 4k vocabulary: tests and the demo world on a laptop CPU.
+    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=352, max_position_embeddings=512),
+    # ~14M parameters with an 8k vocabulary: the throughput benchmark and a stronger demo.
+    "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
+                  intermediate_size=1024, max_position_embeddings=1024),
+    # ~110M parameters: a real GPU run.
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=2048, max_position_embeddings=2048),
+}
+
+
+@dataclass
+class LoraOptions:
+    r: int = 0  # 0 disables LoRA
+    alpha: int = 16
+    dropout: float = 0.0
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_causal_lm(preset_or_config: str, tokenizer, seed: int = 0):
+    """A fresh Llama from a named preset, or any architecture from a ``config.json`` path."""
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if preset_or_config in PRESETS:
+        config = LlamaConfig(**PRESETS[preset_or_config], **special, tie_word_embeddings=True,
+                             rms_norm_eps=1e-5, rope_theta=10000.0)
+    elif Path(preset_or_config).exists():
+        config = AutoConfig.from_pretrained(preset_or_config)
+        for key, value in special.items():
+            setattr(config, key, value)
+    else:
+        raise ValueError(f"unknown model preset or config path {preset_or_config!r}; presets: {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def build_masked_lm(preset: str, tokenizer, seed: int = 0):
+    """An encoder (BERT) of the preset's size, for the masked-LM pretraining objective."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    p = PRESETS[preset]
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=p["hidden_size"],
+                        num_hidden_layers=p["num_hidden_layers"], num_attention_heads=p["num_attention_heads"],
+                        intermediate_size=p["intermediate_size"], max_position_embeddings=p["max_position_embeddings"],
+                        pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+
+
+def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = None):
+    """A sequence scorer with one output (reward model or critic). From an LM checkpoint, the head starts at zero so
+    the first rewards are 0 and the Bradley–Terry loss starts at log 2; from a reward checkpoint, the head is loaded."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    is_scorer = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    config.num_labels = 1
+    if config.pad_token_id is None and tokenizer is not None:
+        config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
+                                                               dtype=dtype or torch.float32)
+    if not is_scorer:
+        torch.nn.init.zeros_(score_head(model).weight)
+    return model
+
+
+def score_head(model) -> torch.nn.Linear:
+    """The linear scoring layer of a ``*ForSequenceClassification`` model (``score`` for Llama/Qwen/Mistral/GPT-2)."""
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Linear):
+            return head
+    raise ValueError(f"{type(model).__name__} has no linear score head")
+
+
+def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """One scalar per token ``[B, T]`` from a scorer: the critic's values. The backbone runs once and the head is
+    applied to every hidden state (the reward model reads the last non-pad one)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    return score_head(model)(hidden).squeeze(-1).float()
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence ``[B]``: the score at the last non-pad token (works for left and right padding)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    values = token_scores(model, input_ids, attention_mask, position_ids)
+    last = _last_true_index(attention_mask)
+    return values.gather(1, last[:, None]).squeeze(1)
+
+
+def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
+
+
+def apply_lora(model, options: LoraOptions, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with LoRA adapters on every linear layer (peft); a no-op when ``options.r == 0``."""
+    if options.r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, config)
+
+
+def unwrap(model):
+    """The plain transformers model under DDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_model(model, tokenizer, path: str | Path) -> None:
+    """``save_pretrained`` (safetensors) of model and tokenizer; LoRA adapters are merged first so the result loads
+    in plain transformers."""
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):  # a copy: the training model keeps its adapters
+        model = copy.deepcopy(model).merge_and_unload()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_weights(model, path: str | Path) -> None:
+    """Load a save_pretrained folder's weights into an existing model in place (exact resume). Keys missing from the
+    file may only be tied ones (e.g. ``lm_head.weight`` tied to the embeddings)."""
+    from safetensors.torch import load_file
+
+    target = unwrap(model)
+    if hasattr(target, "get_base_model"):  # LoRA: the folder holds merged weights; adapters come from state.pt
+        return
+    state = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "decoder" in k} if getattr(target.config, "tie_word_embeddings",
+                                                                                 False) else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]})")
+
+
+def trainable_state(model) -> dict[str, torch.Tensor] | None:
+    """LoRA adapters' weights (saved in state.pt for resume); None for a fully trained model (its folder has all)."""
+    target = unwrap(model)
+    if not hasattr(target, "get_base_model"):
+        return None
+    return {k: v.detach().cpu().clone() for k, v in target.named_parameters() if v.requires_grad}
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor] | None) -> None:
+    if not state:
+        return
+    params = dict(unwrap(model).named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)

@@ -1,0 +1,50 @@
+"""``moss-rlhf generate``: sample replies from any saved model, batched, with a KV cache."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.generation import SamplingConfig, sample_texts
+
+
+@dataclass
+class GenerateConfig(SamplingConfig):
+    model: str = option("runs/sft/model", "model to sample from (hub id or save_pretrained directory)")
+    prompt: list[str] = option([], "a prompt (repeat the flag for several)")
+    prompts_file: str = option("", "prompts file ({\"prompt\"} or {\"messages\"} records)")
+    chat: bool = option(True, "render prompts with the chat template (else continue raw text)")
+    num_samples: int = option(1, "replies per prompt")
+    batch_size: int = option(32, "prompts per batch")
+    seed: int = option(0, "sampling seed")
+    out: str = option("", "write {\"prompt\", \"response\"} JSON lines here (default: print)")
+    device: str = option("auto", "cpu, cuda or auto")
+
+    def check(self) -> None:
+        if not self.prompt and not self.prompts_file:
+            raise ConfigError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+
+
+def run(cfg: GenerateConfig) -> list[dict]:
+    from moss_rlhf.data.formats import load_prompts
+    from moss_rlhf.models import load_causal_lm, resolve_device
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model).to(resolve_device(cfg.device))
+    conversations = [[{"role": "user", "content": p}] for p in cfg.prompt]
+    if cfg.prompts_file:
+        conversations += load_prompts(cfg.prompts_file)
+    prompts = [c for c in conversations for _ in range(cfg.num_samples)]
+    inputs = prompts if cfg.chat else [c[-1]["content"] for c in prompts]
+    replies = sample_texts(model, tokenizer, inputs, cfg, batch_size=cfg.batch_size, seed=cfg.seed, chat=cfg.chat)
+    rows = [{"prompt": c[-1]["content"], "response": r} for c, r in zip(prompts, replies)]
+    if cfg.out:
+        atomic_write_text(__import__("pathlib").Path(cfg.out),
+                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        print(f"generate: {len(rows)} replies -> {cfg.out}")
+    else:
+        for r in rows:
+            print(f">>> {r['prompt']}\n{r['response']}\n")
+    return rows

@@ -1,0 +1,99 @@
+"""Supervised fine-tuning: conversations rendered with the chat template, loss on assistant tokens only, with
+sequence packing (whole examples, never split) or per-batch padding. Same loop as pretraining
+(``training.train_lm``): accumulation, clipping, bf16, evaluation, checkpoints and exact resume; optional LoRA.
+
+Reads ``{"messages": [...]}`` or ``{"prompt", "completion"}`` records, by default the demo world's (deliberately
+imperfect) demonstrations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moss_rlhf import distributed
+from moss_rlhf.config import ConfigError, TrainConfig, option
+from moss_rlhf.data.collate import Example, chat_example, pack_examples, pad_examples
+from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, world_file
+from moss_rlhf.data.formats import load_conversations
+from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
+from moss_rlhf.runs import RunDir, seed_everything
+from moss_rlhf.stages.pretrain import causal_loss
+from moss_rlhf.tokenizer import load_tokenizer
+from moss_rlhf.training import LoopResult, TokenData, train_lm
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out: str = option("runs/sft", "run directory")
+    model: str = option("runs/pretrain/model", "the model to fine-tune (hub id or save_pretrained directory)")
+    tokenizer: str = option("", "tokenizer (default: the model's)")
+    data: list[str] = option([], "conversation files or dataset ids; default: the demo world's demonstrations")
+    eval_data: list[str] = option([], "held-out conversations; default: 5% of the training data")
+    max_len: int = option(256, "longest example in tokens (longer ones are cut)")
+    pack: bool = option(True, "pack several examples into each sequence (else pad each batch)")
+    seq_len: int = option(256, "tokens per packed sequence")
+    lora_r: int = option(0, "LoRA rank (0: train every weight)")
+    lora_alpha: int = option(16, "LoRA alpha")
+    world: str = option(DEFAULT_WORLD_DIR, "directory of the demo world (written there if absent)")
+    world_size: str = option("default", "demo world size: default or quick", choices=("default", "quick"))
+    max_steps: int = option(200, "optimizer steps to run")
+    batch_size: int = option(16, "sequences per micro-batch per process")
+    lr: float = option(1e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+
+    def check(self) -> None:
+        if self.pack and self.seq_len < self.max_len:
+            raise ConfigError(f"--seq-len ({self.seq_len}) must be at least --max-len ({self.max_len}) when packing")
+
+
+def sft_data(tokenizer, conversations: list, cfg: SFTConfig) -> TokenData:
+    examples = [chat_example(tokenizer, conv, cfg.max_len) for conv in conversations]
+    examples = [e for e in examples if any(label != -100 for label in e.labels[1:])]
+    if cfg.pack:
+        ids, labels = pack_examples(examples, cfg.seq_len, tokenizer.pad_token_id)
+        mask = (labels != -100) | (ids != tokenizer.pad_token_id)
+
+        def packed(indices: list[int]) -> dict[str, torch.Tensor]:
+            lab = labels[indices]
+            return {"input_ids": ids[indices], "attention_mask": mask[indices].long(), "labels": lab,
+                    "n_targets": (lab[:, 1:] != -100).sum()}
+
+        return TokenData(len(ids), packed)
+
+    def padded(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = pad_examples([examples[i] for i in indices], tokenizer.pad_token_id)
+        batch["n_targets"] = (batch["labels"][:, 1:] != -100).sum()
+        return batch
+
+    return TokenData(len(examples), padded)
+
+
+def run(cfg: SFTConfig) -> LoopResult:
+    """``moss-rlhf sft``."""
+    dist = distributed.init(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume)
+    paths = cfg.data or [world_file("sft.jsonl", cfg.world, cfg.seed, cfg.world_size)]
+    conversations = [c for p in paths for c in load_conversations(p)]
+    if cfg.eval_data:
+        held_out = [c for p in cfg.eval_data for c in load_conversations(p)]
+    else:
+        cut = max(1, len(conversations) // 20)
+        conversations, held_out = conversations[cut:], conversations[:cut]
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = apply_lora(load_causal_lm(cfg.model), LoraOptions(cfg.lora_r, cfg.lora_alpha))
+    train, evaluation = sft_data(tokenizer, conversations, cfg), sft_data(tokenizer, held_out, cfg)
+    if dist.is_main:
+        print(f"sft: {len(conversations)} conversations -> {len(train)} sequences, {len(held_out)} held out")
+    result = train_lm(cfg, model, tokenizer, train, evaluation, causal_loss, run_dir, dist, desc="sft")
+    if dist.is_main:
+        print(f"sft: step {result.step}, train loss {result.train_loss:.3f} -> {Path(cfg.out) / 'model'}")
+    return result
+
+
+def assistant_only(example: Example) -> list[int]:
+    """The tokens that carry loss (for tests and inspection)."""
+    return [t for t in example.labels if t != -100]

@@ -1,0 +1,110 @@
+"""Train a byte-level BPE tokenizer (Hugging Face ``tokenizers``) or load any Hugging Face tokenizer, with a chat
+template and the special tokens the pipeline relies on.
+
+Byte-level BPE (GPT-2 style) starts from the 256 byte values, so UTF-8 text of any script — Chinese included —
+round-trips exactly, and no character is ever unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moss_rlhf.config import option
+from moss_rlhf.data.formats import Message
+
+BOS, EOS, PAD, MASK = "<|bos|>", "<|end|>", "<|pad|>", "<|mask|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = [BOS, EOS, PAD, MASK, *ROLE_TOKENS]
+
+# Every turn is "<|role|>content<|end|>"; generation stops at <|end|>, which is also our eos token, so a chat reply
+# and a pretraining document end the same way.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+# Used for tokenizers that come without a chat template of their own (base models).
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+@dataclass
+class TokenizerConfig:
+    corpus: list[str] = option([], "text files to train on (any text/conversation format); default: the demo world")
+    out: str = option("runs/tokenizer", "directory to save the tokenizer to (Hugging Face format)")
+    vocab_size: int = option(4096, "vocabulary size, special tokens included")
+    min_frequency: int = option(2, "minimum pair frequency for a merge")
+    seed: int = option(0, "demo-world seed when no corpus is given")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
+    """Train byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast`` with our chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        mask_token=MASK,
+        additional_special_tokens=list(ROLE_TOKENS),
+        clean_up_tokenization_spaces=False,
+        model_max_length=1 << 30,
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str):
+    """Load any Hugging Face tokenizer (hub id or local path) and make it usable by every stage: it gets a pad
+    token (its eos) and a chat template if it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    return tokenizer
+
+
+def render_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def encode_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a rendered conversation (special tokens come from the template, never added twice)."""
+    return tokenizer(render_chat(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
+
+
+def run(cfg: TokenizerConfig) -> str:
+    """``moss-rlhf tokenizer``: train on the given corpus (or the demo world) and save; returns the directory."""
+    from moss_rlhf.data.corpus import corpus_texts
+
+    texts = corpus_texts(cfg.corpus, seed=cfg.seed)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(cfg.out)
+    print(f"tokenizer: {len(tokenizer)} tokens trained on {len(texts)} documents -> {cfg.out}")
+    return cfg.out

@@ -1,0 +1,448 @@
+"""Tests for moss_rlhf.losses against plain-Python reference implementations."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moss_rlhf import losses as L
+
+
+def _padded_mask(lengths: list[int], T: int, offsets: list[int] | None = None) -> torch.Tensor:
+    """Right-padded mask; with offsets the counted region starts later (prompt left of it)."""
+    offsets = offsets or [0] * len(lengths)
+    return torch.tensor([[1.0 if o <= t < o + n else 0.0 for t in range(T)] for n, o in zip(lengths, offsets)])
+
+
+def _counted(x: torch.Tensor, mask: torch.Tensor) -> list[float]:
+    return [float(v) for row, mr in zip(x.tolist(), mask.tolist()) for v, m in zip(row, mr) if m]
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _var(xs: list[float], unbiased: bool = True) -> float:
+    mu = _mean(xs)
+    return sum((v - mu) ** 2 for v in xs) / (len(xs) - (1 if unbiased else 0))
+
+
+# ----------------------------------------------------------------------------- masked ops
+
+
+def test_masked_reductions_match_reference_and_ignore_garbage():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, generator=g, dtype=torch.float64)
+    mask = _padded_mask([7, 3, 1, 5], 7)
+    x_garbage = torch.where(mask.bool(), x, torch.tensor(float("nan"), dtype=torch.float64))
+    xs = _counted(x, mask)
+    assert L.masked_sum(x_garbage, mask).item() == pytest.approx(sum(xs))
+    assert L.masked_mean(x_garbage, mask).item() == pytest.approx(_mean(xs))
+    assert L.masked_var(x_garbage, mask).item() == pytest.approx(_var(xs))
+    assert L.masked_var(x_garbage, mask, unbiased=False).item() == pytest.approx(_var(xs, False))
+    row_means = L.masked_mean(x_garbage, mask, dim=1)
+    for i in range(4):
+        assert row_means[i].item() == pytest.approx(_mean(_counted(x[i : i + 1], mask[i : i + 1])))
+    # bool masks behave like float masks; an empty row averages to 0 rather than NaN
+    assert L.masked_mean(x, mask.bool()).item() == pytest.approx(_mean(xs))
+    empty = torch.zeros(2, 3)
+    assert L.masked_mean(torch.ones(2, 3), empty, dim=1).tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError):
+        L.masked_var(x, _padded_mask([1, 0, 0, 0], 7))
+
+
+def test_masked_whiten():
+    g = torch.Generator().manual_seed(1)
+    x = 3.0 + 5.0 * torch.randn(3, 9, generator=g, dtype=torch.float64)
+    mask = _padded_mask([9, 4, 6], 9)
+    x_pad = torch.where(mask.bool(), x, torch.tensor(1e6, dtype=torch.float64))  # padding must not matter
+    w = L.masked_whiten(x_pad, mask)
+    ws = _counted(w, mask)
+    assert _mean(ws) == pytest.approx(0.0, abs=1e-9)
+    assert _var(ws) == pytest.approx(1.0, rel=1e-6)
+    assert torch.all(w[~mask.bool()] == 0)
+    xs = _counted(x, mask)
+    mu, sd = _mean(xs), math.sqrt(_var(xs))
+    for got, v in zip(ws, xs):
+        assert got == pytest.approx((v - mu) / sd, rel=1e-6)
+    w2 = L.masked_whiten(x_pad, mask, shift_mean=False)
+    for got, v in zip(_counted(w2, mask), xs):
+        assert got == pytest.approx((v - mu) / sd + mu, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- LM heads
+
+
+def test_token_logprobs_and_entropy_match_reference():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 5, 11, generator=g)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    lp = L.token_logprobs(logits, tokens)
+    ref = logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(lp, ref)
+    ent = L.entropy_from_logits(logits)
+    for b in range(3):
+        for t in range(5):
+            row = logits[b, t].tolist()
+            z = sum(math.exp(v) for v in row)
+            p = [math.exp(v) / z for v in row]
+            assert ent[b, t].item() == pytest.approx(-sum(q * math.log(q) for q in p), rel=1e-5)
+            assert lp[b, t].item() == pytest.approx(math.log(p[tokens[b, t]]), abs=1e-5)
+    # bf16 logits are upcast: result is float32 and close to the float32 computation
+    lp16 = L.token_logprobs(logits.bfloat16(), tokens)
+    assert lp16.dtype == torch.float32
+    torch.testing.assert_close(lp16, L.token_logprobs(logits.bfloat16().float(), tokens))
+    # gradients flow
+    lg = logits.clone().requires_grad_(True)
+    L.token_logprobs(lg, tokens).sum().backward()
+    torch.testing.assert_close(lg.grad, F.one_hot(tokens, 11).float() - logits.softmax(-1))
+    # entropy of uniform logits is log V
+    torch.testing.assert_close(L.entropy_from_logits(torch.zeros(1, 2, 11)), torch.full((1, 2), math.log(11)))
+
+
+def test_lm_loss_sum_matches_cross_entropy_and_accumulates_exactly():
+    g = torch.Generator().manual_seed(3)
+    B, T, V = 4, 8, 13
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = -100  # prompt
+    labels[2, 5:] = -100  # padding
+    labels[3, :] = -100  # nothing counts in this row
+    loss_sum, n = L.lm_loss_sum(logits, labels)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    n_ref = sum(1 for row in labels.tolist() for v in row[1:] if v != -100)
+    assert int(n) == n_ref
+    assert (loss_sum / n).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert L.lm_loss(logits, labels).item() == pytest.approx(ref.item(), rel=1e-6)
+    # reference by loops
+    tot = 0.0
+    for b in range(B):
+        for t in range(T - 1):
+            y = int(labels[b, t + 1])
+            if y != -100:
+                row = logits[b, t].tolist()
+                tot += math.log(sum(math.exp(v) for v in row)) - row[y]
+    assert loss_sum.item() == pytest.approx(tot, rel=1e-6)
+    # two micro-batches of different token counts give exactly the big-batch mean
+    s1, n1 = L.lm_loss_sum(logits[:1], labels[:1])
+    s2, n2 = L.lm_loss_sum(logits[1:], labels[1:])
+    assert ((s1 + s2) / (n1 + n2)).item() == pytest.approx(ref.item(), rel=1e-9)
+    assert ((L.lm_loss(logits[:1], labels[:1]) + L.lm_loss(logits[1:], labels[1:])) / 2).item() != pytest.approx(
+        ref.item(), rel=1e-6
+    )
+    assert L.lm_loss(logits[3:], labels[3:]).item() == 0.0
+    # custom ignore index; bf16 logits computed in float32
+    lab0 = torch.where(labels == -100, torch.zeros_like(labels), labels)
+    assert L.lm_loss_sum(logits, lab0, ignore_index=0)[1].item() == sum(1 for r in lab0.tolist() for v in r[1:] if v)
+    assert L.lm_loss_sum(logits.bfloat16(), labels)[0].dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+def test_bradley_terry_loss():
+    rc = torch.tensor([2.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    rr = torch.tensor([1.0, 0.5, 0.5, -4.0], dtype=torch.float64)
+
+    def ref(d, eps=0.0):
+        ls = lambda z: -math.log1p(math.exp(-z)) if z > 0 else z - math.log1p(math.exp(z))  # noqa: E731
+        return -(1 - eps) * ls(d) - eps * ls(-d)
+
+    ds = [c - r for c, r in zip(rc.tolist(), rr.tolist())]
+    none = L.bradley_terry_loss(rc, rr, reduction="none")
+    assert none.tolist() == pytest.approx([ref(d) for d in ds])
+    assert L.bradley_terry_loss(rc, rr).item() == pytest.approx(_mean([ref(d) for d in ds]))
+    assert L.bradley_terry_loss(rc, rr, reduction="sum").item() == pytest.approx(sum(ref(d) for d in ds))
+    margin = torch.tensor([0.5, 1.0, 0.0, 2.0], dtype=torch.float64)
+    got = L.bradley_terry_loss(rc, rr, margin=margin, reduction="none")
+    assert got.tolist() == pytest.approx([ref(d - m) for d, m in zip(ds, margin.tolist())])
+    assert L.bradley_terry_loss(rc, rr, margin=1.0, reduction="none").tolist() == pytest.approx([ref(d - 1) for d in ds])
+    # a positive margin demands a larger gap: loss goes up
+    assert torch.all(got[margin > 0] > none[margin > 0])
+    got = L.bradley_terry_loss(rc, rr, label_smoothing=0.1, reduction="none")
+    assert got.tolist() == pytest.approx([ref(d, 0.1) for d in ds])
+    # with smoothing the loss is minimised at a finite gap: log((1-e)/e)
+    d = torch.linspace(-10, 10, 20001, dtype=torch.float64)
+    best = d[L.bradley_terry_loss(d, torch.zeros_like(d), label_smoothing=0.1, reduction="none").argmin()]
+    assert best.item() == pytest.approx(math.log(0.9 / 0.1), abs=1e-3)
+    # stable for huge gaps
+    assert L.bradley_terry_loss(torch.tensor([-1000.0]), torch.tensor([0.0])).item() == pytest.approx(1000.0)
+    with pytest.raises(ValueError):
+        L.bradley_terry_loss(rc, rr, reduction="avg")
+    assert L.preference_accuracy(rc, rr).item() == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+def test_kl_estimator_values():
+    g = torch.Generator().manual_seed(4)
+    lp, ref = torch.randn(3, 6, generator=g, dtype=torch.float64), torch.randn(3, 6, generator=g, dtype=torch.float64)
+    k1, k2, k3 = (L.kl_penalty(lp, ref, e) for e in ("k1", "k2", "k3"))
+    for b in range(3):
+        for t in range(6):
+            lr = lp[b, t].item() - ref[b, t].item()
+            assert k1[b, t].item() == pytest.approx(lr)
+            assert k2[b, t].item() == pytest.approx(0.5 * lr * lr)
+            assert k3[b, t].item() == pytest.approx(math.exp(-lr) - 1 + lr)
+    assert torch.all(k3 >= 0) and torch.all(k2 >= 0)
+    assert torch.all(L.kl_penalty(lp, lp, "k3") == 0)
+    with pytest.raises(ValueError):
+        L.kl_penalty(lp, ref, "k4")
+
+
+def test_kl_estimators_converge_to_analytic_kl():
+    p = [0.5, 0.3, 0.15, 0.05]
+    q = [0.25, 0.25, 0.25, 0.25]
+    kl = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q))
+    g = torch.Generator().manual_seed(5)
+    x = torch.multinomial(torch.tensor(p, dtype=torch.float64), 400_000, replacement=True, generator=g)
+    lp = torch.tensor(p, dtype=torch.float64).log()[x]
+    lq = torch.tensor(q, dtype=torch.float64).log()[x]
+    assert L.kl_penalty(lp, lq, "k1").mean().item() == pytest.approx(kl, rel=0.01)
+    assert L.kl_penalty(lp, lq, "k3").mean().item() == pytest.approx(kl, rel=0.01)
+
+
+def test_per_token_rewards():
+    g = torch.Generator().manual_seed(6)
+    B, T = 4, 6
+    lp, ref = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = _padded_mask([6, 3, 0, 2], T, offsets=[0, 1, 0, 4])
+    score = torch.tensor([1.0, -2.0, 5.0, 0.5], dtype=torch.float64)
+    for est in ("k1", "k3"):
+        rewards, kl = L.per_token_rewards(score, lp, ref, mask, kl_coef=0.1, estimator=est)
+        for b in range(B):
+            counted = [t for t in range(T) if mask[b, t]]
+            for t in range(T):
+                lr = lp[b, t].item() - ref[b, t].item()
+                k = (lr if est == "k1" else math.exp(-lr) - 1 + lr) if t in counted else 0.0
+                expect = -0.1 * k + (score[b].item() if counted and t == counted[-1] else 0.0)
+                assert kl[b, t].item() == pytest.approx(k)
+                assert rewards[b, t].item() == pytest.approx(expect)
+    assert torch.all(rewards[2] == 0)  # a row with no tokens gets no score
+    assert L.last_token_index(mask).tolist() == [5, 3, -1, 5]
+
+
+# ----------------------------------------------------------------------------- GAE
+
+
+def _gae_ref(rewards, values, mask, gamma, lam):
+    advs, rets = [], []
+    for r_row, v_row, m_row in zip(rewards, values, mask):
+        idx = [t for t, m in enumerate(m_row) if m]
+        adv = [0.0] * len(r_row)
+        last, next_v = 0.0, 0.0
+        for t in reversed(idx):
+            delta = r_row[t] + gamma * next_v - v_row[t]
+            last = delta + gamma * lam * last
+            adv[t] = last
+            next_v = v_row[t]
+        advs.append(adv)
+        rets.append([a + v if m else 0.0 for a, v, m in zip(adv, v_row, m_row)])
+    return advs, rets
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.9, 0.0), (0.5, 0.5)])
+def test_gae_matches_reference(gamma, lam):
+    rng = random.Random(int(gamma * 100 + lam * 10))
+    B, T = 5, 9
+    lengths, offsets = [9, 1, 4, 0, 6], [0, 3, 5, 0, 2]
+    mask = _padded_mask(lengths, T, offsets)
+    rewards = torch.tensor([[rng.gauss(0, 1) for _ in range(T)] for _ in range(B)], dtype=torch.float64)
+    values = torch.tensor([[rng.gauss(0, 1) for _ in range(T)] for _ in range(B)], dtype=torch.float64)
+    adv, ret = L.gae(rewards, values, mask, gamma, lam)
+    adv_ref, ret_ref = _gae_ref(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam)
+    for b in range(B):
+        assert adv[b].tolist() == pytest.approx(adv_ref[b])
+        assert ret[b].tolist() == pytest.approx(ret_ref[b])
+    # padding content is irrelevant
+    noisy = torch.where(mask.bool(), rewards, torch.tensor(float("nan"), dtype=torch.float64))
+    adv2, _ = L.gae(noisy, values.masked_fill(~mask.bool(), 1e9), mask, gamma, lam)
+    torch.testing.assert_close(adv2, adv)
+
+
+def test_gae_closed_form_and_holes():
+    # gamma = lam = 1, V = 0: advantage is the reward-to-go
+    r = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    adv, ret = L.gae(r, torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 1.0, 1.0)
+    assert adv.tolist() == [[6.0, 5.0, 3.0, 0.0]] and ret.tolist() == adv.tolist()
+    # lam = 0: one-step TD error, value after the last token is 0
+    v = torch.tensor([[0.5, 1.0, 2.0, 7.0]])
+    adv, ret = L.gae(r, v, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.9, 0.0)
+    assert adv[0].tolist() == pytest.approx([1 + 0.9 * 1.0 - 0.5, 2 + 0.9 * 2.0 - 1.0, 3 - 2.0, 0.0])
+    # a hole in the mask is bridged (the counted tokens form one sequence)
+    holed = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
+    adv_h, _ = L.gae(torch.tensor([[1.0, 99.0, 2.0, 3.0]]), torch.zeros(1, 4), holed, 1.0, 1.0)
+    assert adv_h.tolist() == [[6.0, 0.0, 5.0, 3.0]]
+
+
+# ----------------------------------------------------------------------------- PPO losses
+
+
+def test_clipped_policy_loss_hand_cases():
+    eps = 0.2
+    ratios = [1.5, 1.5, 0.5, 0.5, 1.1, 0.9]
+    advs = [1.0, -1.0, 1.0, -1.0, 2.0, -3.0]
+    # A>0,r>1+e: clipped (flat) | A<0,r>1+e: unclipped | A>0,r<1-e: unclipped | A<0,r<1-e: clipped | inside
+    expected = [-1.2, 1.5, -0.5, 0.8, -2.2, 2.7]
+    expect_grad_zero = [True, False, False, True, False, False]
+    old = torch.zeros(1, 6, dtype=torch.float64)
+    lp = torch.tensor([ratios], dtype=torch.float64).log().requires_grad_(True)
+    A = torch.tensor([advs], dtype=torch.float64)
+    mask = torch.ones(1, 6)
+    loss_none = []
+    for i in range(6):
+        m = torch.zeros(1, 6)
+        m[0, i] = 1
+        loss, _ = L.clipped_policy_loss(lp, old, A, m, eps)
+        loss_none.append(loss.item())
+    assert loss_none == pytest.approx(expected)
+    loss, stats = L.clipped_policy_loss(lp, old, A, mask, eps)
+    assert loss.item() == pytest.approx(_mean(expected))
+    loss.backward()
+    for i in range(6):
+        if expect_grad_zero[i]:
+            assert lp.grad[0, i].item() == 0.0
+        else:  # d(-A r)/d logp = -A r / n
+            assert lp.grad[0, i].item() == pytest.approx(-advs[i] * ratios[i] / 6)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 6)
+    assert stats["approx_kl"].item() == pytest.approx(_mean([(r - 1) - math.log(r) for r in ratios]))
+    assert stats["n_tokens"].item() == 6
+    # sign of A: raising the probability of a positive-advantage token lowers the loss
+    lp2 = torch.zeros(1, 1, requires_grad=True)
+    L.clipped_policy_loss(lp2, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), eps)[0].backward()
+    assert lp2.grad.item() < 0
+
+
+def test_clipped_policy_loss_random_and_accumulation():
+    g = torch.Generator().manual_seed(7)
+    B, T, eps = 4, 7, 0.2
+    lp = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    old = 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    A = torch.randn(B, T, generator=g, dtype=torch.float64)
+    mask = _padded_mask([7, 2, 5, 1], T)
+    ref_terms, clipped = [], []
+    for b in range(B):
+        for t in range(T):
+            if mask[b, t]:
+                r = math.exp(lp[b, t].item() - old[b, t].item())
+                a = A[b, t].item()
+                u, c = -a * r, -a * min(max(r, 1 - eps), 1 + eps)
+                ref_terms.append(max(u, c))
+                clipped.append(1.0 if c > u else 0.0)
+    loss, stats = L.clipped_policy_loss(lp, old, A, mask, eps)
+    assert loss.item() == pytest.approx(_mean(ref_terms))
+    assert stats["clipfrac"].item() == pytest.approx(_mean(clipped))
+    s1, st1 = L.clipped_policy_loss(lp[:1], old[:1], A[:1], mask[:1], eps, reduction="sum")
+    s2, st2 = L.clipped_policy_loss(lp[1:], old[1:], A[1:], mask[1:], eps, reduction="sum")
+    assert ((s1 + s2) / (st1["n_tokens"] + st2["n_tokens"])).item() == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_clipped_value_loss():
+    eps = 0.2
+    old = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]], dtype=torch.float64)
+    values = torch.tensor([[2.0, 2.0, 1.1, 0.0, 5.0]], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([[3.0, 0.0, 2.0, -1.0, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]])
+    # 0: v jumped past +eps towards R (clipped branch, no gradient); 1: v moved away from R
+    # (unclipped); 2: inside the clip range; 3: v jumped past -eps towards R (clipped); 4: padding
+    terms, clip_active = [], []
+    for v, vo, R in zip(values[0, :4].tolist(), old[0, :4].tolist(), returns[0, :4].tolist()):
+        vc = vo + min(max(v - vo, -eps), eps)
+        terms.append(0.5 * max((v - R) ** 2, (vc - R) ** 2))
+        clip_active.append(1.0 if (vc - R) ** 2 > (v - R) ** 2 else 0.0)
+    assert clip_active == [1.0, 0.0, 0.0, 1.0]
+    loss, stats = L.clipped_value_loss(values, old, returns, mask, eps)
+    assert loss.item() == pytest.approx(_mean(terms))
+    assert stats["vf_clipfrac"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert values.grad[0].tolist() == pytest.approx([0.0, (2.0 - 0.0) / 4, (1.1 - 2.0) / 4, 0.0, 0.0])
+    assert stats["n_tokens"].item() == 4
+    s, st = L.clipped_value_loss(values, old, returns, mask, eps, reduction="sum")
+    assert s.item() == pytest.approx(sum(terms)) and st["n_tokens"].item() == 4
+
+
+def test_explained_variance():
+    g = torch.Generator().manual_seed(8)
+    R = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    V = R + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = _padded_mask([5, 3, 4], 5)
+    rs, vs = _counted(R, mask), _counted(V, mask)
+    expect = 1 - _var([r - v for r, v in zip(rs, vs)], False) / _var(rs, False)
+    assert L.explained_variance(V, R, mask).item() == pytest.approx(expect)
+    assert L.explained_variance(R, R, mask).item() == pytest.approx(1.0)
+    assert math.isnan(L.explained_variance(V, torch.ones(3, 5), mask).item())
+
+
+# ----------------------------------------------------------------------------- running moments
+
+
+def test_running_moments_matches_concatenation():
+    g = torch.Generator().manual_seed(9)
+    batches = [3.0 + 2.0 * torch.randn(n, generator=g, dtype=torch.float64) for n in (1, 7, 64, 2, 33)]
+    rm = L.RunningMoments()
+    for x in batches:
+        bm, bs = rm.update(x)
+        assert bm == pytest.approx(_mean(x.tolist()))
+        if x.numel() > 1:
+            assert bs == pytest.approx(math.sqrt(_var(x.tolist())))
+    allx = [v for x in batches for v in x.tolist()]
+    assert rm.count == len(allx)
+    assert rm.mean == pytest.approx(_mean(allx), rel=1e-12)
+    assert rm.var == pytest.approx(_var(allx), rel=1e-12)
+    assert rm.std == pytest.approx(math.sqrt(_var(allx)), rel=1e-12)
+    # masked update and an empty batch
+    rm2 = L.RunningMoments()
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 100.0, 100.0]])
+    rm2.update(x, mask=torch.tensor([[1, 1, 0], [1, 0, 0]]))
+    rm2.update(torch.tensor([]))
+    assert (rm2.count, rm2.mean, rm2.var) == (3.0, pytest.approx(2.0), pytest.approx(1.0))
+    # state dict round trip
+    rm3 = L.RunningMoments()
+    rm3.load_state_dict(rm.state_dict())
+    assert rm3.state_dict() == rm.state_dict()
+    extra = torch.randn(5, generator=g, dtype=torch.float64)
+    rm.update(extra)
+    rm3.update(extra)
+    assert rm3.state_dict() == rm.state_dict()
+
+
+def test_running_moments_normalize_and_clip():
+    rm = L.RunningMoments()
+    x = torch.tensor([0.0, 2.0, 4.0], dtype=torch.float64)
+    assert torch.equal(rm.normalize(x), x)  # no statistics yet: identity
+    rm.update(x)  # mean 2, unbiased std 2
+    y = torch.tensor([-10.0, 2.0, 3.0, 20.0], dtype=torch.float64)
+    assert rm.normalize(y).tolist() == pytest.approx([-6.0, 0.0, 0.5, 9.0])
+    assert rm.normalize(y, clip=5.0).tolist() == pytest.approx([-5.0, 0.0, 0.5, 5.0])
+    assert rm.normalize(y, shift_mean=False).tolist() == pytest.approx([-5.0, 1.0, 1.5, 10.0])
+
+
+# ----------------------------------------------------------------------------- KL controllers
+
+
+def test_kl_controllers():
+    ctl = L.AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=10000)
+    coef, seq = 0.2, [(12.0, 256), (6.6, 256), (3.0, 512), (5.4, 128), (0.0, 1000)]
+    for kl, n in seq:
+        err = min(max(kl / 6.0 - 1, -0.2), 0.2)
+        coef *= 1 + err * n / 10000
+        assert ctl.update(kl, n) == pytest.approx(coef)
+        assert ctl.value == pytest.approx(coef)
+    # hand check of the first step: err clipped to 0.2 -> 0.2 * (1 + 0.2 * 256 / 10000)
+    assert L.AdaptiveKLController(0.2, 6.0, 10000).update(12.0, 256) == pytest.approx(0.2 * 1.00512)
+    ctl2 = L.AdaptiveKLController(1.0, 1.0, 1.0)
+    ctl2.load_state_dict(ctl.state_dict())
+    assert ctl2.value == ctl.value and ctl2.target == 6.0 and ctl2.horizon == 10000
+    assert ctl2.update(7.0, 100) == ctl.update(7.0, 100)
+    fixed = L.FixedKLController(0.05)
+    assert fixed.update(100.0, 1000) == 0.05 and fixed.value == 0.05
+    f2 = L.FixedKLController(1.0)
+    f2.load_state_dict(fixed.state_dict())
+    assert f2.value == 0.05
+    with pytest.raises(ValueError):
+        L.AdaptiveKLController(0.1, 0.0, 100)
