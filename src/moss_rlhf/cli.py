@@ -22,6 +22,10 @@ def _commands() -> dict[str, tuple[str, type, object]]:
         "sft": ("supervised fine-tuning on conversations (assistant tokens only)", sft.SFTConfig, sft.run),
         "generate": ("sample replies from a saved model", generate.GenerateConfig, generate.run),
     }
+    from moss_rlhf.stages import ppo
+
+    commands["ppo"] = ("PPO-max reinforcement learning from a reward model (policy, reference, reward, critic)",
+                       ppo.PPOConfig, ppo.run)
     return commands
 
 

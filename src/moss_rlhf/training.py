@@ -181,7 +181,7 @@ def evaluate_lm(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg: T
     model.eval()
     device = dist.device
     total = torch.zeros(2, device=device)
-    per_rank = max(1, min(cfg.eval_batches * cfg.batch_size, len(data)) // dist.world_size)
+    per_rank = max(1, min(cfg.eval_batches * cfg.batch_size * dist.world_size, len(data)) // dist.world_size)
     indices = list(range(dist.rank * per_rank, (dist.rank + 1) * per_rank))
     for start in range(0, len(indices), cfg.batch_size):
         batch = data.batch(indices[start:start + cfg.batch_size])

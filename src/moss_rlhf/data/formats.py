@@ -273,6 +273,28 @@ def split_hh_transcript(text: str, where: tuple[str, int | None], key: str) -> l
     return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
 
 
+def _hh_preference(chosen: str, rejected: str, where: tuple[str, int | None], margin: float) -> Preference:
+    """The prompt is the two transcripts' common text up to its last "Assistant:" turn marker; each reply is the rest.
+    (A few real HH-RLHF pairs differ before the final turn — e.g. a reply that runs on into another "Human:" turn —
+    so comparing parsed turns would reject real data; the common prefix is what the pair actually shares.)"""
+    common = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common += 1
+    cut = chosen.rfind("\n\nAssistant:", 0, common + 1)
+    if cut < 0:
+        cut = chosen.rfind("Assistant:", 0, common + 1)
+    if cut < 0 or chosen == rejected and not chosen.strip():
+        raise DataError(where[0], where[1], "chosen", "expected a transcript of '\\n\\nHuman: …' / "
+                                                      "'\\n\\nAssistant: …' turns ending with an assistant reply")
+    marker_end = chosen.index("Assistant:", cut) + len("Assistant:")
+    prompt = split_hh_transcript(chosen[:cut], where, "chosen")
+    if prompt[-1]["role"] != "user":
+        raise DataError(where[0], where[1], "chosen", "the shared transcript must end with a Human turn")
+    return Preference(prompt, chosen[marker_end:].strip(), rejected[marker_end:].strip(), margin)
+
+
 def _turns(value: list, where: tuple[str, int | None], key: str) -> list[Message]:
     if all(isinstance(t, str) for t in value):
         return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(value)]
@@ -295,11 +317,9 @@ def parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
     if isinstance(chosen_raw, str) != isinstance(rejected_raw, str):
         raise DataError(where[0], where[1], "rejected", "chosen and rejected must both be transcripts or both lists")
     if isinstance(chosen_raw, str):  # Anthropic HH-RLHF
-        chosen = split_hh_transcript(chosen_raw, where, "chosen")
-        rejected = split_hh_transcript(rejected_raw, where, "rejected")
-    else:  # MOSS-RLHF
-        chosen = _turns(chosen_raw, where, "chosen")
-        rejected = _turns(rejected_raw, where, "rejected")
+        return _hh_preference(chosen_raw, rejected_raw, where, float(margin))
+    chosen = _turns(chosen_raw, where, "chosen")  # MOSS-RLHF
+    rejected = _turns(rejected_raw, where, "rejected")
     for key, conv in (("chosen", chosen), ("rejected", rejected)):
         if conv[-1]["role"] != "assistant" or len(conv) < 2:
             raise DataError(where[0], where[1], key, "must end with an assistant reply after at least one user turn")
