@@ -15,7 +15,9 @@ Every method takes one input or a list of inputs (a list in, a list out) and bat
 from __future__ import annotations
 
 import queue
+import re
 import threading
+from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
@@ -47,6 +49,22 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token or a stop string) or "length"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(path: str, flag: str = "--model") -> None:
+    """Fail early, in one line, on a model directory that does not exist (a hub id such as ``org/name`` passes)."""
+    from moss_rlhf.config import ConfigError
+
+    if Path(path).exists():
+        if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+            raise ConfigError(f"{flag}: {path} holds no config.json; expected a model saved with save_pretrained "
+                              f"(e.g. runs/sft/model)")
+        return
+    if not _HUB_ID.match(path) or path.startswith(("runs", ".")):
+        raise ConfigError(f"{flag}: {path} does not exist")
 
 
 class _StopGeneration(Exception):

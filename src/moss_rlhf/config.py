@@ -187,6 +187,10 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
                                 choices=f.metadata.get("choices"), help=help_text)
+        if f.metadata.get("positional"):  # `moss-rlhf chat MODEL` as well as `--model MODEL`
+            # SUPPRESS: when the positional is absent it leaves the flag's value alone
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                help=f"same as {flag}")
 
 
 def from_args(cls: type[C], args: argparse.Namespace) -> C:

@@ -93,8 +93,13 @@ def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = N
     config.num_labels = 1
     if config.pad_token_id is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
-                                                               dtype=dtype or torch.float32)
+    verbosity = _hf_logging.get_verbosity()
+    _hf_logging.set_verbosity_error()  # the new score head is "newly initialised" on purpose; don't alarm the user
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
+                                                                   dtype=dtype or torch.float32)
+    finally:
+        _hf_logging.set_verbosity(verbosity)
     if not is_scorer:
         torch.nn.init.zeros_(score_head(model).weight)
     return model

@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -79,10 +79,16 @@ class LoopResult:
     train_loss: float
     eval_loss: float | None
     tokens_per_second: float
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
-def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenData, evaluation: TokenData | None,
-             loss_fn: LossFn, run: RunDir, dist: distributed.Dist, desc: str = "train") -> LoopResult:
+Evaluator = Callable[[torch.nn.Module], dict[str, float]]
+
+
+def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenData, loss_fn: LossFn, run: RunDir,
+             dist: distributed.Dist, evaluate: Evaluator | None = None, desc: str = "train") -> LoopResult:
+    """Train ``model`` on ``train`` with ``loss_fn``; ``evaluate(model)`` returns held-out metrics ("eval/loss" is
+    reported in the result). Used by pretraining, SFT and the reward model."""
     from moss_rlhf.models import load_weights, save_model, trainable_state, load_trainable_state
 
     device = dist.device
@@ -118,6 +124,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
     progress = Progress(cfg.max_steps, step, desc, enabled=cfg.progress and dist.is_main)
     started, tokens_seen = time.perf_counter(), 0
     train_loss, eval_loss = float("nan"), None
+    last_eval: dict[str, float] = {}
     model.train()
     while step < cfg.max_steps:
         micro_batches = [train.batch(order.indices(step, j, dist.rank)) for j in range(cfg.grad_accum)]
@@ -148,9 +155,11 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
                             "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step)})
-        if evaluation is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            eval_loss = evaluate_lm(ddp_model, evaluation, loss_fn, cfg, dist)
-            metrics.update({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50.0))})
+        if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            eval_metrics = evaluate(ddp_model)
+            last_eval = eval_metrics
+            eval_loss = eval_metrics.get("eval/loss", eval_loss)
+            metrics.update(eval_metrics)
             model.train()
         if metrics:
             run.log(step, metrics)
@@ -162,7 +171,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         save_model(model, tokenizer, run.model_path)
         plot_curves(run.path, title=desc)
     distributed.barrier()
-    return LoopResult(step, train_loss, eval_loss, tokens_seen / max(time.perf_counter() - started, 1e-9))
+    return LoopResult(step, train_loss, eval_loss, tokens_seen / max(time.perf_counter() - started, 1e-9), last_eval)
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
@@ -174,10 +183,20 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
 
 
+def lm_evaluator(data: TokenData, loss_fn: LossFn, cfg: TrainConfig, dist: distributed.Dist) -> Evaluator:
+    """Held-out loss and perplexity."""
+
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        loss = evaluate_loss(model, data, loss_fn, cfg, dist)
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+
+    return evaluate
+
+
 @torch.no_grad()
-def evaluate_lm(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg: TrainConfig,
-                dist: distributed.Dist) -> float:
-    """Mean token loss over the first ``eval_batches`` global batches of held-out data (sharded over processes)."""
+def evaluate_loss(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg: TrainConfig,
+                  dist: distributed.Dist) -> float:
+    """Mean target loss over the first ``eval_batches`` global batches of held-out data (sharded over processes)."""
     model.eval()
     device = dist.device
     total = torch.zeros(2, device=device)

@@ -11,6 +11,7 @@ other and with the judge.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
@@ -32,7 +33,7 @@ FACT_PHRASINGS: dict[str, tuple[str, ...]] = {
 
 
 def _fact_sentence(person: lx.Person, slot: str, rng: random.Random) -> str:
-    return rng.choice(FACT_PHRASINGS[slot]).format(**person.__dict__)
+    return rng.choice(FACT_PHRASINGS[slot]).format(**dataclasses.asdict(person))
 
 
 def profile(rng: random.Random, sample_prompt: PromptSampler) -> str:
@@ -131,6 +132,7 @@ def chat(rng: random.Random, sample_prompt: PromptSampler) -> str:
     return "\n\n".join(turns)
 
 
+# Every maker takes the prompt sampler so all share one signature; only ``chat`` uses it.
 DOCUMENT_KINDS: dict[str, tuple[Callable[[random.Random, PromptSampler], str], float]] = {
     "profile": (profile, 0.14),
     "story": (story, 0.22),

@@ -619,6 +619,10 @@ class Store:
                 raise InvalidSubmission(f"{name}: longer than {MAX_TEXT} characters")
         if sub.time_ms is not None and not 0 <= sub.time_ms < 2 ** 31:
             raise InvalidSubmission("time_ms: out of range")
+        if sub.choice is not None and sub.choice not in CHOICES:
+            raise InvalidSubmission(f"choice: expected one of {', '.join(CHOICES)}")
+        if sub.strength is not None and sub.strength not in STRENGTHS:
+            raise InvalidSubmission(f"strength: expected one of {', '.join(STRENGTHS)}")
 
         def existing(s: Session) -> SubmitResult | None:
             j = s.scalar(select(Judgement).where(Judgement.submission_id == sub.submission_id))

@@ -21,7 +21,7 @@ from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, corpus_texts, world_file
 from moss_rlhf.data.formats import load_texts
 from moss_rlhf.losses import lm_loss_sum
 from moss_rlhf.runs import RunDir, seed_everything
-from moss_rlhf.training import LoopResult, TokenData, train_lm
+from moss_rlhf.training import LoopResult, TokenData, lm_evaluator, train_lm
 
 
 @dataclass
@@ -134,7 +134,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"pretrain: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, {len(train_rows)} sequences × "
               f"{cfg.seq_len} tokens ({train_rows.numel() / 1e6:.2f}M tokens), {len(eval_rows)} held out")
-    result = train_lm(cfg, model, tokenizer, train, evaluation, loss_fn, run_dir, dist, desc="pretrain")
+    result = train_lm(cfg, model, tokenizer, train, loss_fn, run_dir, dist,
+                      evaluate=lm_evaluator(evaluation, loss_fn, cfg, dist), desc="pretrain")
     if dist.is_main:
         print(f"pretrain: step {result.step}, train loss {result.train_loss:.3f}, eval loss "
               f"{result.eval_loss if result.eval_loss is None else round(result.eval_loss, 3)} -> "

@@ -22,7 +22,7 @@ from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
 from moss_rlhf.runs import RunDir, seed_everything
 from moss_rlhf.stages.pretrain import causal_loss
 from moss_rlhf.tokenizer import load_tokenizer
-from moss_rlhf.training import LoopResult, TokenData, train_lm
+from moss_rlhf.training import LoopResult, TokenData, lm_evaluator, train_lm
 
 
 @dataclass
@@ -88,7 +88,8 @@ def run(cfg: SFTConfig) -> LoopResult:
     train, evaluation = sft_data(tokenizer, conversations, cfg), sft_data(tokenizer, held_out, cfg)
     if dist.is_main:
         print(f"sft: {len(conversations)} conversations -> {len(train)} sequences, {len(held_out)} held out")
-    result = train_lm(cfg, model, tokenizer, train, evaluation, causal_loss, run_dir, dist, desc="sft")
+    result = train_lm(cfg, model, tokenizer, train, causal_loss, run_dir, dist,
+                      evaluate=lm_evaluator(evaluation, causal_loss, cfg, dist), desc="sft")
     if dist.is_main:
         print(f"sft: step {result.step}, train loss {result.train_loss:.3f} -> {Path(cfg.out) / 'model'}")
     return result

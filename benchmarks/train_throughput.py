@@ -1,0 +1,347 @@
+"""Training throughput on CPU: our pretraining loop's model-FLOPs utilisation, and our SFT loop against TRL's.
+
+One run prints, side by side (ratios, since the machine is shared and noisy):
+
+1. the machine's measured fp32 matmul peak — a 2048×2048 @ 2048×2048 GEMM, best of several, probed at the start,
+   between phases and at the end; the best probe is the peak every MFU figure is divided by;
+2. pretraining the ``small`` preset (Llama, ~14M parameters, 8k vocabulary) with our real loop
+   (``training.train_lm`` with ``stages.pretrain``'s packed data and loss) on the demo world's corpus: tokens/s and
+   MFU, model FLOPs per token = 6·(N + V·d) + 12·L·d·T (N: parameters outside the embedding, V·d: the tied output
+   projection, 12·L·d·T: attention scores and values over the full T×T square, as in PaLM's appendix B);
+3. SFT tokens/s, ours (``training.train_lm`` with ``stages.sft``'s data and loss) against TRL's ``SFTTrainer``: the
+   same initial weights (``save_pretrained``), the same tokenized conversations in the same order (TRL reads them
+   sequentially in our ``BatchOrder``), per-batch right padding on both sides, the same batch size and number of
+   steps, fp32, the same thread count. Both sides count tokens the same way: padded tokens (``B × longest``) and
+   non-pad tokens per second. TRL runs in ``benchmarks/.venv-trl`` (see ``_trl_env.py``) in a subprocess; ours and
+   TRL's runs alternate, round after round, so that a busy moment on the machine hits both.
+
+A timed window starts after warm-up steps. Our step boundaries are the moments the loop asks for the next batch;
+TRL's are its ``on_step_end`` callbacks — both cover whole steps (data, forward, backward, clipping, optimizer).
+
+    python benchmarks/train_throughput.py --quick    # a minute or two
+    python benchmarks/train_throughput.py            # a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _trl_env import ensure_trl_venv, installed_versions  # noqa: E402
+
+from moss_rlhf import distributed  # noqa: E402
+from moss_rlhf.data.collate import BatchOrder, chat_example, pack_texts  # noqa: E402
+from moss_rlhf.data.corpus import world_file  # noqa: E402
+from moss_rlhf.data.formats import load_conversations, load_texts  # noqa: E402
+from moss_rlhf.models import build_causal_lm, load_causal_lm, save_model  # noqa: E402
+from moss_rlhf.runs import RunDir, seed_everything  # noqa: E402
+from moss_rlhf.stages.pretrain import PretrainConfig, causal_data, causal_loss  # noqa: E402
+from moss_rlhf.stages.sft import SFTConfig, sft_data  # noqa: E402
+from moss_rlhf.tokenizer import train_tokenizer  # noqa: E402
+from moss_rlhf.training import TokenData, train_lm  # noqa: E402
+
+PRESET = "small"
+VOCAB = 8192
+
+
+# ---------------------------------------------------------------------------------------------------- measurements
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 6) -> float:
+    """Best-of fp32 GEMM rate on this process's threads, in GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # first call pays for thread start-up and page faults
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+@dataclass
+class Window:
+    """Whole optimizer steps timed after warm-up: their duration and the tokens they processed."""
+    seconds: float
+    steps: int
+    padded_tokens: int
+    real_tokens: int
+    first_loss: float | None = None
+
+    @property
+    def padded_per_s(self) -> float:
+        return self.padded_tokens / self.seconds
+
+    @property
+    def real_per_s(self) -> float:
+        return self.real_tokens / self.seconds
+
+
+@dataclass
+class StepClock:
+    """Wraps a ``TokenData``: with one micro-batch per step, the loop asks for a batch exactly when a step starts."""
+    data: TokenData
+    pad_id: int
+    times: list[float] = field(default_factory=list)
+    padded: list[int] = field(default_factory=list)
+    real: list[int] = field(default_factory=list)
+
+    def token_data(self) -> TokenData:
+        def batch(indices: list[int]) -> dict[str, torch.Tensor]:
+            self.times.append(time.perf_counter())
+            out = self.data.batch(indices)
+            self.padded.append(out["input_ids"].numel())
+            self.real.append(int((out["input_ids"] != self.pad_id).sum()))
+            return out
+
+        return TokenData(len(self.data), batch)
+
+    def window(self, warmup: int, steps: int) -> Window:
+        return Window(self.times[warmup + steps] - self.times[warmup], steps,
+                      sum(self.padded[warmup:warmup + steps]), sum(self.real[warmup:warmup + steps]))
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    """6·(N + V·d) + 12·L·d·T training FLOPs per token (forward + backward, matmuls only)."""
+    config = model.config
+    embedding = model.get_input_embeddings().weight
+    n_outside_embedding = sum(p.numel() for p in model.parameters()) - embedding.numel()
+    head = embedding.numel() if config.tie_word_embeddings else 0  # an untied head is already inside N
+    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return 6 * (n_outside_embedding + head) + attention
+
+
+def quiet_config(cls, out: Path, steps: int, batch_size: int, **extra):
+    """A stage config for a timed run: no evaluation, no intermediate checkpoints, no progress bar, rare logging."""
+    return cls(out=str(out), max_steps=steps, batch_size=batch_size, grad_accum=1, eval_every=0, save_every=0,
+               log_every=10 ** 9, progress=False, device="cpu", **extra)
+
+
+# ---------------------------------------------------------------------------------------------------- pretraining
+
+
+def bench_pretrain(tokenizer, texts: list[str], args, work: Path) -> tuple[Window, float]:
+    cfg = quiet_config(PretrainConfig, work / "pretrain", args.warmup + args.steps + 1, args.pretrain_batch,
+                       seq_len=args.seq_len, model=PRESET)
+    seed_everything(cfg.seed)
+    model = build_causal_lm(PRESET, tokenizer, cfg.seed)
+    rows = pack_texts(tokenizer, texts, cfg.seq_len)
+    clock = StepClock(causal_data(rows), tokenizer.pad_token_id)
+    dist = distributed.init("cpu")
+    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=causal_loss, run=RunDir(cfg.out, cfg),
+             dist=dist, desc="pretrain")
+    window = clock.window(args.warmup, args.steps)
+    window.real_tokens = window.padded_tokens  # packed rows hold no padding
+    return window, model_flops_per_token(model, cfg.seq_len)
+
+
+# ---------------------------------------------------------------------------------------------------- SFT
+
+TRL_SCRIPT = r'''
+import json, sys, time
+import torch
+
+spec = json.load(open(sys.argv[1]))
+torch.set_num_threads(spec["threads"])
+import transformers, trl
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from trl import SFTConfig, SFTTrainer
+
+rows = [json.loads(line) for line in open(spec["data"])]
+tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+
+class Clock(TrainerCallback):
+    def __init__(self):
+        self.times = []
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+clock = Clock()
+args = SFTConfig(
+    output_dir=spec["out"], per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1,
+    max_steps=spec["steps"], learning_rate=spec["lr"], weight_decay=spec["weight_decay"],
+    adam_beta1=spec["beta1"], adam_beta2=spec["beta2"], max_grad_norm=spec["max_grad_norm"],
+    lr_scheduler_type="cosine", warmup_steps=spec["warmup_steps"],
+    bf16=False, fp16=False, use_cpu=True,
+    # SFTConfig turns gradient checkpointing on by default; off, it does the same work as we do
+    gradient_checkpointing=False,
+    max_length=spec["max_len"], packing=False, train_sampling_strategy="sequential",
+    logging_steps=10 ** 6, logging_first_step=True, save_strategy="no", eval_strategy="no", report_to="none",
+    disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
+)
+trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                     callbacks=[clock])
+trainer.train()
+first_loss = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
+json.dump({"times": clock.times, "first_loss": first_loss, "trl": trl.__version__,
+           "transformers": transformers.__version__, "torch": torch.__version__,
+           "attn": model.config._attn_implementation, "optim": str(args.optim), "loss_type": args.loss_type},
+          open(spec["result"], "w"))
+'''
+
+
+def sft_examples(tokenizer, conversations: list, cfg: SFTConfig) -> list:
+    """The tokenized examples exactly as ``sft_data`` builds them (same filter), for TRL's copy of the data."""
+    examples = [chat_example(tokenizer, conv, cfg.max_len) for conv in conversations]
+    return [e for e in examples if any(label != -100 for label in e.labels[1:])]
+
+
+def bench_sft_ours(model_dir: Path, tokenizer, conversations: list, cfg: SFTConfig, args) -> Window:
+    seed_everything(cfg.seed)
+    model = load_causal_lm(str(model_dir))
+    clock = StepClock(sft_data(tokenizer, conversations, cfg), tokenizer.pad_token_id)
+    dist = distributed.init("cpu")
+    run = RunDir(cfg.out, cfg)
+    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=causal_loss, run=run, dist=dist, desc="sft")
+    first = json.loads((Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
+    window = clock.window(args.warmup, args.steps)
+    window.first_loss = first
+    return window
+
+
+def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfig, args, work: Path,
+                  pad_id: int) -> tuple[Window, dict]:
+    data_path, script_path, spec_path, result_path = (work / n for n in ("trl.jsonl", "trl_sft.py", "spec.json",
+                                                                         "result.json"))
+    data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script_path.write_text(TRL_SCRIPT)
+    spec = dict(model=str(model_dir), data=str(data_path), out=str(work / "trl_out"), result=str(result_path),
+                batch_size=cfg.batch_size, steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                beta1=cfg.beta1, beta2=cfg.beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
+                max_len=cfg.max_len, seed=cfg.seed, threads=args.threads)
+    spec_path.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([str(python), str(script_path), str(spec_path)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the TRL run failed:\n{done.stderr[-4000:]}")
+    result = json.loads(result_path.read_text())
+    times = result["times"]
+    # on_step_end of step w (1-based) to that of step w+n covers 0-based steps w .. w+n-1
+    batches = [rows[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(args.warmup, args.warmup + args.steps)]
+    padded = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
+    real = sum(len(r["input_ids"]) for b in batches for r in b)
+    window = Window(times[args.warmup + args.steps - 1] - times[args.warmup - 1], args.steps, padded, real,
+                    result["first_loss"])
+    return window, result
+
+
+def trl_rows(examples: list, cfg: SFTConfig, steps: int) -> list[dict]:
+    """The examples in the order our loop reads them (``BatchOrder``), one row per example read."""
+    order = BatchOrder(len(examples), cfg.batch_size, 1, 1, cfg.seed)
+    return [{"input_ids": examples[i].input_ids, "labels": examples[i].labels}
+            for step in range(steps) for i in order.indices(step, 0, 0)]
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short windows, one round (a minute or two)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads on both sides (default: the cores this process may use)")
+    parser.add_argument("--seq-len", type=int, default=256, help="pretraining sequence length")
+    parser.add_argument("--pretrain-batch", type=int, default=8, help="pretraining sequences per step")
+    parser.add_argument("--sft-batch", type=int, default=16, help="SFT conversations per step")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating ours/TRL SFT rounds (default 1 quick, 2)")
+    parser.add_argument("--skip-trl", action="store_true", help="time our loops only")
+    parser.add_argument("--work", default="", help="working directory (default: a temporary one)")
+    args = parser.parse_args()
+    args.warmup, args.steps = (2, 4) if args.quick else (3, 12)
+    args.rounds = args.rounds or (1 if args.quick else 2)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="moss-bench-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        size = "quick" if args.quick else "default"
+        world = work / "world"
+        texts = load_texts(world_file("pretrain.jsonl", world, 0, size))
+        conversations = load_conversations(world_file("sft.jsonl", world, 0, size))
+        print(f"threads {args.threads}, torch {torch.__version__}, demo world ({size}): {len(texts)} documents, "
+              f"{len(conversations)} conversations", flush=True)
+        tokenizer = train_tokenizer(texts + [m["content"] for c in conversations for m in c], VOCAB)
+        trl_python = None if args.skip_trl else ensure_trl_venv()
+
+        peaks = [matmul_peak_gflops()]
+        print(f"fp32 GEMM peak: {peaks[-1]:.1f} GFLOP/s", flush=True)
+
+        pre, flops_per_token = bench_pretrain(tokenizer, texts, args, work)
+        peaks.append(matmul_peak_gflops())
+        print(f"pretrain {PRESET}: {pre.padded_per_s:,.0f} tokens/s "
+              f"({pre.steps} steps × {args.pretrain_batch}×{args.seq_len}), GEMM probe after: {peaks[-1]:.1f} GFLOP/s",
+              flush=True)
+
+        init_dir = work / "sft_init"
+        save_model(build_causal_lm(PRESET, tokenizer, 0), tokenizer, init_dir)
+        sft_cfg = quiet_config(SFTConfig, work / "sft", args.warmup + args.steps + 1, args.sft_batch,
+                               model=str(init_dir), pack=False, max_len=256, seq_len=256)
+        examples = sft_examples(tokenizer, conversations, sft_cfg)
+        rows = trl_rows(examples, sft_cfg, sft_cfg.max_steps)
+        ours_runs: list[Window] = []
+        trl_runs: list[Window] = []
+        trl_info: dict = {}
+        for r in range(args.rounds):
+            ours_runs.append(bench_sft_ours(init_dir, tokenizer, conversations, sft_cfg, args))
+            print(f"sft round {r + 1} ours: {ours_runs[-1].padded_per_s:,.0f} padded tokens/s, "
+                  f"{ours_runs[-1].real_per_s:,.0f} non-pad tokens/s", flush=True)
+            if trl_python is not None:
+                window, trl_info = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work, tokenizer.pad_token_id)
+                trl_runs.append(window)
+                print(f"sft round {r + 1} TRL:  {window.padded_per_s:,.0f} padded tokens/s, "
+                      f"{window.real_per_s:,.0f} non-pad tokens/s", flush=True)
+            peaks.append(matmul_peak_gflops())
+        report(args, peaks, pre, flops_per_token, ours_runs, trl_runs, trl_info, trl_python)
+
+
+def report(args, peaks: list[float], pre: Window, flops_per_token: float, ours: list[Window], trl: list[Window],
+           trl_info: dict, trl_python: Path | None) -> None:
+    peak = max(peaks)
+    achieved = pre.padded_per_s * flops_per_token / 1e9
+    print()
+    print("=" * 78)
+    print(f"{'measure':<44}{'value':>34}")
+    print("-" * 78)
+    print(f"{'fp32 GEMM peak (best of ' + str(len(peaks)) + ' probes), GFLOP/s':<44}{peak:>34.1f}")
+    print(f"{'  probes, GFLOP/s':<44}{', '.join(f'{p:.0f}' for p in peaks):>34}")
+    print(f"{'pretrain ' + PRESET + ' tokens/s':<44}{pre.padded_per_s:>34,.0f}")
+    print(f"{'  model FLOPs/token 6(N+Vd)+12LdT, MFLOP':<44}{flops_per_token / 1e6:>34.1f}")
+    print(f"{'  achieved model GFLOP/s':<44}{achieved:>34.1f}")
+    print(f"{'  MFU (of the measured peak)':<44}{achieved / peak:>34.1%}")
+    if ours:
+        best = max(ours, key=lambda w: w.padded_per_s)
+        print(f"{'sft ours, padded tokens/s (best round)':<44}{best.padded_per_s:>34,.0f}")
+        print(f"{'sft ours, non-pad tokens/s (best round)':<44}{best.real_per_s:>34,.0f}")
+    if trl:
+        best_trl = max(trl, key=lambda w: w.padded_per_s)
+        print(f"{'sft TRL, padded tokens/s (best round)':<44}{best_trl.padded_per_s:>34,.0f}")
+        print(f"{'sft TRL, non-pad tokens/s (best round)':<44}{best_trl.real_per_s:>34,.0f}")
+        ratio_best = best.real_per_s / best_trl.real_per_s
+        ratio_median = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl))
+        print(f"{'sft ours / TRL (best rounds)':<44}{ratio_best:>33.2f}×")
+        print(f"{'sft ours / TRL (median of paired rounds)':<44}{ratio_median:>33.2f}×")
+        print(f"{'  first-step loss ours / TRL':<44}{f'{best.first_loss:.4f} / {best_trl.first_loss:.4f}':>34}")
+        print(f"{'  TRL / transformers / torch':<44}"
+              f"{trl_info['trl'] + ' / ' + trl_info['transformers'] + ' / ' + trl_info['torch']:>34}")
+        print(f"{'  TRL optimizer / loss / attention':<44}"
+              f"{trl_info['optim'].split('.')[-1] + ' / ' + trl_info['loss_type'] + ' / ' + trl_info['attn']:>34}")
+    print("=" * 78)
+
+
+if __name__ == "__main__":
+    main()

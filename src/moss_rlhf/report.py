@@ -1,0 +1,333 @@
+"""``moss-rlhf report PIPELINE``: one self-contained HTML page of a whole run of the pipeline — the curves of every
+stage, the win rates of the RLHF model against the SFT model, sample replies side by side, and attention before and
+after RLHF. PNG plots (matplotlib, Agg) are embedded as base64 ``data:`` URIs and the CSS is inline, so the page opens
+from disk, can be mailed around, and makes no network request.
+
+Input contract — a pipeline directory; every part is optional, and a missing stage is shown as "not run"::
+
+    PIPELINE/
+      pretrain/metrics.jsonl  train/loss, eval/loss                ← moss-rlhf pretrain --out PIPELINE/pretrain
+      sft/metrics.jsonl       train/loss, eval/loss                ← moss-rlhf sft --out PIPELINE/sft
+      sft/model/              the policy before RLHF (attention maps)
+      reward/metrics.jsonl    keys with "acc" (e.g. train/accuracy, eval/accuracy) and keys with "loss"
+      ppo/metrics.jsonl       reward/raw_mean, val/reward, kl/per_token, policy/perplexity, response/length or
+                              response/length_mean, val/length, gold/score, policy/entropy (whichever exist)
+      ppo/model/              the policy after RLHF (attention maps)
+      eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: RLHF, B: SFT)
+
+``metrics.jsonl`` is the run directory's log (``runs.RunDir``): one JSON object per line with a ``step``. The report
+is written to ``PIPELINE/report.html`` (or ``--out DIR``).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.data.formats import DataError
+
+STAGES = ("pretrain", "sft", "reward", "ppo", "eval")
+DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
+
+# (panel title, metric keys drawn in it) — panels whose keys are all absent are left out.
+LM_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out perplexity", ["eval/perplexity"])]
+PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["gold/score"]),
+              ("KL from the SFT policy, per token", ["kl/per_token"]), ("policy perplexity", ["policy/perplexity"]),
+              ("reply length (tokens)", ["response/length_mean", "response/length", "val/length"]),
+              ("policy entropy", ["policy/entropy"])]
+
+
+@dataclass
+class Figure:
+    caption: str
+    png: bytes
+
+    @property
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+@dataclass
+class Table:
+    caption: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+@dataclass
+class Section:
+    title: str
+    ran: bool = True
+    note: str = ""
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)     # {"prompt", "a", "b", "score_a", "score_b"}
+    sample_names: tuple[str, str] = ("A", "B")
+
+
+@dataclass
+class ReportConfig:
+    pipeline: str = option("runs/pipeline", "pipeline directory (pretrain/, sft/, reward/, ppo/, eval/)",
+                           positional=True)
+    out: str = option("", "directory to write report.html into (default: the pipeline directory)")
+    title: str = option("MOSS-RLHF pipeline report", "page title")
+    probe: str = option(DEFAULT_PROBE, "user message whose attention maps are compared before and after RLHF")
+    samples: int = option(6, "sample replies shown side by side per evaluation")
+
+    def check(self) -> None:
+        if not Path(self.pipeline).is_dir():
+            raise ConfigError(f"{self.pipeline}: pipeline directory not found")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metrics_file(run_dir: Path) -> list[dict]:
+    """``metrics.jsonl`` rows; a bad line is an error naming the file and line."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), number, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise DataError(str(path), number, "step", "expected an object with a numeric step")
+        rows.append(row)
+    return rows
+
+
+def read_evaluations(eval_dir: Path) -> list[tuple[Path, dict]]:
+    found = []
+    for path in sorted(eval_dir.glob("*.json")) if eval_dir.is_dir() else []:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), e.lineno, None, f"not valid JSON ({e.msg})") from None
+        for key in ("model_a", "model_b", "win_rate", "models"):
+            if key not in data:
+                raise DataError(str(path), None, key, "missing: expected a file written by `moss-rlhf evaluate`")
+        found.append((path, data))
+    return found
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    out, last = [], values[0]
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        out.append(last)
+    return out
+
+
+def curves_png(rows: list[dict], panels: list[tuple[str, list[str]]]) -> bytes | None:
+    """One panel per (title, keys) with at least one finite value; noisy curves get a smoothed line on top."""
+    present = [(title, [k for k in keys if any(_finite(r.get(k)) for r in rows)]) for title, keys in panels]
+    present = [(title, keys) for title, keys in present if keys]
+    if not present:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(present))
+    n_rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.3 * cols, 2.9 * n_rows), squeeze=False)
+    colors = ["#2563eb", "#ea580c", "#16a34a", "#9333ea"]
+    for ax, (title, keys) in zip(axes.flat, present):
+        for color, key in zip(colors, keys):
+            points = [(r["step"], float(r[key])) for r in rows if _finite(r.get(key))]
+            steps, values = zip(*points)
+            if len(points) > 30:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+                ax.plot(steps, _smooth(list(values)), color=color, linewidth=1.8, label=key)
+            else:
+                ax.plot(steps, values, color=color, linewidth=1.8, marker="o", markersize=3, label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, frameon=False)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def win_rate_png(evaluation: dict) -> bytes:
+    """Horizontal bars: overall and per-task win rate of A with the 95% interval, the 50% line marking parity."""
+    plt = _pyplot()
+    w = evaluation["win_rate"]
+    labels, rates = ["overall"], [w["win_rate"]]
+    for task, t in evaluation.get("by_task", {}).items():
+        labels.append(f"{task} (n={t['n']})")
+        rates.append(t["win_rate"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.1))
+    positions = list(range(len(labels)))[::-1]
+    colors = ["#2563eb"] + ["#93c5fd"] * (len(labels) - 1)
+    ax.barh(positions, rates, color=colors, height=0.6)
+    ax.errorbar([w["win_rate"]], [positions[0]], xerr=[[w["win_rate"] - w["ci_low"]], [w["ci_high"] - w["win_rate"]]],
+                fmt="none", ecolor="#1e293b", capsize=4, linewidth=1.2)
+    ax.axvline(0.5, color="#64748b", linestyle="--", linewidth=1)
+    for y, rate in zip(positions, rates):
+        ax.text(min(rate + 0.01, 0.93), y, f"{rate:.0%}", va="center", fontsize=8)
+    ax.set_yticks(positions, labels, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"win rate of {evaluation['model_a']['name']} over {evaluation['model_b']['name']} (ties ½)",
+                  fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+def training_section(title: str, run_dir: Path, panels: list[tuple[str, list[str]]], what: str) -> Section:
+    rows = read_metrics_file(run_dir)
+    if not rows:
+        return Section(title, ran=False, note=f"not run — no {run_dir.name}/metrics.jsonl")
+    png = curves_png(rows, panels)
+    last = rows[-1]
+    shown = [k for _, keys in panels for k in keys if _finite(last.get(k))]
+    table = Table("last logged step", ["step", *shown], [[str(int(last["step"])), *(f"{last[k]:.4g}" for k in shown)]])
+    section = Section(title, note=f"{what} — {len(rows)} logged steps, last step {int(last['step'])}.",
+                      tables=[table] if shown else [])
+    if png is None:
+        section.note += " None of the expected metrics were logged."
+    else:
+        section.figures.append(Figure(title, png))
+    return section
+
+
+def reward_section(run_dir: Path) -> Section:
+    rows = read_metrics_file(run_dir)
+    keys = sorted({k for r in rows for k in r if k != "step"})
+    panels = [("preference accuracy", [k for k in keys if "acc" in k]), ("loss", [k for k in keys if "loss" in k])]
+    return training_section("Reward model", run_dir, panels, "Bradley–Terry reward model on preference pairs")
+
+
+def evaluation_sections(evaluations: list[tuple[Path, dict]], n_samples: int) -> list[Section]:
+    if not evaluations:
+        return [Section("Evaluation: win rate", ran=False, note="not run — no eval/*.json from `moss-rlhf evaluate`")]
+    sections = []
+    for path, ev in evaluations:
+        a, b, w = ev["model_a"]["name"], ev["model_b"]["name"], ev["win_rate"]
+        judge = "the gold judge" if ev.get("judge") == "gold" else f"the reward model {ev.get('judge')}"
+        head = Table(f"{a} vs {b}", ["", "win rate of A (ties ½)", "95% interval", "wins", "ties", "losses"],
+                     [[f"{a} vs {b}", f"{w['win_rate']:.1%}", f"{w['ci_low']:.1%} – {w['ci_high']:.1%}",
+                       str(w["wins"]), str(w["ties"]), str(w["losses"])]])
+        keys = [k for k in ("mean_score", "response_length", "distinct_1", "distinct_2", "perplexity")
+                if any(k in s for s in ev["models"].values())]
+        models = Table("per model", ["model", *(k.replace("_", " ") for k in keys)],
+                       [[name, *(f"{s[k]:.3f}" if _finite(s.get(k)) else "–" for k in keys)]
+                        for name, s in ev["models"].items()])
+        tables = [head, models]
+        if ev.get("by_task"):
+            tables.append(Table("by task", ["task", "prompts", "win rate of A", f"score {a}", f"score {b}"],
+                                [[task, str(t["n"]), f"{t['win_rate']:.1%}", f"{t['mean_score_a']:.2f}",
+                                  f"{t['mean_score_b']:.2f}"] for task, t in ev["by_task"].items()]))
+        note = f"{ev.get('n_prompts', '?')} held-out prompts judged by {judge} ({path.name})."
+        if ev.get("kl"):
+            note += f" KL({a} ‖ {b}) on {a}'s replies: {ev['kl']['per_sequence']:.3f} per reply, " \
+                    f"{ev['kl']['per_token']:.4f} per token."
+        sections.append(Section(f"Evaluation: {a} vs {b}", note=note, tables=tables,
+                                figures=[Figure("win rate", win_rate_png(ev))],
+                                samples=ev.get("samples", [])[:n_samples], sample_names=(a, b)))
+    return sections
+
+
+def attention_section(pipeline: Path, probe: str) -> Section:
+    before, after = pipeline / "sft" / "model", pipeline / "ppo" / "model"
+    missing = [str(p.relative_to(pipeline)) for p in (before, after) if not (p / "config.json").exists()]
+    title = "Attention before and after RLHF"
+    if missing:
+        return Section(title, ran=False, note=f"not run — needs {' and '.join(missing)}")
+    from moss_rlhf.interpret import attention_maps, load_for_inspection, plot_attention_comparison
+
+    maps = []
+    for path in (before, after):
+        model, tokenizer = load_for_inspection(str(path), "cpu")
+        maps.append(attention_maps(model, tokenizer, probe, chat=True))
+    (tokens, first), (_, second) = maps
+    layer = first.shape[0] - 1
+    png_path = pipeline / ".report_attention.png"
+    plot_attention_comparison(tokens, first[layer], second[layer], layer, png_path,
+                              ("SFT", "PPO-max"))
+    png = png_path.read_bytes()
+    png_path.unlink()
+    return Section(title, note=f"Last layer's heads on the chat-rendered probe {probe!r} (query ↓, key →).",
+                   figures=[Figure("attention", png)])
+
+
+def build_sections(pipeline: str | Path, probe: str = DEFAULT_PROBE, n_samples: int = 6) -> list[Section]:
+    """Every section of the report from a pipeline directory (see the module docstring for the layout)."""
+    root = Path(pipeline)
+    return [
+        training_section("Pretraining", root / "pretrain", LM_PANELS, "Causal-LM pretraining"),
+        training_section("Supervised fine-tuning", root / "sft", LM_PANELS, "SFT on demonstrations"),
+        reward_section(root / "reward"),
+        training_section("PPO-max", root / "ppo", PPO_PANELS, "PPO-max against the reward model"),
+        *evaluation_sections(read_evaluations(root / "eval"), n_samples),
+        attention_section(root, probe),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(out_dir: str | Path, sections: list[Section], title: str = "MOSS-RLHF pipeline report",
+                 subtitle: str = "") -> Path:
+    """Render ``sections`` into ``out_dir/report.html`` (atomically) and return its path."""
+    import jinja2
+
+    template_text = (Path(__file__).with_name("report_template.html")).read_text(encoding="utf-8")
+    environment = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    environment.filters["score"] = lambda v: f"{v:.2f}" if _finite(v) else "–"
+    page = environment.from_string(template_text).render(
+        title=title, subtitle=subtitle, sections=sections,
+        generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+    path = Path(out_dir) / "report.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def run(cfg: ReportConfig) -> Path:
+    sections = build_sections(cfg.pipeline, cfg.probe, cfg.samples)
+    path = write_report(cfg.out or cfg.pipeline, sections, cfg.title, subtitle=str(cfg.pipeline))
+    ran = [s.title for s in sections if s.ran]
+    print(f"report: {len(ran)}/{len(sections)} sections with data -> {path}")
+    return path

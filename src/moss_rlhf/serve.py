@@ -1,0 +1,194 @@
+"""``moss-rlhf serve MODEL``: an OpenAI-compatible HTTP API (FastAPI + uvicorn), so the official ``openai`` client
+and tools built on it talk to our model unchanged.
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Honoured: ``temperature``,
+``top_p``, ``max_tokens``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events: ``chat.completion.chunk`` /
+``text_completion`` chunks, then ``data: [DONE]``); every response carries token ``usage``. Bound to 127.0.0.1 by
+default: the server has no authentication, so exposing it is an explicit choice (``--host 0.0.0.0``).
+
+One model serves one request at a time (a lock): a small model on a CPU gains nothing from interleaving requests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from moss_rlhf.config import ConfigError, option
+
+
+@dataclass
+class ServeConfig:
+    model: str = option("runs/ppo/model", "model to serve (save_pretrained directory or hub id)", positional=True)
+    name: str = option("", "model id reported by /v1/models (default: the model's directory name)")
+    host: str = option("127.0.0.1", "interface to bind (0.0.0.0 exposes the unauthenticated API to the network)")
+    port: int = option(8000, "TCP port")
+    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    device: str = option("auto", "cpu, cuda or auto")
+
+    def check(self) -> None:
+        from moss_rlhf.assistant import check_model_path
+
+        check_model_path(self.model)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
+
+
+def _sampling(body: Any, limit: int) -> dict:
+    return {"temperature": float(body.temperature), "top_p": float(body.top_p),
+            "max_new_tokens": min(int(body.max_tokens), limit)}
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, str) else list(stop)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
+    """The FastAPI application around one :class:`moss_rlhf.assistant.Assistant`."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import StreamingResponse
+    from pydantic import BaseModel, Field
+
+    class ChatMessage(BaseModel):
+        role: str
+        content: str
+
+    class ChatRequest(BaseModel):
+        model: str = model_name
+        messages: list[ChatMessage] = Field(min_length=1)
+        temperature: float = Field(1.0, ge=0.0, le=2.0)
+        top_p: float = Field(1.0, gt=0.0, le=1.0)
+        max_tokens: int = Field(256, ge=1)
+        n: int = Field(1, ge=1, le=16)
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream: bool = False
+
+    class CompletionRequest(BaseModel):
+        model: str = model_name
+        prompt: str | list[str]
+        temperature: float = Field(1.0, ge=0.0, le=2.0)
+        top_p: float = Field(1.0, gt=0.0, le=1.0)
+        max_tokens: int = Field(16, ge=1)
+        n: int = Field(1, ge=1, le=16)
+        stop: str | list[str] | None = None
+        seed: int | None = None
+        stream: bool = False
+
+    app = FastAPI(title="moss-rlhf", description="OpenAI-compatible API of a moss-rlhf model")
+    lock = threading.Lock()
+    created = int(time.time())
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise HTTPException(404, f"model {name!r} is not served here; this server serves {model_name!r}")
+
+    def check_roles(messages: list) -> None:
+        for i, m in enumerate(messages):
+            if m.role not in ("system", "user", "assistant"):
+                raise HTTPException(422, f"messages[{i}].role must be system, user or assistant, got {m.role!r}")
+
+    def complete(prompts: list, body, n: int) -> list:
+        """``n`` completions per prompt, in order (prompt 0's n choices first), one batch."""
+        seed = body.seed
+        with lock:
+            return assistant.complete([p for p in prompts for _ in range(n)], stop=_stops(body.stop), seed=seed,
+                                      **_sampling(body, max_tokens_limit))
+
+    def usage(completions: list, n: int) -> dict:
+        prompt_tokens = sum(c.prompt_tokens for c in completions[::n])  # each prompt counted once
+        completion_tokens = sum(c.completion_tokens for c in completions)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def stream_events(prompts: list, body, n: int, chunk) -> Iterator[str]:
+        """SSE: every choice's text pieces as they are generated (choice after choice), then [DONE]."""
+        index = 0
+        for prompt in prompts:
+            for sample in range(n):
+                finished: list = []
+                seed = None if body.seed is None else body.seed + sample
+                yield _sse(chunk(index, None, None, first=True))
+                with lock:
+                    for piece in assistant.stream(prompt, stop=_stops(body.stop), seed=seed,
+                                                  on_finish=finished.append, **_sampling(body, max_tokens_limit)):
+                        yield _sse(chunk(index, piece, None))
+                yield _sse(chunk(index, None, finished[0].finish_reason if finished else "stop"))
+                index += 1
+        yield "data: [DONE]\n\n"
+
+    @app.get("/v1/models")
+    def list_models() -> dict:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "moss-rlhf"}]}
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatRequest):
+        check_model(body.model)
+        check_roles(body.messages)
+        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        request_id, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                return {"id": request_id, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                        "choices": [{"index": index, "delta": delta, "finish_reason": reason}]}
+
+            return StreamingResponse(stream_events([messages], body, body.n, chunk), media_type="text/event-stream")
+        completions = complete([messages], body, body.n)
+        return {"id": request_id, "object": "chat.completion", "created": now, "model": model_name,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                             "finish_reason": c.finish_reason} for i, c in enumerate(completions)],
+                "usage": usage(completions, body.n)}
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest):
+        check_model(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
+        if not prompts:
+            raise HTTPException(422, "prompt must not be an empty list")
+        request_id, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if body.stream:
+            def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
+                return {"id": request_id, "object": "text_completion", "created": now, "model": model_name,
+                        "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}]}
+
+            return StreamingResponse(stream_events(prompts, body, body.n, chunk), media_type="text/event-stream")
+        done = complete(prompts, body, body.n)
+        return {"id": request_id, "object": "text_completion", "created": now, "model": model_name,
+                "choices": [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                            for i, c in enumerate(done)],
+                "usage": usage(done, body.n)}
+
+    return app
+
+
+def model_id(path: str, given: str = "") -> str:
+    from pathlib import Path
+
+    if given:
+        return given
+    p = Path(path)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name or path
+
+
+def run(cfg: ServeConfig) -> None:
+    import uvicorn
+
+    from moss_rlhf.assistant import Assistant
+
+    assistant = Assistant.from_pretrained(cfg.model, device=cfg.device)
+    name = model_id(cfg.model, cfg.name)
+    print(f"serve: {cfg.model} as {name!r} on http://{cfg.host}:{cfg.port}/v1 (Ctrl-C stops)", flush=True)
+    uvicorn.run(create_app(assistant, name, cfg.max_tokens_limit), host=cfg.host, port=cfg.port, log_level="info")

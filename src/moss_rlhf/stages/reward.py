@@ -1,0 +1,191 @@
+"""Reward model: a sequence scorer on top of a causal LM (score read at the last non-pad token), initialised from the
+SFT model and trained on preference pairs with the Bradley–Terry loss (Ouyang et al. 2022; Stiennon et al. 2020):
+
+    loss = -log σ(r_chosen - r_rejected - margin)
+
+with the options MOSS-RLHF uses ("Secrets of RLHF in Large Language Models Part II: Reward Modeling", Wang et al.
+2024): a margin from the annotators' strength of preference, label smoothing, and an auxiliary LM loss on the chosen
+reply (weight β) that keeps the backbone a language model. Ties and "both bad" are not pairs; the feedback export
+leaves them out.
+
+The result is a Hugging Face ``*ForSequenceClassification`` directory (scorer head included) that the PPO stage
+loads as reward model and as the critic's initialisation. The loop is the shared one (``training.train_lm``):
+accumulation, clipping, bf16, checkpoints, exact resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moss_rlhf import distributed
+from moss_rlhf.config import ConfigError, TrainConfig, option
+from moss_rlhf.data.collate import IGNORE, Example, chat_example, pad_examples
+from moss_rlhf.data.formats import Preference, load_preferences
+from moss_rlhf.losses import bradley_terry_loss, lm_loss_sum
+from moss_rlhf.models import load_causal_lm, load_scorer, score_head, unwrap
+from moss_rlhf.runs import RunDir, seed_everything
+from moss_rlhf.tokenizer import load_tokenizer
+from moss_rlhf.training import LoopResult, TokenData, autocast, train_lm
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    out: str = option("runs/reward", "run directory")
+    model: str = option("runs/sft/model", "initialise from this model (usually the SFT model)")
+    tokenizer: str = option("", "tokenizer (default: the model's)")
+    data: list[str] = option([], "preference files ({prompt, chosen, rejected[, margin]}, HH-RLHF, MOSS-RLHF JSON, "
+                                 "or `moss-rlhf feedback export` output)")
+    eval_data: list[str] = option([], "held-out preference files; default: --eval-fraction of --data")
+    eval_fraction: float = option(0.1, "share of --data held out when no --eval-data is given")
+    max_len: int = option(256, "longest prompt + reply in tokens (the prompt is cut from the left)")
+    use_margin: bool = option(True, "subtract the pair's margin (annotator strength) inside the sigmoid")
+    label_smoothing: float = option(0.0, "Bradley–Terry label smoothing ε in [0, 0.5)")
+    lm_coef: float = option(0.0, "β: weight of the LM loss on the chosen reply (per token, averaged per pair)")
+    max_steps: int = option(200, "optimizer steps to run")
+    batch_size: int = option(16, "pairs per micro-batch per process")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+    eval_every: int = option(50, "evaluate every N steps (0: only at the end)")
+
+    def check(self) -> None:
+        if not self.data:
+            raise ConfigError("give --data PREFERENCES.jsonl (e.g. written by `moss-rlhf feedback export`)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+
+def pair_examples(tokenizer, pref: Preference, max_len: int) -> tuple[Example, Example]:
+    """Chosen and rejected conversations as token examples; labels mark the reply (for the LM loss). Long ones keep
+    their end — the reply, and the last token that the score is read from."""
+    out = []
+    for reply in (pref.chosen, pref.rejected):
+        ex = chat_example(tokenizer, pref.prompt + [{"role": "assistant", "content": reply}], max_len=1 << 30)
+        out.append(Example(ex.input_ids[-max_len:], ex.labels[-max_len:]))
+    return out[0], out[1]
+
+
+def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig) -> TokenData:
+    pairs = [pair_examples(tokenizer, p, cfg.max_len) for p in prefs]
+    margins = torch.tensor([p.margin if cfg.use_margin else 0.0 for p in prefs], dtype=torch.float32)
+
+    def batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        # chosen rows first, then rejected rows: one forward pass scores both
+        padded = pad_examples([pairs[i][0] for i in indices] + [pairs[i][1] for i in indices],
+                              tokenizer.pad_token_id)
+        padded["margin"] = margins[indices]
+        padded["n_targets"] = torch.tensor(len(indices))
+        return padded
+
+    return TokenData(len(pairs), batch)
+
+
+class RewardLoss:
+    """Bradley–Terry loss (+ β·LM loss on the chosen reply), summed over the pairs of a batch."""
+
+    def __init__(self, cfg: RewardConfig, lm_head: torch.nn.Parameter | None):
+        self.cfg = cfg
+        self.lm_head = lm_head
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        chosen, rejected, lm_sum, n_pairs = self.forward(model, batch)
+        loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.cfg.label_smoothing, reduction="sum")
+        if self.lm_head is not None:
+            loss = loss + self.cfg.lm_coef * lm_sum
+        return loss
+
+    def forward(self, model, batch):
+        inner = unwrap(model)
+        backbone = getattr(inner, inner.base_model_prefix)
+        mask = batch["attention_mask"]
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
+        values = score_head(inner)(hidden).squeeze(-1).float()
+        last = mask.long().sum(-1) - 1  # right padding: the last real token
+        rewards = values.gather(1, last[:, None]).squeeze(1)
+        n = rewards.shape[0] // 2
+        lm_sum = torch.zeros((), device=rewards.device)
+        if self.lm_head is not None:
+            logits = hidden[:n] @ self.lm_head.T
+            token_sum, count = lm_loss_sum(logits, batch["labels"][:n])
+            per_pair = token_sum / count.clamp(min=1)  # mean over tokens, as one unit per pair
+            lm_sum = per_pair * n
+        return rewards[:n], rewards[n:], lm_sum, n
+
+
+@torch.no_grad()
+def score_pairs(model, tokenizer, prefs: list[Preference], max_len: int = 256, batch_size: int = 32,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen and the rejected replies, ``([N], [N])``."""
+    model.eval()
+    cfg = RewardConfig(data=["-"], max_len=max_len, use_margin=False)
+    data = pair_data(tokenizer, prefs, cfg)
+    loss = RewardLoss(cfg, None)
+    chosen, rejected = [], []
+    for start in range(0, len(prefs), batch_size):
+        batch = data.batch(list(range(start, min(start + batch_size, len(prefs)))))
+        c, r, _, _ = loss.forward(model, {k: v.to(device) for k, v in batch.items()})
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def pair_evaluator(data: TokenData, loss_fn: RewardLoss, cfg: RewardConfig, dist: distributed.Dist):
+    """Held-out accuracy (ties count half), mean reward gap and Bradley–Terry loss."""
+
+    @torch.no_grad()
+    def evaluate(model) -> dict[str, float]:
+        model.eval()
+        totals = torch.zeros(4, device=dist.device)  # loss, correct, gap, pairs
+        indices = list(range(dist.rank, len(data), dist.world_size))
+        for start in range(0, len(indices), cfg.batch_size):
+            batch = data.batch(indices[start:start + cfg.batch_size])
+            batch = {k: v.to(dist.device) for k, v in batch.items()}
+            with autocast(dist.device, cfg.precision):
+                chosen, rejected, _, n = loss_fn.forward(model, batch)
+            totals[0] += bradley_terry_loss(chosen, rejected, batch["margin"], cfg.label_smoothing, reduction="sum")
+            totals[1] += (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
+            totals[2] += (chosen - rejected).sum()
+            totals[3] += n
+        distributed.all_reduce_sum(totals)
+        n = totals[3].clamp(min=1)
+        return {"eval/loss": float(totals[0] / n), "eval/accuracy": float(totals[1] / n),
+                "eval/reward_gap": float(totals[2] / n)}
+
+    return evaluate
+
+
+def run(cfg: RewardConfig) -> LoopResult:
+    """``moss-rlhf reward``."""
+    dist = distributed.init(cfg.device)
+    seed_everything(cfg.seed)
+    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume)
+    prefs = [p for path in cfg.data for p in load_preferences(path)]
+    if cfg.eval_data:
+        held_out = [p for path in cfg.eval_data for p in load_preferences(path)]
+    else:
+        order = torch.randperm(len(prefs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        cut = max(1, int(len(prefs) * cfg.eval_fraction))
+        held_out, prefs = [prefs[i] for i in order[:cut]], [prefs[i] for i in order[cut:]]
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    model = load_scorer(cfg.model, tokenizer)
+    lm_head = None
+    if cfg.lm_coef > 0:
+        lm = load_causal_lm(cfg.model)
+        if getattr(lm.config, "tie_word_embeddings", False):
+            lm_head = model.get_input_embeddings().weight  # tied: the scorer's own embeddings
+        else:
+            model.register_parameter("aux_lm_head", torch.nn.Parameter(lm.get_output_embeddings().weight.clone()))
+            lm_head = model.aux_lm_head
+        del lm
+    loss_fn = RewardLoss(cfg, lm_head)
+    train, evaluation = pair_data(tokenizer, prefs, cfg), pair_data(tokenizer, held_out, cfg)
+    if dist.is_main:
+        print(f"reward: {len(prefs)} training pairs, {len(held_out)} held out; from {cfg.model}")
+    result = train_lm(cfg, model, tokenizer, train, loss_fn, run_dir, dist,
+                      evaluate=pair_evaluator(evaluation, loss_fn, cfg, dist), desc="reward")
+    if dist.is_main and result.eval_metrics:
+        m = result.eval_metrics
+        print(f"reward: held-out accuracy {m['eval/accuracy']:.3f}, reward gap {m['eval/reward_gap']:.3f} "
+              f"-> {run_dir.model_path}")
+    return result

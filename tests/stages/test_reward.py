@@ -1,0 +1,83 @@
+"""Reward model: learns a preference, reports held-out accuracy, saves a scorer that plain transformers loads and
+that scores exactly as during training; trains on the real HH-RLHF file."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moss_rlhf.data.formats import load_preferences
+from moss_rlhf.runs import read_metrics
+from moss_rlhf.stages import reward
+from moss_rlhf.stages.reward import RewardConfig, score_pairs
+from moss_rlhf.tokenizer import load_tokenizer
+from tests.conftest import HH_FILE, NAMES, PLACES, write_jsonl
+
+
+def preference_rows(n: int, seed: int = 0) -> list[dict]:
+    """Chosen: a polite, on-topic answer. Rejected: a rude one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name, place = rng.choice(NAMES), rng.choice(PLACES)
+        rows.append({"prompt": f"Where did {name} go?", "chosen": f"{name} went to {place}.",
+                     "rejected": f"No. {rng.choice(NAMES)} {rng.choice(NAMES)} said no.", "margin": 0.5})
+    return rows
+
+
+def config(tmp_path, model_dir, data, **overrides) -> RewardConfig:
+    values = dict(out=str(tmp_path / "rm"), model=str(model_dir), data=[str(data)], max_steps=30, batch_size=8,
+                  lr=3e-3, warmup_steps=2, eval_every=15, log_every=1, save_every=0, progress=False, device="cpu",
+                  max_len=64)
+    values.update(overrides)
+    return RewardConfig(**values)
+
+
+def test_reward_model_learns_the_preference_and_loads_in_transformers(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(240))
+    result = reward.run(config(tmp_path, tiny_model_dir, data))
+    rows = read_metrics(tmp_path / "rm")
+    # a zero-initialised head scores every reply 0, so the first loss is -log σ(0 - margin) = log(1 + e^0.5)
+    assert rows[0]["train/loss"] == pytest.approx(0.9741, abs=0.05)
+    assert result.eval_metrics["eval/accuracy"] > 0.9
+    assert result.eval_metrics["eval/reward_gap"] > 0
+
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    tokenizer = load_tokenizer(str(tmp_path / "rm" / "model"))
+    prefs = load_preferences(data)[:16]
+    chosen, rejected = score_pairs(loaded, tokenizer, prefs, max_len=64)
+    assert (chosen > rejected).float().mean() > 0.9
+    # transformers' own pooling (last non-pad token) agrees with ours
+    from moss_rlhf.stages.reward import pair_examples
+
+    ex = pair_examples(tokenizer, prefs[0], 64)[0]
+    logits = loaded(input_ids=torch.tensor([ex.input_ids])).logits
+    assert float(logits[0, 0]) == pytest.approx(float(chosen[0]), abs=1e-4)
+
+
+def test_label_smoothing_margin_and_lm_loss_options_train(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
+    result = reward.run(config(tmp_path, tiny_model_dir, data, label_smoothing=0.1, lm_coef=0.5, max_steps=12,
+                               eval_every=12))
+    first = read_metrics(tmp_path / "rm")[0]["train/loss"]
+    assert result.train_loss < first
+
+
+def test_missing_data_is_a_clear_error(tmp_path, tiny_model_dir):
+    from moss_rlhf.cli import main
+
+    assert main(["reward", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HH_FILE.exists(), reason="../shared/data/hh-rlhf is not present (it is in CI)")
+def test_trains_on_the_real_hh_rlhf_file(tmp_path, tiny_model_dir):
+    result = reward.run(config(tmp_path, tiny_model_dir, HH_FILE, max_steps=20, eval_every=20, eval_fraction=0.05,
+                               max_len=128))
+    acc = result.eval_metrics["eval/accuracy"]
+    assert 0.0 <= acc <= 1.0
+    assert len(read_metrics(tmp_path / "rm")) >= 2
