@@ -69,7 +69,7 @@ def prompts_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_model_dir(tiny_model_dir, corpus_file, tmp_path_factory):
-    """The conftest's random tiny model after 40 quick steps on the corpus that the held-out file resembles."""
+    """The conftest's random tiny model after 30 quick steps on the corpus that the held-out file resembles."""
     from moss_rlhf.data.collate import pack_texts
     from moss_rlhf.data.formats import load_texts
     from moss_rlhf.losses import lm_loss_sum
@@ -81,12 +81,17 @@ def trained_model_dir(tiny_model_dir, corpus_file, tmp_path_factory):
     rows = pack_texts(tokenizer, load_texts(corpus_file), 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        batch = rows[torch.randint(len(rows), (16,), generator=generator)]
-        loss_sum, n = lm_loss_sum(model(input_ids=batch).logits, batch)
-        (loss_sum / n).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 1.5M-parameter model gains nothing from threads on a shared 2-core machine
+    try:
+        for _ in range(30):
+            batch = rows[torch.randint(len(rows), (8,), generator=generator)]
+            loss_sum, n = lm_loss_sum(model(input_ids=batch).logits, batch)
+            (loss_sum / n).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("trained_model")
     save_model(model, tokenizer, path)
     return path

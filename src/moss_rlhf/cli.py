@@ -11,37 +11,37 @@ from moss_rlhf.config import ConfigError, add_arguments, from_args
 
 
 def _commands() -> dict[str, tuple[str, type, object]]:
-    """name -> (one-line help, config dataclass, run function)."""
-    from moss_rlhf import tokenizer
+    """name -> (one-line help, config dataclass, run function); a dict in place of the dataclass is a command group."""
+    from moss_rlhf import chat, evaluate, interpret, report, serve, tokenizer
+    from moss_rlhf.demo import pipeline, world
     from moss_rlhf.feedback import commands as feedback
-    from moss_rlhf.stages import generate, pretrain, reward, sft
+    from moss_rlhf.stages import generate, ppo, pretrain, reward, sft
 
-    commands = {
+    return {
+        "demo": ("the whole pipeline on the embedded demo world, with a report (about 10 minutes on a laptop CPU)",
+                 pipeline.DemoConfig, pipeline.run),
+        "demo-world": ("write the embedded demo world (corpus, tasks, flawed demonstrations, prompt splits)",
+                       world.WorldConfig, world.run),
         "tokenizer": ("train a byte-level BPE tokenizer with a chat template", tokenizer.TokenizerConfig,
                       tokenizer.run),
         "pretrain": ("self-supervised pretraining (causal or masked LM)", pretrain.PretrainConfig, pretrain.run),
         "sft": ("supervised fine-tuning on conversations (assistant tokens only)", sft.SFTConfig, sft.run),
-        "generate": ("sample replies from a saved model", generate.GenerateConfig, generate.run),
-        "reward": ("train a reward model on preference pairs (Bradley–Terry)", reward.RewardConfig, reward.run),
         "feedback": ("collect human feedback: labelling projects, web app, simulated annotators, agreement, export",
                      feedback.COMMANDS, None),
+        "reward": ("train a reward model on preference pairs (Bradley–Terry)", reward.RewardConfig, reward.run),
+        "ppo": ("PPO-max reinforcement learning from a reward model (policy, reference, reward, critic)",
+                ppo.PPOConfig, ppo.run),
+        "evaluate": ("win rate (gold judge or reward model), KL, perplexity, length, diversity of model A vs B",
+                     evaluate.EvaluateConfig, evaluate.run),
+        "report": ("one self-contained HTML report of a pipeline directory (curves, win rates, samples, attention)",
+                   report.ReportConfig, report.run),
+        "generate": ("sample replies from a saved model", generate.GenerateConfig, generate.run),
+        "chat": ("chat with a model in the terminal (streaming; /reset, /exit)", chat.ChatConfig, chat.run),
+        "serve": ("OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions",
+                  serve.ServeConfig, serve.run),
+        "inspect": ("tokens, attention maps per layer and head, activation and weight norms of a text",
+                    interpret.InspectConfig, interpret.run),
     }
-    from moss_rlhf.stages import ppo
-
-    commands["ppo"] = ("PPO-max reinforcement learning from a reward model (policy, reference, reward, critic)",
-                       ppo.PPOConfig, ppo.run)
-    from moss_rlhf import chat, evaluate, interpret, report, serve
-
-    commands["evaluate"] = ("win rate (gold judge or reward model), KL, perplexity, length, diversity of model A vs B",
-                            evaluate.EvaluateConfig, evaluate.run)
-    commands["report"] = ("one self-contained HTML report of a pipeline directory (curves, win rates, samples, "
-                          "attention)", report.ReportConfig, report.run)
-    commands["inspect"] = ("tokens, attention maps per layer and head, activation and weight norms of a text",
-                           interpret.InspectConfig, interpret.run)
-    commands["chat"] = ("chat with a model in the terminal (streaming; /reset, /exit)", chat.ChatConfig, chat.run)
-    commands["serve"] = ("OpenAI-compatible HTTP server: /v1/models, /v1/chat/completions, /v1/completions",
-                         serve.ServeConfig, serve.run)
-    return commands
 
 
 def build_parser() -> argparse.ArgumentParser:

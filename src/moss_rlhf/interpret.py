@@ -1,7 +1,7 @@
 """``moss-rlhf inspect MODEL "I love to code"``: look inside a model on one text.
 
 - the tokenization: every token with its id and the text it stands for (byte-level BPE pieces of a Chinese
-  character are shown as the bytes they carry, since alone they are not a whole character);
+  character are shown as the escaped bytes they carry, since alone they are not a whole character);
 - attention maps: one PNG per layer, one heatmap per head, query tokens down, key tokens across. The model is loaded
   with ``attn_implementation="eager"`` because fused kernels (SDPA, flash) never materialise the attention matrix;
 - per-layer norms: the mean L2 norm of the residual stream after each layer (how the activations grow with depth)
@@ -61,20 +61,32 @@ def load_for_inspection(path: str, device: str = "auto"):
     return model.to(resolve_device(device)).eval(), load_tokenizer(path)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves, the others are
+    shifted to code points from 256 up."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + shift)] = byte
+            shift += 1
+    return chars
+
+
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
-    """Readable text of each token; a piece of a multi-byte character is shown as its bytes (e.g. ``<e7 8c>``)."""
+    """Readable text of each token. A token holding part of a multi-byte character (byte-level BPE splits Chinese
+    characters) shows the orphan bytes escaped, e.g. ``\\xab很``, instead of the replacement character."""
+    alphabet = _byte_level_alphabet()
     texts = []
     for token_id in ids:
         text = tokenizer.decode([token_id], skip_special_tokens=False)
         if "\ufffd" in text:
             raw = tokenizer.convert_ids_to_tokens(token_id)
-            try:  # byte-level BPE: each character of the token stands for one byte
-                from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-                to_byte = {v: k for k, v in bytes_to_unicode().items()}
-                text = "<" + " ".join(f"{to_byte[ch]:02x}" for ch in raw) + ">"
-            except (ImportError, KeyError):
-                text = raw
+            if all(ch in alphabet for ch in raw):
+                text = bytes(alphabet[ch] for ch in raw).decode("utf-8", errors="backslashreplace")
         texts.append(text)
     return texts
 

@@ -200,10 +200,12 @@ def win_rate_png(evaluation: dict) -> bytes:
     ax.errorbar([w["win_rate"]], [positions[0]], xerr=[[w["win_rate"] - w["ci_low"]], [w["ci_high"] - w["win_rate"]]],
                 fmt="none", ecolor="#1e293b", capsize=4, linewidth=1.2)
     ax.axvline(0.5, color="#64748b", linestyle="--", linewidth=1)
-    for y, rate in zip(positions, rates):
-        ax.text(min(rate + 0.01, 0.93), y, f"{rate:.0%}", va="center", fontsize=8)
+    for i, (y, rate) in enumerate(zip(positions, rates)):
+        right = max(rate, w["ci_high"]) if i == 0 else rate  # clear of the overall bar's interval whisker
+        ax.text(min(right + 0.015, 0.92), y, f"{rate:.0%}", va="center", fontsize=8)
     ax.set_yticks(positions, labels, fontsize=8)
     ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
     ax.set_xlabel(f"win rate of {evaluation['model_a']['name']} over {evaluation['model_b']['name']} (ties ½)",
                   fontsize=9)
     ax.grid(alpha=0.3, axis="x")

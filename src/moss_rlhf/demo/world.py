@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moss_rlhf.config import option
 from moss_rlhf.demo import corpus
 from moss_rlhf.demo.flaws import CLEAN_SHARE, FLAW_SHARES, flawed_response
 from moss_rlhf.demo.tasks import TASK_SHARES, TASKS, parse_prompt, reference_for, reference_response, sample_prompt
@@ -241,4 +242,19 @@ def write_world(out_dir: str | os.PathLike[str], seed: int = 0, size: str = "def
     stats = world_stats(world)
     _write_atomically(directory / "world.json",
                       (json.dumps(stats, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode())
+    return stats
+
+
+@dataclass
+class WorldConfig:
+    out: str = option("runs/world", "directory to write the world's files into")
+    seed: int = option(0, "generation seed (same seed and world version: identical bytes)")
+    size: str = option("default", "default (~2 MB corpus) or quick (~10× smaller)", choices=tuple(SIZES))
+
+
+def run(cfg: WorldConfig) -> dict[str, Any]:
+    """``moss-rlhf demo-world``."""
+    stats = write_world(cfg.out, cfg.seed, cfg.size)
+    counts = ", ".join(f"{name} {n}" for name, n in stats["counts"].items())
+    print(f"demo-world v{stats['version']} (seed {cfg.seed}, {cfg.size}) -> {cfg.out}: {counts}")
     return stats

@@ -250,7 +250,7 @@ def assign_advantages(chunks: list[Experience], cfg: PPOConfig, moments: Running
 
 
 def ppo_update(cfg: PPOConfig, plan: BatchPlan, chunks: list[Experience], policy, critic, policy_opt, critic_opt,
-               train_policy: bool, ptx_batches, step: int) -> dict[str, float]:
+               train_policy: bool, ptx_batch, step: int) -> dict[str, float]:
     """``ppo_epochs`` passes over the rollout in mini-batches of ``plan.micro_per_mini`` micro-batches. Losses are
     token sums divided by the mini-batch's global token count, so accumulation equals one big batch. Epoch 0 keeps
     the micro-batches of experience making in order (ratio exactly 1 at the first update); later epochs shuffle."""
@@ -293,7 +293,8 @@ def ppo_update(cfg: PPOConfig, plan: BatchPlan, chunks: list[Experience], policy
                     stats[f"policy/{key}"] += float(value) * share
                 stats["critic/vf_clipfrac"] += float(vstats["vf_clipfrac"]) * share
             if train_policy and cfg.ptx_coef > 0:
-                stats["policy/ptx_loss"] = _ptx_backward(policy, next(ptx_batches), cfg.ptx_coef)
+                stats["policy/ptx_loss"] = _ptx_backward(policy, ptx_batch(step * plan.updates_per_step + n_updates),
+                                                         cfg.ptx_coef)
             stats["critic/grad_norm"] = clip_gradients(critic, cfg.critic_max_grad_norm)
             critic_opt.step()
             critic_opt.zero_grad(set_to_none=True)
@@ -333,19 +334,20 @@ def encode_prompts(tokenizer, conversations: list[list[dict]], max_len: int) -> 
     return [encode_chat(tokenizer, c, add_generation_prompt=True)[-max_len:] for c in conversations]
 
 
-def ptx_stream(cfg: PPOConfig, tokenizer, dist: distributed.Dist, first_update: int):
-    """Endless PPO-ptx micro-batches in a deterministic order, positioned at update ``first_update`` (resume)."""
+def ptx_batches(cfg: PPOConfig, tokenizer, dist: distributed.Dist):
+    """PPO-ptx micro-batches: ``batch_at(update)`` is a pure function of the global update number (exact resume)."""
     examples = [chat_example(tokenizer, c, cfg.max_prompt_len + cfg.max_new_tokens)
                 for path in cfg.ptx_data for c in load_conversations(path)]
     examples = [e for e in examples if any(label != -100 for label in e.labels[1:])]
     if not examples:
         raise ConfigError(f"--ptx-data {cfg.ptx_data}: no conversation with an assistant turn")
     order = BatchOrder(len(examples), cfg.ptx_batch_size, 1, dist.world_size, cfg.seed)
-    update = first_update
-    while True:
+
+    def batch_at(update: int) -> dict[str, torch.Tensor]:
         batch = pad_examples([examples[i] for i in order.indices(update, 0, dist.rank)], tokenizer.pad_token_id)
-        yield {k: v.to(dist.device) for k, v in batch.items()}
-        update += 1
+        return {k: v.to(dist.device) for k, v in batch.items()}
+
+    return batch_at
 
 
 def collapse_signals(metrics: dict[str, float], cfg: PPOConfig, first: dict[str, float]) -> list[str]:
@@ -479,7 +481,7 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, float]:
         if dist.is_main:
             print(f"ppo: resumed from {checkpoint} at step {step}")
     policy_ddp, critic_ddp = distributed.wrap_ddp(policy, dist), distributed.wrap_ddp(critic, dist)
-    ptx = ptx_stream(cfg, tokenizer, dist, step * plan.updates_per_step) if cfg.ptx_coef > 0 else None
+    ptx = ptx_batches(cfg, tokenizer, dist) if cfg.ptx_coef > 0 else None
 
     def save(at_step: int) -> None:
         state = {"policy_opt": policy_opt.state_dict(), "critic_opt": critic_opt.state_dict(),

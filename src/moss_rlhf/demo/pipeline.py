@@ -1,0 +1,349 @@
+"""``moss-rlhf demo``: the whole MOSS-RLHF story in one command, on a laptop CPU.
+
+build the demo world → train the tokenizer → pretrain → SFT → sample response pairs from the SFT policy →
+simulated annotators judge them through the feedback store (the same path as people) → export preferences →
+reward model → PPO-max → evaluate (gold judge, SFT vs PPO-max) → report.
+
+Every stage writes into ``DIR/<stage>``; ``DIR/pipeline.json`` records the finished ones (atomically), so re-running
+skips them and a broken training stage resumes from its last checkpoint. ``--from STAGE`` redoes from a stage.
+``--rounds N`` repeats the feedback loop as the seed describes ("repeat until the model meets human expectations"):
+new pairs from the current policy, new labels, the reward model continues training, PPO runs again.
+
+The same pipeline runs on the user's own material: ``--model`` (skip pretraining), ``--corpus``, ``--sft-data``,
+``--prompts``, ``--eval-prompts``, and ``--preferences`` (real human labels exported by the feedback app instead of
+simulated ones).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from moss_rlhf.config import ConfigError, atomic_write_text, option
+
+STAGES = ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report")
+LOOP_STAGES = ("pairs", "label", "reward", "ppo", "evaluate")  # repeated once per feedback round
+
+
+@dataclass
+class DemoConfig:
+    out: str = option("demo_out", "pipeline directory: one subdirectory per stage, report.html at the top")
+    quick: bool = option(False, "a ~3-minute version (smaller world, fewer steps) for tests and a first look")
+    rounds: int = option(1, "feedback rounds: sample → label → reward model → PPO, repeated")
+    from_stage: str = option("", f"redo this stage and everything after it ({', '.join(STAGES)})")
+    seed: int = option(0, "seed of the world, the models and the annotators")
+    model: str = option("", "start from this model (hub id or directory) and skip pretraining")
+    corpus: list[str] = option([], "your pretraining text files (default: the demo world)")
+    sft_data: list[str] = option([], "your SFT conversation files (default: the world's flawed demonstrations)")
+    prompts: str = option("", "prompts for feedback pairs and RL (default: the world's)")
+    eval_prompts: str = option("", "held-out evaluation prompts (default: the world's)")
+    preferences: list[str] = option([], "real human preference files (skip simulated labelling)")
+    annotators: int = option(3, "simulated annotators")
+    annotator_error_rate: float = option(0.1, "simulated annotators' chance of flipping a judgement")
+    pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)")
+    sft_steps: int = option(0, "override the SFT steps (0: the preset's)")
+    reward_steps: int = option(0, "override the reward-model steps (0: the preset's)")
+    ppo_steps: int = option(0, "override the PPO steps (0: the preset's)")
+    device: str = option("auto", "cpu, cuda or auto")
+
+    def check(self) -> None:
+        if self.from_stage and self.from_stage not in STAGES:
+            raise ConfigError(f"--from-stage must be one of {', '.join(STAGES)}, got {self.from_stage!r}")
+        if self.rounds < 1:
+            raise ConfigError("--rounds must be at least 1")
+
+
+@dataclass(frozen=True)
+class Budget:
+    world_size: str
+    pretrain_steps: int
+    sft_steps: int
+    pair_prompts: int
+    reward_steps: int
+    ppo_steps: int
+    eval_prompts: int
+
+
+BUDGETS = {
+    "default": Budget("default", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=120,
+                      ppo_steps=60, eval_prompts=300),
+    "quick": Budget("quick", pretrain_steps=80, sft_steps=40, pair_prompts=50, reward_steps=30, ppo_steps=6,
+                    eval_prompts=200),
+}
+
+
+class Pipeline:
+    """Which stages are done, with their one-line results, kept in ``DIR/pipeline.json``."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.out)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.root / "pipeline.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
+        base = BUDGETS["quick" if cfg.quick else "default"]
+        self.budget = replace(base, **{k: getattr(cfg, k) for k in ("pretrain_steps", "sft_steps", "reward_steps",
+                                                                      "ppo_steps") if getattr(cfg, k)})
+
+    def forget_from(self, stage: str) -> None:
+        """``--from STAGE``: that stage and every later one (all rounds) run again from scratch."""
+        later = STAGES[STAGES.index(stage):]
+        for key in list(self.state["done"]):
+            if key.split("@")[0] in later:
+                del self.state["done"][key]
+                shutil.rmtree(self.root / key.replace("@", "-round"), ignore_errors=True)
+        self._save()
+
+    def run(self, key: str, fn) -> dict:
+        if key in self.state["done"]:
+            print(f"[{key}] done already: {self.state['done'][key]['summary']}")
+            return self.state["done"][key]
+        print(f"[{key}] …", flush=True)
+        started = time.perf_counter()
+        result = fn()
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        self.state["done"][key] = result
+        self._save()
+        print(f"[{key}] {result['summary']} ({result['seconds']:.0f}s)", flush=True)
+        return result
+
+    def _save(self) -> None:
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=2, ensure_ascii=False))
+
+
+def run(cfg: DemoConfig) -> dict:
+    """``moss-rlhf demo``."""
+    from moss_rlhf.data.corpus import ensure_world
+
+    pipe = Pipeline(cfg)
+    if cfg.from_stage:
+        pipe.forget_from(cfg.from_stage)
+    root, budget = pipe.root, pipe.budget
+    started = time.perf_counter()
+    world = root / "world"
+
+    def world_stage() -> dict:
+        ensure_world(world, cfg.seed, budget.world_size)
+        meta = json.loads((world / "world.json").read_text())
+        return {"summary": f"{sum(meta['counts'].values())} records, version {meta['version']}"}
+
+    pipe.run("world", world_stage)
+    prompts = cfg.prompts or str(world / "preference_prompts.jsonl")
+    rl_prompts = cfg.prompts or str(world / "rl_prompts.jsonl")
+    eval_prompts = cfg.eval_prompts or str(world / "eval_prompts.jsonl")
+    uses_world = not cfg.eval_prompts
+
+    pipe.run("tokenizer", lambda: _tokenizer_stage(cfg, root, world))
+    policy = cfg.model or str(root / "pretrain" / "model")
+    if not cfg.model:
+        pipe.run("pretrain", lambda: _pretrain_stage(cfg, budget, root, world))
+    pipe.run("sft", lambda: _sft_stage(cfg, budget, root, world, policy))
+    sft_model = str(root / "sft" / "model")
+
+    policy, reward_model = sft_model, ""
+    for round_index in range(1, cfg.rounds + 1):
+        tag = "" if round_index == 1 else f"@{round_index}"
+        sub = (lambda name: root / name) if round_index == 1 else (lambda name: root / f"{name}-round{round_index}")
+        db = root / "feedback.db"
+        project = f"round-{round_index}"
+        if not cfg.preferences:
+            pipe.run("pairs" + tag, lambda: _pairs_stage(cfg, budget, db, project, prompts, policy, round_index))
+            pipe.run("label" + tag, lambda: _label_stage(cfg, db, project, sub("feedback"), round_index))
+            preference_files = [str(sub("feedback") / "preferences.jsonl")]
+        else:
+            preference_files = cfg.preferences
+        init_reward = reward_model or sft_model
+        pipe.run("reward" + tag, lambda: _reward_stage(cfg, budget, sub("reward"), init_reward, preference_files,
+                                                       uses_world))
+        reward_model = str(sub("reward") / "model")
+        pipe.run("ppo" + tag, lambda: _ppo_stage(cfg, budget, sub("ppo"), world, policy, sft_model, reward_model,
+                                                 rl_prompts, eval_prompts))
+        policy = str(sub("ppo") / "model")
+        pipe.run("evaluate" + tag, lambda: _evaluate_stage(cfg, budget, root / "eval", world, policy, sft_model,
+                                                           eval_prompts, round_index))
+    pipe.run("report", lambda: _report_stage(root))
+    total = time.perf_counter() - started
+    print(f"demo: finished in {total / 60:.1f} min -> {root / 'report.html'}")
+    return pipe.state
+
+
+# ---------------------------------------------------------------------------------------------------------- stages
+
+
+def _tokenizer_stage(cfg: DemoConfig, root: Path, world: Path) -> dict:
+    from moss_rlhf.data.corpus import corpus_texts
+    from moss_rlhf.tokenizer import train_tokenizer
+
+    if cfg.model:
+        return {"summary": f"using {cfg.model}'s own tokenizer"}
+    texts = corpus_texts(cfg.corpus or [str(world / "pretrain.jsonl"), str(world / "sft.jsonl")])
+    tokenizer = train_tokenizer(texts, vocab_size=4096)
+    tokenizer.save_pretrained(root / "tokenizer")
+    return {"summary": f"{len(tokenizer)} tokens from {len(texts)} documents"}
+
+
+def _pretrain_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path) -> dict:
+    from moss_rlhf.stages import pretrain
+
+    pc = pretrain.PretrainConfig(
+        out=str(root / "pretrain"), data=cfg.corpus or [str(world / "pretrain.jsonl")],
+        eval_data=[] if cfg.corpus else [str(world / "pretrain_eval.jsonl")], tokenizer=str(root / "tokenizer"),
+        model="tiny", seq_len=128, batch_size=32, max_steps=budget.pretrain_steps, lr=3e-3, warmup_steps=20,
+        eval_every=max(1, budget.pretrain_steps // 4), save_every=100, resume=True, seed=cfg.seed,
+        world=str(world), world_size=budget.world_size, device=cfg.device, log_every=10)
+    result = pretrain.run(pc)
+    return {"summary": f"eval loss {result.eval_loss:.3f} (perplexity {_exp(result.eval_loss):.1f}) after "
+                       f"{result.step} steps", "eval_loss": result.eval_loss}
+
+
+def _sft_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path, base: str) -> dict:
+    from moss_rlhf.stages import sft
+
+    sc = sft.SFTConfig(out=str(root / "sft"), model=base, data=cfg.sft_data or [str(world / "sft.jsonl")],
+                       max_steps=budget.sft_steps, batch_size=16, seq_len=256, max_len=256, lr=1e-3,
+                       warmup_steps=10, eval_every=max(1, budget.sft_steps // 3), save_every=50, resume=True,
+                       seed=cfg.seed, world=str(world), world_size=budget.world_size, device=cfg.device,
+                       log_every=5)
+    result = sft.run(sc)
+    return {"summary": f"eval loss {result.eval_loss:.3f} after {result.step} steps", "eval_loss": result.eval_loss}
+
+
+def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompts: str, policy: str,
+                 round_index: int) -> dict:
+    from moss_rlhf.feedback.store import Store, create_project_from_models
+    from moss_rlhf.generation import SamplingConfig
+
+    subset = db.parent / f"pair-prompts-round{round_index}.jsonl"
+    lines = [line for line in Path(prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    start = (round_index - 1) * budget.pair_prompts % max(1, len(lines))
+    chosen = (lines[start:] + lines[:start])[: budget.pair_prompts]
+    atomic_write_text(subset, "\n".join(chosen) + "\n")
+    store = Store(str(db))
+    try:
+        if store.project_id(project) is not None:
+            # a previous attempt died while sampling: its half-made project is discarded, the round starts over
+            store.close()
+            db.unlink()
+            store = Store(str(db))
+        create_project_from_models(store, project, subset, [policy], k=2,
+                                   annotators_per_item=min(cfg.annotators, 2) if cfg.annotators > 1 else 1,
+                                   sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), seed=cfg.seed + round_index,
+                                   device=cfg.device, batch_size=64)
+    finally:
+        store.close()
+    return {"summary": f"{len(chosen)} prompts × 2 replies from {Path(policy).parent.name}"}
+
+
+def _label_stage(cfg: DemoConfig, db: Path, project: str, out: Path, round_index: int) -> dict:
+    from moss_rlhf.feedback.export import export_preferences
+    from moss_rlhf.feedback.simulate import AnnotatorModel, simulate
+    from moss_rlhf.feedback.store import Store
+
+    store = Store(str(db))
+    try:
+        summary = simulate(store, project, annotators=cfg.annotators,
+                           model=AnnotatorModel(error_rate=cfg.annotator_error_rate), seed=cfg.seed + round_index)
+        out.mkdir(parents=True, exist_ok=True)
+        exported = export_preferences(store, project, out / "preferences.jsonl", ties_path=out / "ties.jsonl")
+    finally:
+        store.close()
+    agree = summary.agreement
+    text = (f"{summary.judgements} judgements by {len(summary.annotators)} simulated annotators → {exported.pairs} "
+            f"preference pairs ({exported.ties} ties/both-bad left out); annotators agree with the gold judge on "
+            f"{agree:.1%} of the pairs it does not tie")
+    return {"summary": text, "annotator_gold_agreement": agree, "pairs": exported.pairs}
+
+
+def _reward_stage(cfg: DemoConfig, budget: Budget, out: Path, init: str, preference_files: list[str],
+                  uses_world: bool) -> dict:
+    from moss_rlhf.stages import reward
+
+    rc = reward.RewardConfig(out=str(out), model=init, data=preference_files, max_steps=budget.reward_steps,
+                             batch_size=16, lr=2e-4, warmup_steps=10, eval_every=max(1, budget.reward_steps // 3),
+                             save_every=50, resume=True, seed=cfg.seed, device=cfg.device, log_every=5, max_len=192)
+    result = reward.run(rc)
+    acc = result.eval_metrics.get("eval/accuracy", float("nan"))
+    summary = f"held-out accuracy {acc:.3f} against the annotators' labels"
+    gold = _reward_gold_agreement(out / "model", preference_files, cfg) if uses_world else None
+    if gold is not None:
+        summary += f", {gold:.3f} against the gold judge's ordering"
+    return {"summary": summary, "accuracy": acc, "gold_accuracy": gold}
+
+
+def _reward_gold_agreement(model_dir: Path, preference_files: list[str], cfg: DemoConfig) -> float | None:
+    """How often the reward model orders held-out pairs as the gold judge does (pairs the judge scores equal are
+    left out). Uses the pairs the reward stage held out (its --eval-fraction split, same seed)."""
+    import torch
+
+    from moss_rlhf.data.formats import load_preferences
+    from moss_rlhf.demo.judge import judge
+    from moss_rlhf.models import load_scorer, resolve_device
+    from moss_rlhf.stages.reward import score_pairs
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    prefs = [p for path in preference_files for p in load_preferences(path)]
+    order = torch.randperm(len(prefs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    held_out = [prefs[i] for i in order[: max(1, int(len(prefs) * 0.1))]]
+    gold = [(judge(p.prompt[-1]["content"], p.chosen).score, judge(p.prompt[-1]["content"], p.rejected).score)
+            for p in held_out]
+    keep = [i for i, (a, b) in enumerate(gold) if a != b]
+    if not keep:
+        return None
+    device = resolve_device(cfg.device)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_scorer(str(model_dir), tokenizer).to(device)
+    chosen, rejected = score_pairs(model, tokenizer, [held_out[i] for i in keep], max_len=192, device=device)
+    agree = [(float(c) > float(r)) == (gold[i][0] > gold[i][1]) for i, c, r in zip(keep, chosen, rejected)]
+    return sum(agree) / len(agree)
+
+
+def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, world: Path, policy: str, reference: str,
+               reward_model: str, prompts: str, eval_prompts: str) -> dict:
+    from moss_rlhf.stages import ppo
+
+    pc = ppo.PPOConfig(out=str(out), policy=policy, reference=reference, reward_model=reward_model,
+                       prompts=[prompts], eval_prompts=[eval_prompts], max_steps=budget.ppo_steps,
+                       eval_every=max(1, budget.ppo_steps // 4), save_every=max(1, budget.ppo_steps // 3),
+                       resume=True, seed=cfg.seed, world=str(world), world_size=budget.world_size,
+                       device=cfg.device, preset="ppo_max")
+    metrics = ppo.run(ppo.resolve_preset(pc))
+    keys = {k: metrics.get(k) for k in ("val/reward", "gold/score", "kl/per_token") if k in metrics}
+    text = ", ".join(f"{k} {v:.3f}" for k, v in keys.items() if isinstance(v, (int, float)))
+    return {"summary": text or "done", **{k: v for k, v in keys.items()}}
+
+
+def _evaluate_stage(cfg: DemoConfig, budget: Budget, out_dir: Path, world: Path, policy: str, sft_model: str,
+                    eval_prompts: str, round_index: int) -> dict:
+    from moss_rlhf import evaluate
+
+    ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"PPO-max (round {round_index})",
+                                 name_b="SFT", prompts=eval_prompts, max_prompts=budget.eval_prompts,
+                                 judge="gold" if not cfg.eval_prompts else str(Path(policy).parents[1] / "reward" / "model"),
+                                 out=str(out_dir / f"ppo_round{round_index}_vs_sft.json"), world=str(world),
+                                 world_size=budget.world_size, seed=cfg.seed, device=cfg.device)
+    report = evaluate.run(ec)
+    win = report["win_rate"]
+    names = {report["model_a"]["name"]: "ppo", report["model_b"]["name"]: "sft"}
+    scores = {names[name]: stats["mean_score"] for name, stats in report["models"].items()}
+    kl = (report.get("kl") or {}).get("per_sequence")
+    text = (f"PPO-max vs SFT win rate {win['win_rate']:.1%} (95% interval {win['ci_low']:.1%}–{win['ci_high']:.1%}, "
+            f"{win['wins']}/{win['ties']}/{win['losses']} win/tie/loss on {report['n_prompts']} prompts); "
+            f"mean score {scores['sft']:.2f} → {scores['ppo']:.2f}")
+    return {"summary": text, "win_rate": win["win_rate"], "ci": [win["ci_low"], win["ci_high"]],
+            "score_sft": scores["sft"], "score_ppo": scores["ppo"], "kl_per_sequence": kl}
+
+
+def _report_stage(root: Path) -> dict:
+    from moss_rlhf import report
+
+    path = report.run(report.ReportConfig(pipeline=str(root)))
+    return {"summary": f"{path}"}
+
+
+def _exp(x: float | None) -> float:
+    import math
+
+    return math.exp(min(x, 50.0)) if x is not None else float("nan")
