@@ -8,7 +8,7 @@ One run prints, side by side (ratios, since the machine is shared and noisy):
    (``training.train_lm`` with ``stages.pretrain``'s packed data and loss) on the demo world's corpus: tokens/s and
    MFU, model FLOPs per token = 6·(N + V·d) + 12·L·d·T (N: parameters outside the embedding, V·d: the tied output
    projection, 12·L·d·T: attention scores and values over the full T×T square, as in PaLM's appendix B);
-3. SFT tokens/s, ours (``training.train_lm`` with ``stages.sft``'s data and loss) against TRL's ``SFTTrainer``: the
+3. SFT tokens/s, ours (``training.train_lm`` with ``stages.sft``'s data and ``target_loss``) against TRL's ``SFTTrainer``: the
    same initial weights (``save_pretrained``), the same tokenized conversations in the same order (TRL reads them
    sequentially in our ``BatchOrder``), per-batch right padding on both sides, the same batch size and number of
    steps, fp32, the same thread count. Both sides count tokens the same way: padded tokens (``B × longest``) and
@@ -47,7 +47,7 @@ from moss_rlhf.data.formats import load_conversations, load_texts  # noqa: E402
 from moss_rlhf.models import build_causal_lm, load_causal_lm, save_model  # noqa: E402
 from moss_rlhf.runs import RunDir, seed_everything  # noqa: E402
 from moss_rlhf.stages.pretrain import PretrainConfig, causal_data, causal_loss  # noqa: E402
-from moss_rlhf.stages.sft import SFTConfig, sft_data  # noqa: E402
+from moss_rlhf.stages.sft import SFTConfig, sft_data, target_loss  # noqa: E402
 from moss_rlhf.tokenizer import train_tokenizer  # noqa: E402
 from moss_rlhf.training import TokenData, train_lm  # noqa: E402
 
@@ -205,7 +205,7 @@ def bench_sft_ours(model_dir: Path, tokenizer, conversations: list, cfg: SFTConf
     clock = StepClock(sft_data(tokenizer, conversations, cfg), tokenizer.pad_token_id)
     dist = distributed.init("cpu")
     run = RunDir(cfg.out, cfg)
-    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=causal_loss, run=run, dist=dist, desc="sft")
+    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=target_loss, run=run, dist=dist, desc="sft")
     first = json.loads((Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
     window = clock.window(args.warmup, args.steps)
     window.first_loss = first
@@ -258,12 +258,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="pretraining sequence length")
     parser.add_argument("--pretrain-batch", type=int, default=8, help="pretraining sequences per step")
     parser.add_argument("--sft-batch", type=int, default=16, help="SFT conversations per step")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating ours/TRL SFT rounds (default 1 quick, 2)")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating ours/TRL SFT rounds (default: 1 quick, 3)")
     parser.add_argument("--skip-trl", action="store_true", help="time our loops only")
     parser.add_argument("--work", default="", help="working directory (default: a temporary one)")
     args = parser.parse_args()
-    args.warmup, args.steps = (2, 4) if args.quick else (3, 12)
-    args.rounds = args.rounds or (1 if args.quick else 2)
+    args.warmup, args.steps = (1, 3) if args.quick else (3, 10)
+    args.rounds = args.rounds or (1 if args.quick else 3)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="moss-bench-") as tmp:
@@ -274,7 +274,8 @@ def main() -> None:
         texts = load_texts(world_file("pretrain.jsonl", world, 0, size))
         conversations = load_conversations(world_file("sft.jsonl", world, 0, size))
         print(f"threads {args.threads}, torch {torch.__version__}, demo world ({size}): {len(texts)} documents, "
-              f"{len(conversations)} conversations", flush=True)
+              f"{len(conversations)} conversations; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+              flush=True)
         tokenizer = train_tokenizer(texts + [m["content"] for c in conversations for m in c], VOCAB)
         trl_python = None if args.skip_trl else ensure_trl_venv()
 
@@ -340,6 +341,7 @@ def report(args, peaks: list[float], pre: Window, flops_per_token: float, ours: 
               f"{trl_info['trl'] + ' / ' + trl_info['transformers'] + ' / ' + trl_info['torch']:>34}")
         print(f"{'  TRL optimizer / loss / attention':<44}"
               f"{trl_info['optim'].split('.')[-1] + ' / ' + trl_info['loss_type'] + ' / ' + trl_info['attn']:>34}")
+    print(f"{'load average at the end (1 min)':<44}{os.getloadavg()[0]:>34.1f}")
     print("=" * 78)
 
 

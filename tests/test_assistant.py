@@ -17,7 +17,8 @@ TOPICS = {"food": ["tea", "soup"], "travel": ["bus", "train"], "tech": ["phone",
 
 
 def sentiment_examples(names: list[str]) -> list[tuple[str, str]]:
-    return [(f"{n} {v} the {t}.", label) for label, verbs in VERBS.items() for v in verbs for n in names for t in THINGS]
+    return [(f"{n} {v} the {t}.", label)
+            for label, verbs in VERBS.items() for v in verbs for n in names for t in THINGS]
 
 
 def topic_examples(names: list[str]) -> list[tuple[str, str]]:
@@ -31,7 +32,7 @@ def _conversation(prompt: str, reply: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Assistant:
-    """A tiny model fine-tuned for 100 steps (seconds) on sentiment and topic questions phrased like the demo world's."""
+    """A tiny model fine-tuned for 100 steps (seconds) on sentiment and topic questions in the demo world's words."""
     from moss_rlhf.data.collate import chat_example, pad_examples
     from moss_rlhf.losses import lm_loss_sum
     from moss_rlhf.models import build_causal_lm, save_model

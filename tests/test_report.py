@@ -61,6 +61,32 @@ def pipeline(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture()
+def pipeline_with_models(pipeline, tiny_model_dir) -> Path:
+    """The fake pipeline plus a policy before (sft/model) and after (ppo/model) RLHF, for the attention maps."""
+    import torch
+
+    from moss_rlhf.models import load_causal_lm, save_model
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    shutil.copytree(tiny_model_dir, pipeline / "sft" / "model")
+    changed = load_causal_lm(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in changed.model.layers[-1].self_attn.parameters():
+            p.mul_(3.0)  # sharper attention in the last layer, so "after" differs visibly
+    save_model(changed, load_tokenizer(str(tiny_model_dir)), pipeline / "ppo" / "model")
+    return pipeline
+
+
+def test_attention_section_compares_the_two_policies(pipeline_with_models):
+    from moss_rlhf.report import attention_section
+
+    section = attention_section(pipeline_with_models, "Hello there")
+    assert section.ran and section.figures[0].png.startswith(b"\x89PNG")
+    assert "Hello there" in section.note
+    assert not (pipeline_with_models / ".report_attention.png").exists()
+
+
 def test_sections_cover_every_stage(pipeline):
     sections = {s.title: s for s in build_sections(pipeline)}
     assert [t for t, s in sections.items() if not s.ran] == ["Attention before and after RLHF"]  # no models saved
@@ -112,7 +138,8 @@ def test_report_is_self_contained(pipeline, tmp_path):
 
 
 @pytest.mark.browser
-def test_report_renders_in_chromium(pipeline, tmp_path):
+def test_report_renders_in_chromium(pipeline_with_models, tmp_path):
+    pipeline = pipeline_with_models
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("chromium is not installed")
     playwright = pytest.importorskip("playwright.sync_api")
@@ -129,9 +156,9 @@ def test_report_renders_in_chromium(pipeline, tmp_path):
             page.goto(path.as_uri())
             page.wait_for_load_state("load")
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
-            assert len(widths) >= 5 and all(w > 0 for w in widths), widths
-            assert page.locator("section").count() == len(build_sections(pipeline))
-            assert page.locator(".badge.missing").count() == 1
+            assert len(widths) == 6 and all(w > 0 for w in widths), widths  # 4 stages, win rate, attention
+            assert page.locator("section").count() == 6
+            assert page.locator(".badge.missing").count() == 0
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         finally:

@@ -117,8 +117,20 @@ class Assistant:
         from moss_rlhf.tokenizer import encode_chat
 
         if isinstance(prompt, str):
-            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            bos = self.tokenizer.bos_token_id
+            # pretraining documents start with bos (collate.pack_texts), so a raw continuation should too
+            return ids if bos is None or ids[:1] == [bos] else [bos] + ids
         return encode_chat(self.tokenizer, prompt, add_generation_prompt=True)
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """Seeded: the same call gives the same reply; unseeded: fresh randomness on every call."""
+        generator = torch.Generator(device=self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
@@ -133,8 +145,7 @@ class Assistant:
         from moss_rlhf.data.collate import left_pad
 
         cfg = _sampling(self.sampling, sampling)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator = self._generator(seed)
         results: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[start:start + batch_size]]
@@ -203,8 +214,7 @@ class Assistant:
                     emitted = ready
 
             try:
-                generator = torch.Generator(device=self.device)
-                generator.manual_seed(seed) if seed is not None else generator.seed()
+                generator = self._generator(seed)
                 ids = torch.tensor([prompt_ids], device=self.device)
                 try:
                     generate(self.model, ids, torch.ones_like(ids), cfg, self.stop_ids,

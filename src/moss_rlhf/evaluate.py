@@ -336,9 +336,11 @@ def run(cfg: EvaluateConfig) -> dict:
 def print_report(report: dict) -> None:
     """The evaluation as rich tables on the terminal."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    a, b, w = report["model_a"]["name"], report["model_b"]["name"], report["win_rate"]
+    # names and task labels are user text: escape them so a "[" is not read as rich markup
+    a, b, w = escape(report["model_a"]["name"]), escape(report["model_b"]["name"]), report["win_rate"]
     judge = "gold judge" if report["judge"] == "gold" else f"reward model {report['judge']}"
     head = Table(title=f"{a} vs {b} on {report['n_prompts']} prompts ({judge})")
     for column in ("win rate of A (ties ½)", "95% interval", "wins", "ties", "losses"):
@@ -352,7 +354,7 @@ def print_report(report: dict) -> None:
     for key in keys:
         models.add_column(key.replace("_", " "), justify="right")
     for name, stats in report["models"].items():
-        models.add_row(name, *(f"{stats[k]:.3f}" if k in stats else "–" for k in keys))
+        models.add_row(escape(name), *(f"{stats[k]:.3f}" if k in stats else "–" for k in keys))
     console = Console()
     console.print(head)
     console.print(models)
@@ -364,6 +366,6 @@ def print_report(report: dict) -> None:
         for column in ("task", "n", "win rate", f"score {a}", f"score {b}"):
             tasks.add_column(column, justify="right" if column != "task" else "left")
         for task, t in report["by_task"].items():
-            tasks.add_row(task, str(t["n"]), f"{t['win_rate']:.1%}", f"{t['mean_score_a']:.2f}",
+            tasks.add_row(escape(task), str(t["n"]), f"{t['win_rate']:.1%}", f"{t['mean_score_a']:.2f}",
                           f"{t['mean_score_b']:.2f}")
         console.print(tasks)

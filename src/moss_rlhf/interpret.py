@@ -123,7 +123,7 @@ def attention_maps(model, tokenizer, text: str, chat: bool = False, max_tokens: 
 
 
 def layer_weight_norms(model) -> list[float]:
-    """Frobenius norm of all weights of each transformer layer (parameters named ``….layers.<i>.…`` or ``….h.<i>.…``)."""
+    """Frobenius norm of all weights of each transformer layer (parameters ``…layers.<i>.…`` or ``…h.<i>.…``)."""
     sums: dict[int, float] = {}
     for name, param in model.named_parameters():
         parts = name.split(".")
@@ -159,13 +159,17 @@ def _save(fig, path: Path) -> Path:
 
 
 def _heatmap(ax, matrix: torch.Tensor, tokens: list[str], title: str, show_keys: bool, show_queries: bool) -> None:
-    ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    from matplotlib.colors import PowerNorm
+
+    # gamma 0.5: attention is mostly small weights; a square-root scale shows where the rest of it goes
+    ax.imshow(matrix.numpy(), cmap="magma", norm=PowerNorm(0.5, vmin=0.0, vmax=1.0), interpolation="nearest")
     ax.set_title(title, fontsize=9)
     labels = [t.replace("\n", "\\n") or "␣" for t in tokens]
     n = len(tokens)
-    fontsize = max(4, min(8, int(220 / max(n, 1))))
+    fontsize = max(5, min(8, int(260 / max(n, 1))))
     ax.set_xticks(range(n), labels if show_keys else [""] * n, rotation=90, fontsize=fontsize)
     ax.set_yticks(range(n), labels if show_queries else [""] * n, fontsize=fontsize)
+    ax.tick_params(length=0)
 
 
 def plot_attention_layer(tokens: list[str], layer_attention: torch.Tensor, layer: int, path: Path) -> Path:
@@ -174,17 +178,16 @@ def plot_attention_layer(tokens: list[str], layer_attention: torch.Tensor, layer
     heads = layer_attention.shape[0]
     cols = min(4, heads)
     rows = math.ceil(heads / cols)
-    side = max(2.6, 0.16 * len(tokens) + 1.2)
-    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows), squeeze=False)
+    side = min(4.5, max(2.6, 0.13 * len(tokens) + 1.2))
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.5), squeeze=False)
     for head in range(rows * cols):
         ax = axes.flat[head]
         if head >= heads:
             ax.axis("off")
             continue
-        _heatmap(ax, layer_attention[head], tokens, f"layer {layer} · head {head}", show_keys=True,
-                 show_queries=head % cols == 0)
-    fig.suptitle(f"attention, layer {layer} (query ↓, key →)", fontsize=11)
-    fig.tight_layout()
+        _heatmap(ax, layer_attention[head], tokens, f"head {head}", show_keys=True, show_queries=head % cols == 0)
+    fig.suptitle(f"attention of layer {layer} (query ↓, key →; square-root colour scale)", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return _save(fig, path)
 
 
@@ -193,25 +196,30 @@ def plot_attention_comparison(tokens: list[str], before: torch.Tensor, after: to
     """Two rows (before, after) × one column per head, for one layer."""
     plt = _pyplot()
     heads = before.shape[0]
-    side = max(2.4, 0.14 * len(tokens) + 1.0)
-    fig, axes = plt.subplots(2, heads, figsize=(side * heads, side * 2 + 0.4), squeeze=False)
+    side = min(3.4, max(2.4, 0.1 * len(tokens) + 1.0))
+    fig, axes = plt.subplots(2, heads, figsize=(side * heads, side * 2 + 0.6), squeeze=False)
     for row, (label, attention) in enumerate(zip(labels, (before, after))):
         for head in range(heads):
             _heatmap(axes[row, head], attention[head], tokens, f"{label} · head {head}", show_keys=row == 1,
                      show_queries=head == 0)
     fig.suptitle(f"attention of layer {layer}: {labels[0]} (top) vs {labels[1]} (bottom)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=1.6)
     return _save(fig, path)
 
 
 def plot_norms(activation_norms: list[float], weight_norms: list[float], path: Path) -> Path:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    left.plot(range(-1, len(activation_norms) - 1), activation_norms, marker="o", color="#2563eb")
+    positions = list(range(len(activation_norms)))
+    names = ["emb"] + [str(i) for i in range(len(activation_norms) - 1)]
+    names[-1] += "\n+norm"  # the last hidden state comes after the final normalisation
+    left.plot(positions, activation_norms, marker="o", color="#2563eb")
+    left.set_xticks(positions, names, fontsize=8)
     left.set_title("mean activation norm after each layer", fontsize=10)
-    left.set_xlabel("layer (-1: embeddings)")
+    left.set_xlabel("layer")
     left.grid(alpha=0.3)
     right.bar(range(len(weight_norms)), weight_norms, color="#16a34a")
+    right.set_xticks(range(len(weight_norms)))
     right.set_title("weight norm per layer", fontsize=10)
     right.set_xlabel("layer")
     right.grid(alpha=0.3, axis="y")
@@ -225,17 +233,20 @@ def plot_norms(activation_norms: list[float], weight_norms: list[float], path: P
 
 def run(cfg: InspectConfig) -> Inspection:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     model, tokenizer = load_for_inspection(cfg.model, cfg.device)
     found = inspect_text(model, tokenizer, cfg.text, cfg.chat, cfg.max_tokens)
     out = Path(cfg.out)
     console = Console()
-    tokens_table = Table(title=f"{len(found.ids)} tokens of {cfg.text!r}")
+    tokens_table = Table(title=escape(f"{len(found.ids)} tokens of {cfg.text!r}"))
     for column in ("#", "id", "token"):
         tokens_table.add_column(column, justify="right" if column != "token" else "left")
     for i, (token_id, text) in enumerate(zip(found.ids, found.tokens)):
-        tokens_table.add_row(str(i), str(token_id), repr(text))
+        shown = text.replace("\n", "\\n").replace("\t", "\\t")
+        tokens_table.add_row(str(i), str(token_id), Text(f"'{shown}'"))  # Text: "[" in a token is not markup
     console.print(tokens_table)
 
     written = [plot_attention_layer(found.tokens, found.attentions[layer], layer, out / f"attention_layer{layer}.png")
@@ -247,7 +258,10 @@ def run(cfg: InspectConfig) -> Inspection:
     for index, activation in enumerate(found.activation_norms):
         layer = index - 1  # hidden state 0 is the embeddings, hidden state i the output of layer i - 1
         weight = found.weight_norms[layer] if 0 <= layer < len(found.weight_norms) else None
-        norms_table.add_row("embeddings" if layer < 0 else str(layer), f"{activation:.3f}",
+        name = "embeddings" if layer < 0 else str(layer)
+        if index == len(found.activation_norms) - 1:
+            name += " (+ final norm)"  # transformers returns the last hidden state after the final normalisation
+        norms_table.add_row(name, f"{activation:.3f}",
                             "–" if weight is None else f"{weight:.2f}")
     console.print(norms_table)
     summary = {"model": cfg.model, "text": cfg.text, "ids": found.ids, "tokens": found.tokens,

@@ -324,6 +324,7 @@ def write_report(out_dir: str | Path, sections: list[Section], title: str = "MOS
         generated=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     path = Path(out_dir) / "report.html"
     atomic_write_text(path, page)
+    path.chmod(0o644)  # a page to share: the temporary file it was renamed from was private
     return path
 
 

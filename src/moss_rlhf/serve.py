@@ -9,8 +9,8 @@ default: the server has no authentication, so exposing it is an explicit choice 
 One model serves one request at a time (a lock): a small model on a CPU gains nothing from interleaving requests.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the request models from the endpoint annotations at
+# run time, and those models are defined inside create_app (pydantic and fastapi load only when serving).
 import json
 import threading
 import time
@@ -56,8 +56,9 @@ def _sse(payload: dict) -> str:
 
 def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
     """The FastAPI application around one :class:`moss_rlhf.assistant.Assistant`."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import StreamingResponse
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import BaseModel, Field
 
     class ChatMessage(BaseModel):
@@ -74,6 +75,7 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         stop: str | list[str] | None = None
         seed: int | None = None
         stream: bool = False
+        stream_options: dict | None = None
 
     class CompletionRequest(BaseModel):
         model: str = model_name
@@ -85,9 +87,26 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         stop: str | list[str] | None = None
         seed: int | None = None
         stream: bool = False
+        stream_options: dict | None = None
 
     app = FastAPI(title="moss-rlhf", description="OpenAI-compatible API of a moss-rlhf model")
     lock = threading.Lock()
+
+    # Errors in OpenAI's shape ({"error": {"message", "type", ...}}), which its clients show to the user.
+    def error(status: int, message: str, param: str | None = None) -> JSONResponse:
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                            status_code=status)
+
+    @app.exception_handler(HTTPException)
+    def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+        return error(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None)
     created = int(time.time())
 
     def check_model(name: str) -> None:
@@ -101,9 +120,8 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
 
     def complete(prompts: list, body, n: int) -> list:
         """``n`` completions per prompt, in order (prompt 0's n choices first), one batch."""
-        seed = body.seed
         with lock:
-            return assistant.complete([p for p in prompts for _ in range(n)], stop=_stops(body.stop), seed=seed,
+            return assistant.complete([p for p in prompts for _ in range(n)], stop=_stops(body.stop), seed=body.seed,
                                       **_sampling(body, max_tokens_limit))
 
     def usage(completions: list, n: int) -> dict:
@@ -113,19 +131,24 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
                 "total_tokens": prompt_tokens + completion_tokens}
 
     def stream_events(prompts: list, body, n: int, chunk) -> Iterator[str]:
-        """SSE: every choice's text pieces as they are generated (choice after choice), then [DONE]."""
+        """SSE: every choice's text pieces as they are generated (choice after choice), then — when the request
+        asked for it with ``stream_options: {"include_usage": true}`` — a usage chunk, then [DONE]."""
         index = 0
+        finished: list = []
         for prompt in prompts:
             for sample in range(n):
-                finished: list = []
                 seed = None if body.seed is None else body.seed + sample
                 yield _sse(chunk(index, None, None, first=True))
+                done_before = len(finished)
                 with lock:
                     for piece in assistant.stream(prompt, stop=_stops(body.stop), seed=seed,
                                                   on_finish=finished.append, **_sampling(body, max_tokens_limit)):
                         yield _sse(chunk(index, piece, None))
-                yield _sse(chunk(index, None, finished[0].finish_reason if finished else "stop"))
+                reason = finished[-1].finish_reason if len(finished) > done_before else "stop"
+                yield _sse(chunk(index, None, reason))
                 index += 1
+        if (body.stream_options or {}).get("include_usage"):
+            yield _sse({**chunk(0, None, None), "choices": [], "usage": usage(finished, n)})
         yield "data: [DONE]\n\n"
 
     @app.get("/v1/models")

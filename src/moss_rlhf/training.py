@@ -32,7 +32,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None =
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay)
+    # The fused kernel (CUDA; CPU since torch 2.4) updates each tensor in one pass instead of ~10 elementwise ops: on
+    # CPU the optimizer step of the 14M `small` preset drops from ~0.2 s (seconds on a busy machine) to ~0.05 s.
+    cpu_fused = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 4)
+    fused = all(p.is_cuda or (cpu_fused and p.device.type == "cpu") for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr or cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused or None)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -33,20 +34,26 @@ def test_twenty_annotators_fifty_judgements_each(any_store):
         summary, logs = simulate_http(url, tokens, AnnotatorModel(temperature=1.0), seed=1, scorer=_length_scorer,
                                       limit=EACH + 5)  # asks for more than there is: each runs out at 50
         elapsed = time.perf_counter() - started
+        print(f"\n{store.url.split(':')[0]}: {ANNOTATORS * EACH} judgements over HTTP in {elapsed:.1f}s")
         assert summary.judgements == ANNOTATORS * EACH
         assert all(len(log.sent) == EACH for log in logs)
         assert all(status == 201 for log in logs for _, status, _ in log.sent)
 
         # Resubmit every 5th payload of every annotator, twice each, all at once: same rows come back, none added.
+        local = threading.local()
+
         def resend(args):
             token, payload, judgement_id = args
-            r = httpx.post(f"{url}/api/judgements", json=payload, headers={"Authorization": f"Bearer {token}"},
-                           timeout=60)
+            if not hasattr(local, "client"):  # one client per thread (creating one costs ~0.1 s)
+                local.client = httpx.Client(base_url=url, timeout=60)
+            r = local.client.post("/api/judgements", json=payload, headers={"Authorization": f"Bearer {token}"})
             return r.status_code, r.json()["judgement"]["id"], judgement_id
 
         jobs = [(log.token, payload, jid) for log in logs for payload, _, jid in log.sent[::5]] * 2
+        started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=ANNOTATORS) as pool:
             results = list(pool.map(resend, jobs))
+        print(f"{len(jobs)} resubmissions in {time.perf_counter() - started:.1f}s")
         assert all(status == 200 and got == expected for status, got, expected in results)
     with store.engine.connect() as c:
         total = c.execute(sa.text("SELECT count(*) FROM judgements")).scalar_one()
@@ -59,28 +66,40 @@ def test_twenty_annotators_fifty_judgements_each(any_store):
     sent = {payload["submission_id"] for log in logs for payload, _, _ in log.sent}
     assert total == uuids == pairs.scalar_one() == assignments == len(sent) == ANNOTATORS * EACH
     assert retracted == 0 and tuple(per_item) == (ANNOTATORS, ANNOTATORS)
-    print(f"\n{store.url.split(':')[0]}: {ANNOTATORS * EACH} judgements over HTTP in {elapsed:.1f}s")
 
 
-def test_racing_duplicates_of_one_submission_store_one_row(any_store):
+@pytest.mark.parametrize("same_uuid", [True, False], ids=["same-uuid", "fresh-uuids"])
+def test_racing_submissions_store_one_row(any_store, same_uuid):
+    """Four copies of an annotator's answer posted at the same instant: with one UUID (a client retrying) they all
+    get the one stored row; with four UUIDs (four tabs) one is stored and the others are refused as already judged."""
     store = any_store
-    add_pairwise_project(store, "race", n_items=8, annotators_per_item=1)
-    tokens = [store.add_annotator(f"racer-{n}")[1] for n in range(8)]
+    add_pairwise_project(store, "race", n_items=6, annotators_per_item=1)
+    tokens = [store.add_annotator(f"racer-{n}")[1] for n in range(6)]
+    copies = 4
     with running_server(store) as url:
-        def race(token):
-            headers = {"Authorization": f"Bearer {token}"}
-            got = httpx.get(f"{url}/api/next", headers=headers, timeout=30).json()
-            payload = {"item_id": got["item"]["id"], "submission_id": got["submission_id"], "choice": "A"}
-            barrier.wait()
-            return [httpx.post(f"{url}/api/judgements", json=payload, headers=headers, timeout=60)
-                    for _ in range(1)]
+        payloads = []
+        for token in tokens:
+            got = httpx.get(f"{url}/api/next", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+            for _ in range(copies):
+                sid = got["submission_id"] if same_uuid else str(uuid.uuid4())
+                payloads.append((token, {"item_id": got["item"]["id"], "submission_id": sid, "choice": "A"}))
+        barrier = threading.Barrier(len(payloads), timeout=60)
 
-        barrier = threading.Barrier(8 * 4)
-        with ThreadPoolExecutor(max_workers=8 * 4) as pool:
-            responses = [r for rs in pool.map(race, [t for t in tokens for _ in range(4)]) for r in rs]
-    # 4 threads per annotator: each asked for "next" (the same open item) and posted its own UUID at once;
-    # exactly one judgement per annotator may win, the others are refused as already judged.
-    codes = sorted(r.status_code for r in responses)
-    assert codes.count(201) == 8 and set(codes) <= {201, 409}
+        def post(job):
+            token, payload = job
+            with httpx.Client(timeout=60) as client:
+                barrier.wait()
+                return client.post(f"{url}/api/judgements", json=payload,
+                                   headers={"Authorization": f"Bearer {token}"})
+
+        with ThreadPoolExecutor(max_workers=len(payloads)) as pool:
+            responses = list(pool.map(post, payloads))
+    codes = [r.status_code for r in responses]
+    assert codes.count(201) == len(tokens)
+    assert set(codes) == ({201, 200} if same_uuid else {201, 409})
+    if same_uuid:
+        for n in range(len(tokens)):
+            group = responses[n * copies:(n + 1) * copies]
+            assert len({r.json()["judgement"]["id"] for r in group}) == 1
     with store.engine.connect() as c:
-        assert c.execute(sa.text("SELECT count(*) FROM judgements")).scalar_one() == 8
+        assert c.execute(sa.text("SELECT count(*) FROM judgements")).scalar_one() == len(tokens)

@@ -25,6 +25,15 @@ TEXTS = [f"the {a} {b} is {c} and the {b} likes {d} number {n}."
                                            ("old", "bird", "green", "seeds"), ("new", "fox", "quick", "hens")] * 6)]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two spinning OpenMP threads made these runs ~8× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A randomly initialised tiny Llama with a ~300-token byte-level tokenizer, and prompt files."""
@@ -155,7 +164,7 @@ def test_presets_set_their_switches_and_explicit_flags_win():
     plain = resolve_preset(PPOConfig(preset="vanilla"))
     assert (plain.reward_norm, plain.whiten_advantages, plain.critic_from_reward) == (False, False, False)
     assert plain.kl_coef == 0 and plain.value_clip == 0 and plain.reward_clip == 0 and plain.max_grad_norm == 0
-    args = build_parser().parse_args(["ppo", "--preset", "vanilla", "--kl-coef", "0.2", "--reward-norm"])
+    args = build_parser().parse_args(["ppo", "--preset", "vanilla", "--kl-coef", "0.2", "--reward-norm", "true"])
     mixed = resolve_preset(from_args(PPOConfig, args))
     assert (mixed.kl_coef, mixed.reward_norm, mixed.whiten_advantages) == (0.2, True, False)
 

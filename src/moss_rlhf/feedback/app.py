@@ -32,8 +32,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from moss_rlhf.feedback.agreement import project_agreement
-from moss_rlhf.feedback.store import (AnnotatorInfo, FeedbackError, InvalidSubmission, ItemView, NotFound, Store,
-                                      Submission)
+from moss_rlhf.feedback.store import AnnotatorInfo, FeedbackError, InvalidSubmission, ItemView, Store, Submission
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "mrf_session"
@@ -117,7 +116,7 @@ async def _plain(send, status: int, text: str) -> None:
 def create_app(store: Store, project: str | int | None = None, max_body_bytes: int = 64 * 1024,
                secure_cookies: bool = False) -> FastAPI:
     """The labelling app over ``store``; ``project`` limits it to one project (name or id)."""
-    project_id = store.project_id(project)
+    project_id = store.require_project(project)
     secret = secrets.token_bytes(32)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
@@ -358,10 +357,7 @@ def _submission_from_form(form) -> Submission:
 def _summary(store: Store, project: str | int | None) -> dict:
     """What the admin page shows: per-annotator progress and the agreement report, for one project."""
     projects = store.projects()
-    try:
-        project_id = store.project_id(project) if project not in (None, "") else None
-    except NotFound:
-        project_id = None
+    project_id = store.project_id(project)
     if project_id is None and projects:
         project_id = projects[0]["id"]
     current = next((p for p in projects if p["id"] == project_id), None)

@@ -192,7 +192,7 @@ def agreement(cfg: AgreementConfig) -> dict:
     from moss_rlhf.feedback.agreement import project_agreement
 
     store = Store(cfg.db)
-    pid = store.project_id(cfg.project or None)
+    pid = store.require_project(cfg.project or None)
     if pid is None:
         projects = store.projects()
         if not projects:

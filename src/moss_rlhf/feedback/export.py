@@ -156,7 +156,7 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
                        ties_path: str | Path | None = None) -> ExportSummary:
     """Write the project's aggregated preference pairs to ``out_path`` (and ties/both-bad to ``ties_path``)."""
     opts = opts or ExportOptions()
-    project_id = store.project_id(project)
+    project_id = store.require_project(project)
     items = [i for i in store.items(project_id) if opts.include_gold or i.gold is None]
     judgements = store.judgements(project_id)
     by_item = defaultdict(list)
@@ -184,7 +184,7 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
 
 def dump_judgements(store, project: str | int | None, out_path: str | Path, include_retracted: bool = True) -> int:
     """Every judgement row (retracted ones too, flagged) with its item's prompt and responses, one JSON per line."""
-    project_id = store.project_id(project)
+    project_id = store.require_project(project)
     items = {i.id: i for i in store.items(project_id)}
     rows = []
     for j in store.judgements(project_id, include_retracted=include_retracted):

@@ -138,7 +138,7 @@ def simulate(store: Store, project: str | int | None = None, annotators: int | S
     judgements per annotator."""
     model = model or AnnotatorModel()
     scorer = scorer or judge_scorer()
-    project_id = store.project_id(project)
+    project_id = store.require_project(project)
     names = [f"sim-{n + 1}" for n in range(annotators)] if isinstance(annotators, int) else list(annotators)
     ids = _annotator_ids(store, names)
     rngs = {name: random.Random(f"{seed}:{name}") for name in names}

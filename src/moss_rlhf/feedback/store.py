@@ -468,7 +468,7 @@ class Store:
         return self._tx(work)
 
     def project_id(self, name_or_id: str | int | None) -> int | None:
-        """A project's id from its name (or id); ``None`` passes through; unknown names raise :class:`NotFound`."""
+        """A project's id from its name (or id); ``None`` when there is no such project (or none was named)."""
         if name_or_id is None or name_or_id == "":
             return None
         with self._session() as s:
@@ -476,9 +476,15 @@ class Store:
                 pid = s.scalar(select(Project.id).where(Project.id == int(name_or_id)))
                 if pid is not None:
                     return pid
-            pid = s.scalar(select(Project.id).where(Project.name == str(name_or_id)))
-        if pid is None:
-            raise NotFound(f"no project named {name_or_id!r}")
+            return s.scalar(select(Project.id).where(Project.name == str(name_or_id)))
+
+    def require_project(self, name_or_id: str | int | None) -> int | None:
+        """Like :meth:`project_id`, but a named project that does not exist raises :class:`NotFound`
+        (``None`` or "" still means "all projects")."""
+        pid = self.project_id(name_or_id)
+        if pid is None and name_or_id not in (None, ""):
+            names = ", ".join(p["name"] for p in self.projects()) or "none yet"
+            raise NotFound(f"no project {name_or_id!r} (projects: {names})")
         return pid
 
     def projects(self) -> list[dict]:
@@ -827,10 +833,7 @@ def _configure_sqlite(engine) -> None:
 
 def _new_project(store: Store, name: str, task_type: str, annotators_per_item: int, guideline_version: str,
                  guidelines: str, append: bool) -> int:
-    try:
-        existing = store.project_id(name)
-    except NotFound:
-        existing = None
+    existing = store.project_id(name)
     if existing is not None:
         if not append:
             raise FeedbackError(f"a project named {name!r} already exists (append=True adds items to it)")

@@ -73,7 +73,7 @@ class PPOConfig(TrainConfig):
     reference: str = option("", "reference model (default: --policy; with --lora-r: the policy without adapters)")
     reward_model: str = option("runs/reward/model", "reward model saved by `moss-rlhf reward`")
     critic: str = option("", "critic initialisation (default: the reward model, or the policy with "
-                             "--no-critic-from-reward)")
+                             "--critic-from-reward false)")
     tokenizer: str = option("", "tokenizer (default: the policy's)")
     prompts: list[str] = option([], "prompt files; default: the demo world's rl_prompts.jsonl")
     eval_prompts: list[str] = option([], "held-out prompts; default: the demo world's eval_prompts.jsonl")

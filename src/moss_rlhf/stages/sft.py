@@ -8,6 +8,7 @@ imperfect) demonstrations.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import Example, chat_example, pack_examples, pad_examples
 from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, world_file
 from moss_rlhf.data.formats import load_conversations
-from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
+from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm, unwrap
 from moss_rlhf.runs import RunDir, seed_everything
 from moss_rlhf.stages.pretrain import causal_loss
 from moss_rlhf.tokenizer import load_tokenizer
@@ -88,11 +89,46 @@ def run(cfg: SFTConfig) -> LoopResult:
     train, evaluation = sft_data(tokenizer, conversations, cfg), sft_data(tokenizer, held_out, cfg)
     if dist.is_main:
         print(f"sft: {len(conversations)} conversations -> {len(train)} sequences, {len(held_out)} held out")
-    result = train_lm(cfg, model, tokenizer, train, causal_loss, run_dir, dist,
-                      evaluate=lm_evaluator(evaluation, causal_loss, cfg, dist), desc="sft")
+    result = train_lm(cfg, model, tokenizer, train, target_loss, run_dir, dist,
+                      evaluate=lm_evaluator(evaluation, target_loss, cfg, dist), desc="sft")
     if dist.is_main:
         print(f"sft: step {result.step}, train loss {result.train_loss:.3f} -> {Path(cfg.out) / 'model'}")
     return result
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token loss over the batch's targets, with the output projection computed at target positions only.
+
+    In SFT most positions carry no loss (prompts, padding), and with an 8k vocabulary the projection is a quarter of
+    the model's FLOPs, so skipping it there is the biggest single saving (TRL's default ``chunked_nll`` loss does the
+    same). The decoder still runs through ``model(...)`` — under DDP its forward prepares the gradient reduction —
+    and returns the final hidden states; ``logits_to_keep=1`` shrinks its own projection to one position. Models
+    whose logits are not a plain projection of the last hidden state (soft-capping, logit scaling) and models without
+    ``logits_to_keep`` take the ordinary full-logits path (``causal_loss``).
+    """
+    head = _plain_output_head(model)
+    if head is None:
+        return causal_loss(model, batch)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True,
+                logits_to_keep=1)
+    targets = batch["labels"][:, 1:]
+    counted = targets != -100
+    logits = head(out.hidden_states[-1][:, :-1][counted])
+    # float() is free in fp32 and keeps the softmax in fp32 under bf16 autocast
+    return torch.nn.functional.cross_entropy(logits.float(), targets[counted], reduction="sum")
+
+
+def _plain_output_head(model) -> torch.nn.Module | None:
+    """The model's output projection when logits are exactly ``head(last hidden state)``; otherwise None."""
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # under a peft wrapper
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+        return None
+    head = base.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 def assistant_only(example: Example) -> list[int]:

@@ -1,0 +1,160 @@
+"""The labelling page in headless Chromium: sign in, label items with the keyboard only (pairwise with strength
+and rationale, a partial ranking, ratings, an undo), find the rows in the database, check XSS payloads stay inert
+text, and save screenshots of the labelling and admin pages to test-artifacts/."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import running_server
+
+from moss_rlhf.feedback.simulate import AnnotatorModel, simulate
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+XSS_PROMPT = "Summarise: <script>alert('prompt')</script> <img src=x onerror=alert('img')>"
+XSS_A = "<img src=x onerror=alert('A')>"
+XSS_B = "</div><script>alert(\"B\")</script><b>not bold</b>"
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow,
+              pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs headless Chromium at {CHROMIUM}")]
+
+
+def _project(store):
+    pid = store.create_project("helpfulness-v1", "pairwise", 3, guideline_version="2024-06",
+                               guidelines="Prefer the response that answers the question correctly and completely.\n"
+                                          "Then prefer the clearer, more concise one. Rudeness is always worse.")
+    store.add_items(pid, [
+        {"messages": [{"role": "system", "content": "You are a helpful gardening assistant."},
+                      {"role": "user", "content": "How do I keep basil alive on a windowsill?"}],
+         "responses": ["Water it every day and keep it out of the sun so the leaves don't burn.",
+                       "Give it at least six hours of direct sun, water when the top 2 cm of soil feels dry, and "
+                       "pinch off flower buds so the plant keeps making leaves.\n\nA south-facing window is ideal."]},
+        {"messages": [{"role": "user", "content": XSS_PROMPT}], "responses": [XSS_A, XSS_B]},
+        {"messages": [{"role": "user", "content": "Translate into Chinese: We eat soup today."}],
+         "responses": ["我们今天吃汤。", "We eat soup today.", "我们今天喝茶。"], "task_type": "ranking"},
+        {"messages": [{"role": "user", "content": "Is \"Tom is happy with the new blanket.\" positive, negative "
+                                                  "or neutral?"}],
+         "responses": ["The sentiment is positive.", "It is negative, obviously."], "task_type": "rating"},
+    ])
+    rng = random.Random(0)
+    topics = ["tea", "bicycles", "rain", "libraries", "trains", "bread", "chess", "owls", "maps", "clocks",
+              "kites", "honey"]
+    store.add_items(pid, [{"messages": [{"role": "user", "content": f"Tell me one fact about {t}."}],
+                           "responses": [f"A fact about {t}: " + "it is interesting. " * rng.randint(1, 3),
+                                         f"{t.capitalize()} have a long history."],
+                           "gold": 1 if n % 4 == 0 else None}
+                          for n, t in enumerate(topics)])
+    return pid
+
+
+def _score(messages, response):
+    return -len(response) / 20  # the sims like short answers
+
+
+def test_keyboard_labelling_in_chromium(sqlite_store):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    store = sqlite_store
+    _project(store)
+    me, token = store.add_annotator("maria")
+    _, admin_token = store.add_annotator("lead", admin=True)
+    ARTIFACTS.mkdir(exist_ok=True)
+    dialogs: list[str] = []
+    with running_server(store) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.goto(f"{url}/label")
+            assert "Sign in" in page.content()  # 401 shows the sign-in form
+            page.goto(f"{url}/login")
+            page.keyboard.type(token)  # the token field has focus
+            page.keyboard.press("Enter")
+            page.wait_for_url(f"{url}/label")
+
+            # 1. pairwise: B is better, much better, with a rationale — keys 2, m, r, text, Esc, Enter
+            assert "How do I keep basil alive" in page.inner_text(".conversation")
+            assert page.inner_text(".progress-text").startswith("0 of 16")
+            shown_b = page.inner_text("#card-1 .response-text")
+            page.keyboard.press("2")
+            page.keyboard.press("m")
+            page.keyboard.press("r")
+            page.keyboard.type("The second one gives concrete light and watering advice.")
+            page.keyboard.press("Escape")
+            assert page.is_checked("input[name=choice][value=B]") and page.is_checked("input[name=strength][value=much]")
+            assert "chosen" in page.get_attribute("#card-1", "class")
+            page.screenshot(path=str(ARTIFACTS / "feedback-label.png"))
+            page.keyboard.press("Enter")
+            page.wait_for_load_state()
+
+            # 2. XSS payloads are shown as text and nothing runs — key ← (A is better), Enter
+            page.wait_for_selector("text=Summarise:")
+            assert page.inner_text(".msg-user .bubble") == XSS_PROMPT
+            texts = sorted(page.locator(".response-text").all_inner_texts())
+            assert texts == sorted([XSS_A, XSS_B])
+            assert page.locator("img").count() == 0 and page.locator("b").count() == 0
+            page.keyboard.press("ArrowLeft")
+            page.keyboard.press("Enter")
+
+            # 3. ranking of three, partial: keys 3, 1, Enter
+            page.wait_for_selector("text=Rank the responses")
+            ranking_order = page.locator(".response-text").all_inner_texts()
+            page.keyboard.press("3")
+            page.keyboard.press("1")
+            assert page.inner_text("#ranking-text").startswith("C › A")
+            page.screenshot(path=str(ARTIFACTS / "feedback-ranking.png"))
+            page.keyboard.press("Enter")
+
+            # 4. ratings: 6 then 2 (the highlight moves on by itself), Enter; then undo with U and redo 7, 1
+            page.wait_for_selector("text=Rate each response")
+            rating_order = page.locator(".response-text").all_inner_texts()
+            page.keyboard.press("6")
+            page.keyboard.press("2")
+            page.screenshot(path=str(ARTIFACTS / "feedback-rating.png"))
+            page.keyboard.press("Enter")
+            page.wait_for_selector("text=Tell me one fact")
+            page.keyboard.press("u")
+            page.wait_for_selector("text=Rate each response")
+            page.keyboard.press("7")
+            page.keyboard.press("1")
+            page.keyboard.press("Enter")
+            page.wait_for_selector("text=Tell me one fact")
+            assert page.inner_text(".progress-text").startswith("4 of 16")
+
+            # Help overlay toggles with ?
+            page.keyboard.press("?")
+            assert page.is_visible("#help")
+            page.keyboard.press("?")
+
+            # admin page, after two simulated colleagues labelled the project
+            simulate(store, "helpfulness-v1", annotators=["alex", "sam"], scorer=_score,
+                     model=AnnotatorModel(temperature=0.3, error_rate=0.15), seed=2)
+            admin = browser.new_page(viewport={"width": 1280, "height": 800})
+            admin.goto(f"{url}/login")
+            admin.keyboard.type(admin_token)
+            admin.keyboard.press("Enter")
+            admin.wait_for_url(f"{url}/admin")
+            assert "Krippendorff" in admin.content() and "maria" in admin.inner_text("table")
+            admin.screenshot(path=str(ARTIFACTS / "feedback-admin.png"), full_page=True)
+            # an annotator may not open it
+            page.goto(f"{url}/admin")
+            assert "needs an admin token" in page.content()
+        finally:
+            browser.close()
+    assert dialogs == []
+
+    rows = {r.item_id: r for r in store.judgements(annotator_id=me.id)}
+    items = {i.id: i for i in store.items()}
+    first, xss, ranked, rated = sorted(rows)[:4]
+    text = {c.id: c.text for i in items.values() for c in i.candidates}
+    assert rows[first].choice == "B" and rows[first].strength == "much" and text[rows[first].preferred_candidate_id] == shown_b
+    assert rows[first].rationale == "The second one gives concrete light and watering advice."
+    assert rows[xss].choice == "A"
+    assert [text[c] for c in rows[ranked].ranking] == [ranking_order[2], ranking_order[0]]
+    assert {text[c]: r for c, r in rows[rated].ratings.items()} == {rating_order[0]: 7, rating_order[1]: 1}
+    assert all(r.time_ms and r.time_ms > 0 for r in rows.values())
+    everything = store.judgements(annotator_id=me.id, include_retracted=True)
+    assert len(everything) == 5 and sum(r.retracted for r in everything) == 1
