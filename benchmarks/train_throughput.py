@@ -176,8 +176,8 @@ args = SFTConfig(
     adam_beta1=spec["beta1"], adam_beta2=spec["beta2"], max_grad_norm=spec["max_grad_norm"],
     lr_scheduler_type="cosine", warmup_steps=spec["warmup_steps"],
     bf16=False, fp16=False, use_cpu=True,
-    # SFTConfig turns gradient checkpointing on by default; off, it does the same work as we do
-    gradient_checkpointing=False,
+    # SFTConfig turns gradient checkpointing on by default; off (the default here), it does the same work as we do
+    gradient_checkpointing=spec["gradient_checkpointing"],
     max_length=spec["max_len"], packing=False, train_sampling_strategy="sequential",
     logging_steps=10 ** 6, logging_first_step=True, save_strategy="no", eval_strategy="no", report_to="none",
     disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
@@ -213,7 +213,7 @@ def bench_sft_ours(model_dir: Path, tokenizer, conversations: list, cfg: SFTConf
 
 
 def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfig, args, work: Path,
-                  pad_id: int) -> tuple[Window, dict]:
+                  checkpointing: bool = False) -> tuple[Window, dict]:
     data_path, script_path, spec_path, result_path = (work / n for n in ("trl.jsonl", "trl_sft.py", "spec.json",
                                                                          "result.json"))
     data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -221,7 +221,7 @@ def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfi
     spec = dict(model=str(model_dir), data=str(data_path), out=str(work / "trl_out"), result=str(result_path),
                 batch_size=cfg.batch_size, steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 beta1=cfg.beta1, beta2=cfg.beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
-                max_len=cfg.max_len, seed=cfg.seed, threads=args.threads)
+                max_len=cfg.max_len, seed=cfg.seed, threads=args.threads, gradient_checkpointing=checkpointing)
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -260,6 +260,8 @@ def main() -> None:
     parser.add_argument("--sft-batch", type=int, default=16, help="SFT conversations per step")
     parser.add_argument("--rounds", type=int, default=0, help="alternating ours/TRL SFT rounds (default: 1 quick, 3)")
     parser.add_argument("--skip-trl", action="store_true", help="time our loops only")
+    parser.add_argument("--trl-checkpointing", action="store_true",
+                        help="also time TRL out of the box, with SFTConfig's default gradient checkpointing")
     parser.add_argument("--work", default="", help="working directory (default: a temporary one)")
     args = parser.parse_args()
     args.warmup, args.steps = (1, 3) if args.quick else (3, 10)
@@ -296,22 +298,28 @@ def main() -> None:
         rows = trl_rows(examples, sft_cfg, sft_cfg.max_steps)
         ours_runs: list[Window] = []
         trl_runs: list[Window] = []
+        trl_ckpt_runs: list[Window] = []
         trl_info: dict = {}
         for r in range(args.rounds):
             ours_runs.append(bench_sft_ours(init_dir, tokenizer, conversations, sft_cfg, args))
             print(f"sft round {r + 1} ours: {ours_runs[-1].padded_per_s:,.0f} padded tokens/s, "
                   f"{ours_runs[-1].real_per_s:,.0f} non-pad tokens/s", flush=True)
             if trl_python is not None:
-                window, trl_info = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work, tokenizer.pad_token_id)
+                window, trl_info = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work)
                 trl_runs.append(window)
                 print(f"sft round {r + 1} TRL:  {window.padded_per_s:,.0f} padded tokens/s, "
                       f"{window.real_per_s:,.0f} non-pad tokens/s", flush=True)
+            if trl_python is not None and args.trl_checkpointing:
+                window, _ = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work, checkpointing=True)
+                trl_ckpt_runs.append(window)
+                print(f"sft round {r + 1} TRL with gradient checkpointing: {window.padded_per_s:,.0f} padded "
+                      f"tokens/s, {window.real_per_s:,.0f} non-pad tokens/s", flush=True)
             peaks.append(matmul_peak_gflops())
-        report(args, peaks, pre, flops_per_token, ours_runs, trl_runs, trl_info, trl_python)
+        report(peaks, pre, flops_per_token, ours_runs, trl_runs, trl_ckpt_runs, trl_info)
 
 
-def report(args, peaks: list[float], pre: Window, flops_per_token: float, ours: list[Window], trl: list[Window],
-           trl_info: dict, trl_python: Path | None) -> None:
+def report(peaks: list[float], pre: Window, flops_per_token: float, ours: list[Window], trl: list[Window],
+           trl_checkpointing: list[Window], trl_info: dict) -> None:
     peak = max(peaks)
     achieved = pre.padded_per_s * flops_per_token / 1e9
     print()
@@ -336,6 +344,11 @@ def report(args, peaks: list[float], pre: Window, flops_per_token: float, ours: 
         ratio_median = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl))
         print(f"{'sft ours / TRL (best rounds)':<44}{ratio_best:>33.2f}×")
         print(f"{'sft ours / TRL (median of paired rounds)':<44}{ratio_median:>33.2f}×")
+        if trl_checkpointing:
+            ratio = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl_checkpointing))
+            print(f"{'sft TRL out of the box (grad. checkpointing)':<44}"
+                  f"{max(w.real_per_s for w in trl_checkpointing):>34,.0f}")
+            print(f"{'sft ours / TRL out of the box (median)':<44}{ratio:>33.2f}×")
         print(f"{'  first-step loss ours / TRL':<44}{f'{best.first_loss:.4f} / {best_trl.first_loss:.4f}':>34}")
         print(f"{'  TRL / transformers / torch':<44}"
               f"{trl_info['trl'] + ' / ' + trl_info['transformers'] + ' / ' + trl_info['torch']:>34}")

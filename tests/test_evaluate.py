@@ -138,14 +138,16 @@ def test_reward_model_judge(tiny_model_dir, prompts_file, tmp_path):
     report = run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "rm.json", judge=str(tiny_model_dir),
                          temperature=1.0))
     assert report["judge"] == str(tiny_model_dir)
+    assert report["perplexity_data"] is None  # user prompts, a reward model, no perplexity file: skipped
     assert all(s["score_a"] == 0.0 for s in report["samples"])
     assert report["win_rate"]["ties"] == 6
 
 
-def test_gold_judge_scores_are_on_its_scale(tiny_model_dir, prompts_file, tmp_path):
-    report = run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "g.json", seed=3))
+def test_gold_judge_scores_are_on_its_scale(tiny_model_dir, prompts_file, eval_corpus_file, tmp_path):
+    report = run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "g.json", seed=3,
+                         perplexity_data=str(eval_corpus_file), perplexity_docs=5))
     assert all(0.0 <= s["score_a"] <= 10.0 for s in report["samples"])
-    assert report["perplexity_data"] is None  # user prompts, no perplexity file given: skipped
+    assert report["perplexity_data"] == str(eval_corpus_file)
 
 
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):

@@ -52,7 +52,7 @@ def pipeline(tmp_path) -> Path:
     _metrics(root / "pretrain", lm)
     _metrics(root / "sft", [{"step": s, "train/loss": 2.0 - s / 100} for s in range(1, 101, 5)])
     _metrics(root / "reward", [{"step": s, "train/loss": 0.69 - s / 400, "train/accuracy": 0.5 + s / 250,
-                                "eval/accuracy": 0.5 + s / 300} for s in range(1, 101, 5)])
+                                "eval/accuracy": 0.5 + s / 300, "eval/reward_gap": s / 50} for s in range(1, 101, 5)])
     _metrics(root / "ppo", [{"step": s, "reward/raw_mean": -1 + s / 30 + 0.3 * math.sin(s), "kl/per_token": s / 900,
                              "policy/perplexity": 4 + s / 60, "response/length": 20 - s / 10,
                              "gold/score": 4 + s / 40} for s in range(1, 121)])
@@ -91,10 +91,28 @@ def test_sections_cover_every_stage(pipeline):
     sections = {s.title: s for s in build_sections(pipeline)}
     assert [t for t, s in sections.items() if not s.ran] == ["Attention before and after RLHF"]  # no models saved
     assert len(sections["PPO-max"].figures) == 1
-    assert sections["Reward model"].tables[0].header[1:] == ["eval/accuracy", "train/accuracy", "train/loss"]
+    assert sections["Reward model"].tables[0].header[1:] == ["eval/accuracy", "train/accuracy", "train/loss",
+                                                               "eval/reward_gap"]
     evaluation = sections["Evaluation: ppo vs sft"]
     assert evaluation.tables[0].rows[0][1:3] == ["67.5%", "55.0% – 79.0%"]
     assert "0.1200 per token" in evaluation.note
+
+
+def test_later_feedback_rounds_get_their_own_sections(pipeline_with_models):
+    from moss_rlhf.models import load_causal_lm, save_model
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    root = pipeline_with_models
+    _metrics(root / "ppo-round2", [{"step": s, "reward/raw_mean": s / 10} for s in range(1, 11)])
+    _metrics(root / "reward-round2", [{"step": 5, "eval/accuracy": 0.8}])
+    model_dir = root / "sft" / "model"
+    save_model(load_causal_lm(str(model_dir)), load_tokenizer(str(model_dir)), root / "ppo-round2" / "model")
+    titles = [s.title for s in build_sections(root)]
+    assert titles.index("Reward model") < titles.index("Reward model (round 2)") < titles.index("PPO-max")
+    assert titles.index("PPO-max") < titles.index("PPO-max (round 2)")
+    from moss_rlhf.report import stage_rounds
+
+    assert [n for n, _ in stage_rounds(root, "ppo")] == [1, 2]
 
 
 def test_missing_stages_say_not_run(tmp_path):

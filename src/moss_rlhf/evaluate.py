@@ -115,7 +115,8 @@ class EvaluateConfig(SamplingConfig):
     max_prompts: int = option(200, "evaluate at most this many prompts (0: all)")
     judge: str = option("gold", "'gold' (the demo world's judge) or a reward-model directory")
     perplexity_data: str = option("", "held-out text or conversation file for perplexity; default: the demo "
-                                      "world's pretrain_eval.jsonl when the demo prompts are used, else skipped")
+                                      "world's pretrain_eval.jsonl when its prompts or gold judge are used, else "
+                                      "skipped")
     perplexity_docs: int = option(200, "documents used for perplexity (0: all)")
     max_len: int = option(256, "longest perplexity document in tokens (longer ones are cut)")
     max_new_tokens: int = option(64, "longest reply in tokens")
@@ -284,8 +285,9 @@ def run(cfg: EvaluateConfig) -> dict:
     tokenizers = {"a": load_tokenizer(cfg.model_a), "b": load_tokenizer(cfg.model_b)}
     models = {"a": load_causal_lm(cfg.model_a).to(device).eval(), "b": load_causal_lm(cfg.model_b).to(device).eval()}
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
+    # the demo world is in use when its prompts or its gold judge are: then its held-out corpus is the default
     ppl_path = cfg.perplexity_data or (world_file("pretrain_eval.jsonl", cfg.world, cfg.seed, cfg.world_size)
-                                       if from_world else "")
+                                       if from_world or cfg.judge == "gold" else "")
 
     replies, rollouts, scores, per_model = {}, {}, {}, {}
     for key in ("a", "b"):

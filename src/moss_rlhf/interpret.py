@@ -203,7 +203,7 @@ def plot_attention_comparison(tokens: list[str], before: torch.Tensor, after: to
             _heatmap(axes[row, head], attention[head], tokens, f"{label} · head {head}", show_keys=row == 1,
                      show_queries=head == 0)
     fig.suptitle(f"attention of layer {layer}: {labels[0]} (top) vs {labels[1]} (bottom)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=1.6)
+    fig.tight_layout(rect=(0, 0, 1, 0.96), h_pad=2.8)
     return _save(fig, path)
 
 

@@ -9,11 +9,14 @@ Input contract — a pipeline directory; every part is optional, and a missing s
       pretrain/metrics.jsonl  train/loss, eval/loss                ← moss-rlhf pretrain --out PIPELINE/pretrain
       sft/metrics.jsonl       train/loss, eval/loss                ← moss-rlhf sft --out PIPELINE/sft
       sft/model/              the policy before RLHF (attention maps)
-      reward/metrics.jsonl    keys with "acc" (e.g. train/accuracy, eval/accuracy) and keys with "loss"
+      reward/metrics.jsonl    keys with "acc" (eval/accuracy, train/accuracy), "loss" (train/loss, eval/loss) and
+                              "gap" or "margin" (eval/reward_gap)
       ppo/metrics.jsonl       reward/raw_mean, val/reward, kl/per_token, policy/perplexity, response/length or
                               response/length_mean, val/length, gold/score, policy/entropy (whichever exist)
       ppo/model/              the policy after RLHF (attention maps)
       eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: RLHF, B: SFT)
+      reward-round2/, ppo-round2/, …   later feedback rounds, same layout (a section each; the attention
+                              "after RLHF" map uses the last round's ppo*/model)
 
 ``metrics.jsonl`` is the run directory's log (``runs.RunDir``): one JSON object per line with a ``step``. The report
 is written to ``PIPELINE/report.html`` (or ``--out DIR``).
@@ -25,6 +28,7 @@ import base64
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -234,11 +238,13 @@ def training_section(title: str, run_dir: Path, panels: list[tuple[str, list[str
     return section
 
 
-def reward_section(run_dir: Path) -> Section:
+def reward_section(run_dir: Path, round_number: int = 1) -> Section:
     rows = read_metrics_file(run_dir)
     keys = sorted({k for r in rows for k in r if k != "step"})
-    panels = [("preference accuracy", [k for k in keys if "acc" in k]), ("loss", [k for k in keys if "loss" in k])]
-    return training_section("Reward model", run_dir, panels, "Bradley–Terry reward model on preference pairs")
+    panels = [("preference accuracy", [k for k in keys if "acc" in k]), ("loss", [k for k in keys if "loss" in k]),
+              ("reward gap, chosen − rejected", [k for k in keys if "gap" in k or "margin" in k])]
+    title = "Reward model" + (f" (round {round_number})" if round_number > 1 else "")
+    return training_section(title, run_dir, panels, "Bradley–Terry reward model on preference pairs")
 
 
 def evaluation_sections(evaluations: list[tuple[Path, dict]], n_samples: int) -> list[Section]:
@@ -271,8 +277,19 @@ def evaluation_sections(evaluations: list[tuple[Path, dict]], n_samples: int) ->
     return sections
 
 
+def stage_rounds(root: Path, stage: str) -> list[tuple[int, Path]]:
+    """``stage/`` (round 1), then ``stage-round2/``, ``stage-round3/``… — the later rounds of feedback."""
+    later = []
+    for path in root.glob(f"{stage}-round*"):
+        match = re.fullmatch(rf"{re.escape(stage)}-round(\d+)", path.name)
+        if match and path.is_dir():
+            later.append((int(match.group(1)), path))
+    return [(1, root / stage)] + sorted(later)
+
+
 def attention_section(pipeline: Path, probe: str) -> Section:
-    before, after = pipeline / "sft" / "model", pipeline / "ppo" / "model"
+    after_dirs = [path / "model" for _, path in stage_rounds(pipeline, "ppo") if (path / "model").is_dir()]
+    before, after = pipeline / "sft" / "model", (after_dirs[-1] if after_dirs else pipeline / "ppo" / "model")
     missing = [str(p.relative_to(pipeline)) for p in (before, after) if not (p / "config.json").exists()]
     title = "Attention before and after RLHF"
     if missing:
@@ -286,8 +303,8 @@ def attention_section(pipeline: Path, probe: str) -> Section:
     (tokens, first), (_, second) = maps
     layer = first.shape[0] - 1
     png_path = pipeline / ".report_attention.png"
-    plot_attention_comparison(tokens, first[layer], second[layer], layer, png_path,
-                              ("SFT", "PPO-max"))
+    after_label = "PPO-max" + after.parent.name.removeprefix("ppo").replace("-round", " round ")
+    plot_attention_comparison(tokens, first[layer], second[layer], layer, png_path, ("SFT", after_label))
     png = png_path.read_bytes()
     png_path.unlink()
     return Section(title, note=f"Last layer's heads on the chat-rendered probe {probe!r} (query ↓, key →).",
@@ -300,8 +317,9 @@ def build_sections(pipeline: str | Path, probe: str = DEFAULT_PROBE, n_samples: 
     return [
         training_section("Pretraining", root / "pretrain", LM_PANELS, "Causal-LM pretraining"),
         training_section("Supervised fine-tuning", root / "sft", LM_PANELS, "SFT on demonstrations"),
-        reward_section(root / "reward"),
-        training_section("PPO-max", root / "ppo", PPO_PANELS, "PPO-max against the reward model"),
+        *(reward_section(path, number) for number, path in stage_rounds(root, "reward")),
+        *(training_section("PPO-max" + (f" (round {number})" if number > 1 else ""), path, PPO_PANELS,
+                           "PPO-max against the reward model") for number, path in stage_rounds(root, "ppo")),
         *evaluation_sections(read_evaluations(root / "eval"), n_samples),
         attention_section(root, probe),
     ]

@@ -18,6 +18,7 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 XSS_PROMPT = "Summarise: <script>alert('prompt')</script> <img src=x onerror=alert('img')>"
 XSS_A = "<img src=x onerror=alert('A')>"
 XSS_B = "</div><script>alert(\"B\")</script><b>not bold</b>"
+FOCUSED_TOKEN = "document.activeElement && document.activeElement.id === 'token'"
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow,
               pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs headless Chromium at {CHROMIUM}")]
@@ -51,6 +52,12 @@ def _project(store):
     return pid
 
 
+def _ready(page, text):
+    """Wait for the page showing ``text`` to have its keyboard shortcuts installed."""
+    page.wait_for_selector(f"text={text}")
+    page.wait_for_selector("html[data-ready='1']", state="attached")
+
+
 def _score(messages, response):
     return -len(response) / 20  # the sims like short answers
 
@@ -71,9 +78,11 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             page.goto(f"{url}/label")
             assert "Sign in" in page.content()  # 401 shows the sign-in form
             page.goto(f"{url}/login")
-            page.keyboard.type(token)  # the token field has focus
+            page.wait_for_function(FOCUSED_TOKEN)  # autofocus: the token field takes the keys
+            page.keyboard.type(token)
             page.keyboard.press("Enter")
             page.wait_for_url(f"{url}/label")
+            _ready(page, "How do I keep basil alive")
 
             # 1. pairwise: B is better, much better, with a rationale — keys 2, m, r, text, Esc, Enter
             assert "How do I keep basil alive" in page.inner_text(".conversation")
@@ -88,10 +97,9 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             assert "chosen" in page.get_attribute("#card-1", "class")
             page.screenshot(path=str(ARTIFACTS / "feedback-label.png"))
             page.keyboard.press("Enter")
-            page.wait_for_load_state()
 
             # 2. XSS payloads are shown as text and nothing runs — key ← (A is better), Enter
-            page.wait_for_selector("text=Summarise:")
+            _ready(page, "Summarise:")
             assert page.inner_text(".msg-user .bubble") == XSS_PROMPT
             texts = sorted(page.locator(".response-text").all_inner_texts())
             assert texts == sorted([XSS_A, XSS_B])
@@ -100,7 +108,7 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             page.keyboard.press("Enter")
 
             # 3. ranking of three, partial: keys 3, 1, Enter
-            page.wait_for_selector("text=Rank the responses")
+            _ready(page, "Rank the responses")
             ranking_order = page.locator(".response-text").all_inner_texts()
             page.keyboard.press("3")
             page.keyboard.press("1")
@@ -109,19 +117,19 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             page.keyboard.press("Enter")
 
             # 4. ratings: 6 then 2 (the highlight moves on by itself), Enter; then undo with U and redo 7, 1
-            page.wait_for_selector("text=Rate each response")
+            _ready(page, "Rate each response")
             rating_order = page.locator(".response-text").all_inner_texts()
             page.keyboard.press("6")
             page.keyboard.press("2")
             page.screenshot(path=str(ARTIFACTS / "feedback-rating.png"))
             page.keyboard.press("Enter")
-            page.wait_for_selector("text=Tell me one fact")
+            _ready(page, "Tell me one fact")
             page.keyboard.press("u")
-            page.wait_for_selector("text=Rate each response")
+            _ready(page, "Rate each response")
             page.keyboard.press("7")
             page.keyboard.press("1")
             page.keyboard.press("Enter")
-            page.wait_for_selector("text=Tell me one fact")
+            _ready(page, "Tell me one fact")
             assert page.inner_text(".progress-text").startswith("4 of 16")
 
             # Help overlay toggles with ?
@@ -134,6 +142,7 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
                      model=AnnotatorModel(temperature=0.3, error_rate=0.15), seed=2)
             admin = browser.new_page(viewport={"width": 1280, "height": 800})
             admin.goto(f"{url}/login")
+            admin.wait_for_function(FOCUSED_TOKEN)
             admin.keyboard.type(admin_token)
             admin.keyboard.press("Enter")
             admin.wait_for_url(f"{url}/admin")

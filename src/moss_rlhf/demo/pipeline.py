@@ -229,7 +229,7 @@ def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompt
             db.unlink()
             store = Store(str(db))
         create_project_from_models(store, project, subset, [policy], k=2,
-                                   annotators_per_item=min(cfg.annotators, 2) if cfg.annotators > 1 else 1,
+                                   annotators_per_item=cfg.annotators,  # an odd count always has a majority
                                    sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), seed=cfg.seed + round_index,
                                    device=cfg.device, batch_size=64)
     finally:

@@ -24,7 +24,6 @@ import statistics
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -257,14 +256,11 @@ class Submission:
             raise InvalidSubmission(f"unknown field(s): {', '.join(unknown)}")
 
         def integer(value, name):
-            if isinstance(value, bool) or not isinstance(value, int):
-                try:
-                    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                        return int(value)
-                except ValueError:
-                    pass
-                raise InvalidSubmission(f"{name}: expected an integer")
-            return value
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            raise InvalidSubmission(f"{name}: expected an integer")
 
         def text(value, name):
             if value is None:
@@ -394,17 +390,13 @@ class Store:
             self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=30, pool_pre_ping=True)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads need no write lock: on SQLite they begin a plain (deferred) transaction and run beside the writer.
+        self._read = sessionmaker(self.engine.execution_options(read_only=True), expire_on_commit=False)
 
     def close(self) -> None:
         self.engine.dispose()
 
     # ------------------------------------------------------------------------------------------------ transactions
-
-    @contextmanager
-    def session(self):
-        """A read/write transaction (committed on success)."""
-        with self._session.begin() as s:
-            yield s
 
     def _tx(self, work: Callable[[Session], T], attempts: int = 8) -> T:
         for attempt in range(attempts):
@@ -439,12 +431,12 @@ class Store:
     def authenticate(self, token: str | None) -> AnnotatorInfo | None:
         if not token or len(token) > 256:
             return None
-        with self._session() as s:
+        with self._read() as s:
             a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
             return AnnotatorInfo(a.id, a.name, a.is_admin) if a else None
 
     def annotators(self) -> list[AnnotatorInfo]:
-        with self._session() as s:
+        with self._read() as s:
             return [AnnotatorInfo(a.id, a.name, a.is_admin) for a in s.scalars(select(Annotator).order_by(Annotator.id))]
 
     # ------------------------------------------------------------------------------------------------ projects
@@ -471,7 +463,7 @@ class Store:
         """A project's id from its name (or id); ``None`` when there is no such project (or none was named)."""
         if name_or_id is None or name_or_id == "":
             return None
-        with self._session() as s:
+        with self._read() as s:
             if isinstance(name_or_id, int) or str(name_or_id).isdigit():
                 pid = s.scalar(select(Project.id).where(Project.id == int(name_or_id)))
                 if pid is not None:
@@ -488,7 +480,7 @@ class Store:
         return pid
 
     def projects(self) -> list[dict]:
-        with self._session() as s:
+        with self._read() as s:
             rows = s.execute(select(Project, func.count(Item.id)).outerjoin(Item).group_by(Project.id)
                              .order_by(Project.id)).all()
             return [dict(id=p.id, name=p.name, task_type=p.task_type, annotators_per_item=p.annotators_per_item,
@@ -532,7 +524,7 @@ class Store:
         return self._tx(work)
 
     def items(self, project_id: int | None = None) -> list[ItemRecord]:
-        with self._session() as s:
+        with self._read() as s:
             q = select(Item).order_by(Item.id)
             if project_id is not None:
                 q = q.where(Item.project_id == project_id)
@@ -599,7 +591,7 @@ class Store:
 
     def progress(self, annotator_id: int, project_id: int | None = None) -> Progress:
         """Judged (and not retracted) items, and items still to do (open assignments plus claimable items)."""
-        with self._session() as s:
+        with self._read() as s:
             done_q = (select(func.count(Judgement.id)).join(Item, Item.id == Judgement.item_id)
                       .where(Judgement.annotator_id == annotator_id,
                              ~exists(select(Retraction.id).where(Retraction.judgement_id == Judgement.id))))
@@ -695,7 +687,7 @@ class Store:
 
     def judgements(self, project_id: int | None = None, include_retracted: bool = False,
                    annotator_id: int | None = None) -> list[JudgementRecord]:
-        with self._session() as s:
+        with self._read() as s:
             q = (select(Judgement, Annotator.name, Item.project_id, Retraction.created_at)
                  .join(Annotator, Annotator.id == Judgement.annotator_id)
                  .join(Item, Item.id == Judgement.item_id)
@@ -712,7 +704,7 @@ class Store:
         """Per annotator: assignments, active and retracted judgements, median time, last activity."""
         out = []
         records = self.judgements(project_id, include_retracted=True)
-        with self._session() as s:
+        with self._read() as s:
             q = select(Assignment.annotator_id, func.count(Assignment.id)).join(Item, Item.id == Assignment.item_id)
             if project_id is not None:
                 q = q.where(Item.project_id == project_id)
@@ -808,9 +800,9 @@ def _record_from(j: Judgement, annotator: str, project_id: int, retracted_at: da
 
 
 def _configure_sqlite(engine) -> None:
-    """WAL, busy timeout, foreign keys; and ``BEGIN IMMEDIATE`` for every transaction, so that a transaction that
+    """WAL, busy timeout, foreign keys; and ``BEGIN IMMEDIATE`` for every read-write transaction, so that one that
     reads then writes takes the write lock up front (waiting up to the busy timeout) instead of failing when another
-    writer committed since its read."""
+    writer committed since its read. Read-only sessions begin a deferred transaction (WAL readers never wait)."""
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record):
@@ -824,7 +816,7 @@ def _configure_sqlite(engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql("BEGIN" if connection.get_execution_options().get("read_only") else "BEGIN IMMEDIATE")
 
 
 # --------------------------------------------------------------------------------------------------------------------

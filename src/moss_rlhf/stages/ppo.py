@@ -54,7 +54,7 @@ from moss_rlhf.training import autocast, build_optimizer, build_schedule, clip_g
 PRESETS: dict[str, dict] = {
     # The paper's PPO-max: reward normalisation + clipping, per-token KL penalty, value clipping, advantage whitening,
     # critic initialised from the reward model, global gradient clipping (PPO-ptx stays optional).
-    "ppo_max": dict(reward_norm=True, reward_clip=5.0, kl_coef=0.05, whiten_advantages=True, advantage_clip=0.0,
+    "ppo_max": dict(reward_norm=True, reward_clip=5.0, kl_coef=0.1, whiten_advantages=True, advantage_clip=0.0,
                     value_clip=0.2, critic_from_reward=True, max_grad_norm=1.0, critic_max_grad_norm=1.0),
     # Plain PPO: raw rewards, no KL penalty, no whitening or clipping of anything but the policy ratio.
     "vanilla": dict(reward_norm=False, reward_clip=0.0, kl_coef=0.0, whiten_advantages=False, advantage_clip=0.0,
@@ -96,8 +96,8 @@ class PPOConfig(TrainConfig):
     repetition_penalty: float = option(1.0, "repetition penalty (>1 penalises)")
     # optimisation
     max_steps: int = option(100, "PPO steps (rollout + update) to run")
-    lr: float = option(2e-5, "policy learning rate")
-    critic_lr: float = option(5e-5, "critic learning rate")
+    lr: float = option(3e-5, "policy learning rate")
+    critic_lr: float = option(1e-4, "critic learning rate")
     warmup_steps: int = option(0, "learning-rate warm-up in PPO steps")
     min_lr_ratio: float = option(1.0, "cosine decay floor (1: constant learning rate)")
     max_grad_norm: float | None = option(None, "policy gradient-norm clip, 0 disables (default: from --preset)")

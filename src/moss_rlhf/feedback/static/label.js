@@ -186,4 +186,5 @@
     } else handled = false;
     if (handled) event.preventDefault();
   });
+  document.documentElement.dataset.ready = "1";  // shortcuts are live (tests wait for this)
 })();
