@@ -6,7 +6,7 @@ import re
 import uuid
 
 import pytest
-from conftest import add_pairwise_project
+from fbtools import add_pairwise_project
 from fastapi.testclient import TestClient
 
 from moss_rlhf.feedback.app import create_app

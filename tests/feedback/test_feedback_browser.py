@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import running_server
+from fbtools import running_server
 
 from moss_rlhf.feedback.simulate import AnnotatorModel, simulate
 
@@ -128,6 +128,9 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             _ready(page, "Rate each response")
             page.keyboard.press("7")
             page.keyboard.press("1")
+            page.keyboard.press("e")  # edit: starts from the best-rated response, caret at the end
+            page.keyboard.type(" Well spotted!")
+            page.keyboard.press("Escape")
             page.keyboard.press("Enter")
             _ready(page, "Tell me one fact")
             assert page.inner_text(".progress-text").startswith("4 of 16")
@@ -164,6 +167,7 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
     assert rows[xss].choice == "A"
     assert [text[c] for c in rows[ranked].ranking] == [ranking_order[2], ranking_order[0]]
     assert {text[c]: r for c, r in rows[rated].ratings.items()} == {rating_order[0]: 7, rating_order[1]: 1}
+    assert rows[rated].edited == rating_order[0] + " Well spotted!"
     assert all(r.time_ms and r.time_ms > 0 for r in rows.values())
     everything = store.judgements(annotator_id=me.id, include_retracted=True)
     assert len(everything) == 5 and sum(r.retracted for r in everything) == 1

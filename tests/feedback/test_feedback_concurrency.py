@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import add_pairwise_project, running_server
+from fbtools import add_pairwise_project, running_server
 
 from moss_rlhf.feedback.simulate import AnnotatorModel, simulate_http
 

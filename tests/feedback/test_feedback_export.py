@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import add_pairwise_project
+from fbtools import add_pairwise_project
 
 from moss_rlhf.data.formats import load_preferences
 from moss_rlhf.feedback.export import ExportOptions, dump_judgements, export_preferences

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from conftest import add_pairwise_project
+from fbtools import add_pairwise_project
 
 from moss_rlhf.feedback.simulate import AnnotatorModel, decide, simulate
 from moss_rlhf.feedback.store import CandidateView, ItemView

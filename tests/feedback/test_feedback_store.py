@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from conftest import add_pairwise_project
+from fbtools import add_pairwise_project
 
 from moss_rlhf.data.formats import DataError
 from moss_rlhf.feedback.store import (AlreadyJudged, FeedbackError, InvalidSubmission, NotAssigned, Store,

@@ -1,6 +1,7 @@
 """The labelling web app: FastAPI, server-rendered Jinja2 pages (autoescaped), a small vanilla script, no build step.
 
-Pages (session cookie: HttpOnly, SameSite=Strict; every form post carries a CSRF token):
+Pages (session cookie holding the annotator's token: HttpOnly, SameSite=Strict, Secure with ``secure_cookies``;
+every form post carries a CSRF token derived from it):
 
 - ``GET /login``, ``POST /login``: sign in with the token from ``moss-rlhf feedback add-annotator``;
 - ``GET /label``: the next item — conversation, responses side by side in a randomised (recorded) order, the answer
@@ -16,7 +17,6 @@ through :class:`moss_rlhf.feedback.store.Store` — the same functions the simul
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import secrets
@@ -117,7 +117,6 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
                secure_cookies: bool = False) -> FastAPI:
     """The labelling app over ``store``; ``project`` limits it to one project (name or id)."""
     project_id = store.require_project(project)
-    secret = secrets.token_bytes(32)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     app = FastAPI(title="moss-rlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
@@ -126,7 +125,9 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     app.state.store = store
 
     def csrf_for(token: str) -> str:
-        return hmac.new(secret, hashlib.sha256(token.encode()).digest(), "sha256").hexdigest()
+        """The session's CSRF token: derived from the session token (which a cross-site page cannot read), so it
+        survives restarts and works across server processes, and does not reveal the session token."""
+        return hmac.new(token.encode(), b"moss-rlhf feedback csrf", "sha256").hexdigest()
 
     def render(name: str, status: int = 200, **context: Any) -> HTMLResponse:
         return HTMLResponse(env.get_template(name).render(**context), status_code=status)
