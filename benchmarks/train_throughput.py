@@ -77,6 +77,7 @@ class Window:
     steps: int
     padded_tokens: int
     real_tokens: int
+    cpu_seconds: float  # CPU time of the process over the window: robust to being descheduled on a busy machine
     first_loss: float | None = None
 
     @property
@@ -87,6 +88,10 @@ class Window:
     def real_per_s(self) -> float:
         return self.real_tokens / self.seconds
 
+    @property
+    def real_per_cpu_s(self) -> float:
+        return self.real_tokens / self.cpu_seconds
+
 
 @dataclass
 class StepClock:
@@ -94,12 +99,14 @@ class StepClock:
     data: TokenData
     pad_id: int
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     padded: list[int] = field(default_factory=list)
     real: list[int] = field(default_factory=list)
 
     def token_data(self) -> TokenData:
         def batch(indices: list[int]) -> dict[str, torch.Tensor]:
             self.times.append(time.perf_counter())
+            self.cpu_times.append(time.process_time())
             out = self.data.batch(indices)
             self.padded.append(out["input_ids"].numel())
             self.real.append(int((out["input_ids"] != self.pad_id).sum()))
@@ -109,7 +116,8 @@ class StepClock:
 
     def window(self, warmup: int, steps: int) -> Window:
         return Window(self.times[warmup + steps] - self.times[warmup], steps,
-                      sum(self.padded[warmup:warmup + steps]), sum(self.real[warmup:warmup + steps]))
+                      sum(self.padded[warmup:warmup + steps]), sum(self.real[warmup:warmup + steps]),
+                      self.cpu_times[warmup + steps] - self.cpu_times[warmup])
 
 
 def model_flops_per_token(model, seq_len: int) -> float:
@@ -165,9 +173,10 @@ model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
 
 class Clock(TrainerCallback):
     def __init__(self):
-        self.times = []
+        self.times, self.cpu_times = [], []
     def on_step_end(self, args, state, control, **kwargs):
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
 clock = Clock()
 args = SFTConfig(
@@ -186,7 +195,7 @@ trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(row
                      callbacks=[clock])
 trainer.train()
 first_loss = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
-json.dump({"times": clock.times, "first_loss": first_loss, "trl": trl.__version__,
+json.dump({"times": clock.times, "cpu_times": clock.cpu_times, "first_loss": first_loss, "trl": trl.__version__,
            "transformers": transformers.__version__, "torch": torch.__version__,
            "attn": model.config._attn_implementation, "optim": str(args.optim), "loss_type": args.loss_type},
           open(spec["result"], "w"))
@@ -230,12 +239,13 @@ def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfi
     if done.returncode != 0:
         raise RuntimeError(f"the TRL run failed:\n{done.stderr[-4000:]}")
     result = json.loads(result_path.read_text())
-    times = result["times"]
+    times, cpu_times = result["times"], result["cpu_times"]
     # on_step_end of step w (1-based) to that of step w+n covers 0-based steps w .. w+n-1
     batches = [rows[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(args.warmup, args.warmup + args.steps)]
     padded = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
     real = sum(len(r["input_ids"]) for b in batches for r in b)
-    window = Window(times[args.warmup + args.steps - 1] - times[args.warmup - 1], args.steps, padded, real,
+    end, start = args.warmup + args.steps - 1, args.warmup - 1
+    window = Window(times[end] - times[start], args.steps, padded, real, cpu_times[end] - cpu_times[start],
                     result["first_loss"])
     return window, result
 
@@ -315,11 +325,11 @@ def main() -> None:
                 print(f"sft round {r + 1} TRL with gradient checkpointing: {window.padded_per_s:,.0f} padded "
                       f"tokens/s, {window.real_per_s:,.0f} non-pad tokens/s", flush=True)
             peaks.append(matmul_peak_gflops())
-        report(peaks, pre, flops_per_token, ours_runs, trl_runs, trl_ckpt_runs, trl_info)
+        report(peaks, pre, flops_per_token, ours_runs, trl_runs, trl_ckpt_runs, trl_info, args.threads)
 
 
 def report(peaks: list[float], pre: Window, flops_per_token: float, ours: list[Window], trl: list[Window],
-           trl_checkpointing: list[Window], trl_info: dict) -> None:
+           trl_checkpointing: list[Window], trl_info: dict, threads: int) -> None:
     peak = max(peaks)
     achieved = pre.padded_per_s * flops_per_token / 1e9
     print()
@@ -332,6 +342,10 @@ def report(peaks: list[float], pre: Window, flops_per_token: float, ours: list[W
     print(f"{'  model FLOPs/token 6(N+Vd)+12LdT, MFLOP':<44}{flops_per_token / 1e6:>34.1f}")
     print(f"{'  achieved model GFLOP/s':<44}{achieved:>34.1f}")
     print(f"{'  MFU (of the measured peak)':<44}{achieved / peak:>34.1%}")
+    # the same with the CPU time the process got (per thread) instead of wall time: what MFU would be if no other
+    # process had taken the cores away; on an idle machine both lines agree
+    achieved_cpu = pre.padded_tokens / (pre.cpu_seconds / threads) * flops_per_token / 1e9
+    print(f"{'  MFU by CPU time received':<44}{achieved_cpu / peak:>34.1%}")
     if ours:
         best = max(ours, key=lambda w: w.padded_per_s)
         print(f"{'sft ours, padded tokens/s (best round)':<44}{best.padded_per_s:>34,.0f}")
@@ -344,6 +358,9 @@ def report(peaks: list[float], pre: Window, flops_per_token: float, ours: list[W
         ratio_median = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl))
         print(f"{'sft ours / TRL (best rounds)':<44}{ratio_best:>33.2f}×")
         print(f"{'sft ours / TRL (median of paired rounds)':<44}{ratio_median:>33.2f}×")
+        ours_cpu, trl_cpu = (statistics.median(w.real_per_cpu_s for w in runs) for runs in (ours, trl))
+        print(f"{'sft non-pad tokens per CPU-second ours / TRL':<44}"
+              f"{f'{ours_cpu:,.0f} / {trl_cpu:,.0f} = {ours_cpu / trl_cpu:.2f}×':>34}")
         if trl_checkpointing:
             ratio = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl_checkpointing))
             print(f"{'sft TRL out of the box (grad. checkpointing)':<44}"
