@@ -67,14 +67,19 @@ def _logits_kwargs(model, keep: int) -> dict:
 
 
 def policy_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                    response_width: int, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``[b, R]`` of the response tokens (and their entropies when asked) from one full forward.
-    Both experience making and the PPO update call this, so the two agree bit for bit on the same inputs."""
+                    response_width: int, with_entropy: bool = False,
+                    entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs ``[b, R]`` of the response tokens (and their entropies when asked; differentiable only with
+    ``entropy_grad``, for an entropy bonus) from one full forward. Both experience making and the PPO update call
+    this, so the two agree bit for bit on the same inputs."""
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids,
                 **_logits_kwargs(model, response_width + 1))
     logits = out.logits[:, -(response_width + 1):-1]  # position t predicts token t + 1
     logprobs = token_logprobs(logits, sequences[:, -response_width:])
-    entropy = entropy_from_logits(logits) if with_entropy else None
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = entropy_from_logits(logits)
     return logprobs, entropy
 
 
@@ -94,24 +99,33 @@ def reference_context(policy, reference):
 
 @torch.no_grad()
 def make_experience(policy, reference, critic, reward_model, rollout: Rollout, micro_batch: int,
-                    reward_fn: RewardFn | None = None) -> list[Experience]:
-    """Score a rollout in micro-batches of ``micro_batch`` rows (the same micro-batches the update will use)."""
+                    reward_fn: RewardFn | None = None, score_batch: int = 0) -> list[Experience]:
+    """Score a rollout. The policy runs in micro-batches of ``micro_batch`` rows, the very micro-batches the update
+    will use (bitwise-equal log-probs); the reference, critic and reward model run in chunks of ``score_batch`` rows
+    (0: the whole rollout at once — fewer, larger forward passes)."""
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
     position_ids = position_ids_of(attention_mask)
     width = rollout.response_ids.shape[1]
-    if reward_fn is not None:
-        all_scores = reward_fn(rollout).to(sequences.device).float()
+    n, score_batch = sequences.shape[0], score_batch or sequences.shape[0]
+    ref_logprobs, values, scores = [], [], []
+    for start in range(0, n, score_batch):
+        rows = slice(start, start + score_batch)
+        seq, mask, pos = sequences[rows], attention_mask[rows], position_ids[rows]
+        with reference_context(policy, reference):
+            ref_logprobs.append(policy_logprobs(reference if reference is not None else policy, seq, mask, pos,
+                                                width)[0])
+        values.append(critic_values(critic, seq, mask, pos, width))
+        if reward_fn is None:
+            scores.append(sequence_scores(reward_model, seq, mask).float())
+    ref_all, values_all = torch.cat(ref_logprobs), torch.cat(values)
+    scores_all = reward_fn(rollout).to(sequences.device).float() if reward_fn is not None else torch.cat(scores)
     chunks: list[Experience] = []
-    for start in range(0, sequences.shape[0], micro_batch):
+    for start in range(0, n, micro_batch):
         rows = slice(start, start + micro_batch)
         seq, mask, pos = sequences[rows], attention_mask[rows], position_ids[rows]
         old_logprobs, _ = policy_logprobs(policy, seq, mask, pos, width)
-        with reference_context(policy, reference):
-            ref_logprobs, _ = policy_logprobs(reference if reference is not None else policy, seq, mask, pos, width)
-        values = critic_values(critic, seq, mask, pos, width)
-        scores = all_scores[rows] if reward_fn is not None else sequence_scores(reward_model, seq, mask).float()
-        chunks.append(Experience(seq, mask, pos, rollout.response_mask[rows].float(), old_logprobs, ref_logprobs,
-                                 values, scores, rollout.finished[rows]))
+        chunks.append(Experience(seq, mask, pos, rollout.response_mask[rows].float(), old_logprobs, ref_all[rows],
+                                 values_all[rows], scores_all[rows], rollout.finished[rows]))
     return chunks
 
 

@@ -149,11 +149,10 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         step += 1
 
         train_loss = float(distributed.all_reduce_sum(loss_sum) / n_targets)
-        tokens_seen += sum(mb["input_ids"].numel() for mb in micro_batches) * dist.world_size
+        step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * dist.world_size
+        tokens_seen += step_tokens
         tok_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
-        progress.update(0, loss=train_loss)
-        if progress.bar is not None:
-            progress.bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        progress.update(step_tokens, loss=train_loss)
         metrics = {}
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,

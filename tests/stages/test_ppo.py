@@ -94,15 +94,15 @@ def test_first_update_ratio_is_exactly_one_with_padding(tiny):
         assert torch.equal(logprobs.detach(), chunk.old_logprobs)
         ratio = torch.exp(logprobs.detach() - chunk.old_logprobs)
         assert torch.equal(ratio[chunk.response_mask.bool()], torch.ones(int(chunk.response_mask.sum())))
-        # the policy starts as the reference: KL exactly 0 on the first step
-        assert torch.equal(chunk.ref_logprobs, chunk.old_logprobs)
+        # the policy starts as the reference (scored in larger chunks, so equal up to rounding)
+        assert torch.allclose(chunk.ref_logprobs, chunk.old_logprobs, atol=1e-5)
 
 
 def test_loop_first_ratio_is_one_and_checks_batches(tiny, tmp_path, capsys):
     metrics = ppo.run(config(tiny, tmp_path / "run", max_steps=2), reward_fn=even_token_share)
     rows = read_metrics(tmp_path / "run")
     assert [r["policy/first_ratio_mean"] for r in rows] == [1.0, 1.0]
-    assert rows[0]["kl/per_token"] == 0.0  # policy == reference before any update
+    assert abs(rows[0]["kl/per_token"]) < 1e-6  # policy == reference before any update
     assert metrics["policy/approx_kl"] > 0  # later mini-batches did move
     printed = capsys.readouterr().out
     assert "rollout batch 16 = 1 process(es) × 16" in printed and "4 updates per step" in printed

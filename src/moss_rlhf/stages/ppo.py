@@ -85,7 +85,9 @@ class PPOConfig(TrainConfig):
     # batch geometry
     rollout_batch: int = option(32, "prompts sampled per PPO step (all processes together)")
     mini_batch: int = option(16, "sequences per optimizer update (all processes together)")
-    batch_size: int = option(8, "sequences per forward pass per process (micro-batch)")
+    batch_size: int = option(8, "sequences per policy/critic forward pass per process (micro-batch)")
+    score_batch_size: int = option(0, "sequences per forward pass of the frozen reference, reward model and the critic "
+                                      "when scoring a rollout (0: the whole rollout of a process at once)")
     ppo_epochs: int = option(2, "passes over each rollout batch")
     # sampling
     max_prompt_len: int = option(128, "longest prompt in tokens (longer ones keep their end)")
@@ -273,7 +275,8 @@ def ppo_update(cfg: PPOConfig, plan: BatchPlan, chunks: list[Experience], policy
                 width = chunk.response_width
                 with _no_sync(policy, sync), torch.set_grad_enabled(train_policy):
                     logprobs, entropy = policy_logprobs(policy, chunk.sequences, chunk.attention_mask,
-                                                        chunk.position_ids, width, with_entropy=True)
+                                                        chunk.position_ids, width, with_entropy=True,
+                                                        entropy_grad=cfg.entropy_coef != 0)
                     loss, pstats = clipped_policy_loss(logprobs, chunk.old_logprobs, chunk.advantages,
                                                        chunk.response_mask, cfg.clip_eps, reduction="sum")
                     if cfg.entropy_coef:
@@ -508,7 +511,8 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, float]:
                            tokenizer.pad_token_id, generator)
         t_generate = time.perf_counter()
         with autocast(dist.device, cfg.precision):
-            chunks = make_experience(policy, reference, critic, reward_model, rollout, cfg.batch_size, reward_fn)
+            chunks = make_experience(policy, reference, critic, reward_model, rollout, cfg.batch_size, reward_fn,
+                                     cfg.score_batch_size)
         t_score = time.perf_counter()
         # 2. rewards, advantages
         stats = assign_advantages(chunks, cfg, moments, kl_ctl.value)
