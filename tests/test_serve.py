@@ -16,7 +16,7 @@ from moss_rlhf.serve import ServeConfig, create_app
 def server(tiny_model_dir):
     import uvicorn
 
-    from conftest import free_port
+    from tests.conftest import free_port
 
     assistant = Assistant.from_pretrained(str(tiny_model_dir), device="cpu")
     port = free_port()

@@ -22,9 +22,10 @@ from moss_rlhf.demo import sentences as sx
 from moss_rlhf.demo.tasks import THANKS_REPLY, ParsedPrompt, fact_answer, fact_answer_zh, reference_for, review
 
 FLAWS: tuple[str, ...] = ("wrong", "rude", "rambling", "off_instruction")
-# Half of the demonstrations are clean; wrong content is the most common flaw, as in real
-# crowd-sourced demonstrations, and the three style flaws share the rest equally.
-FLAW_SHARES: dict[str, float] = {"wrong": 0.20, "rude": 0.10, "rambling": 0.10, "off_instruction": 0.10}
+# 40% of the demonstrations are clean and each flaw has an equal 15% share. The shares are high enough that an SFT
+# model sampled at temperature 1 reproduces every flaw often (at 10% it learns the clean mode and rarely shows the
+# style flaws), so human feedback has visible behaviour to fix, as in the MOSS-RLHF setting.
+FLAW_SHARES: dict[str, float] = {"wrong": 0.15, "rude": 0.15, "rambling": 0.15, "off_instruction": 0.15}
 CLEAN_SHARE: float = 1.0 - sum(FLAW_SHARES.values())
 
 RUDE_PREFIXES_EN: tuple[str, ...] = ("Ugh, ", "Obviously, ", "Duh, ", "Whatever. ")

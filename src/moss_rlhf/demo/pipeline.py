@@ -41,6 +41,8 @@ class DemoConfig:
     prompts: str = option("", "prompts for feedback pairs and RL (default: the world's)")
     eval_prompts: str = option("", "held-out evaluation prompts (default: the world's)")
     preferences: list[str] = option([], "real human preference files (skip simulated labelling)")
+    responses_per_prompt: int = option(4, "replies sampled per feedback prompt (k > 2: annotators rank them, and "
+                                          "a ranking of k gives k(k-1)/2 pairs)")
     annotators: int = option(3, "simulated annotators")
     annotator_error_rate: float = option(0.1, "simulated annotators' chance of flipping a judgement")
     pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)")
@@ -69,7 +71,7 @@ class Budget:
 
 BUDGETS = {
     "default": Budget("default", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=120,
-                      ppo_steps=60, eval_prompts=300),
+                      ppo_steps=40, eval_prompts=300),
     "quick": Budget("quick", pretrain_steps=80, sft_steps=40, pair_prompts=50, reward_steps=30, ppo_steps=6,
                     eval_prompts=200),
 }
@@ -133,8 +135,11 @@ def run(cfg: DemoConfig) -> dict:
     pipe.run("world", world_stage)
     prompts = cfg.prompts or str(world / "preference_prompts.jsonl")
     rl_prompts = cfg.prompts or str(world / "rl_prompts.jsonl")
-    eval_prompts = cfg.eval_prompts or str(world / "eval_prompts.jsonl")
     uses_world = not cfg.eval_prompts
+    # The held-out prompts are split once: PPO validates (and keeps its best checkpoint) on one part, the final
+    # evaluation uses the other, so the reported win rate is not measured on prompts that chose the checkpoint.
+    eval_prompts, validation_prompts = _split_heldout(cfg.eval_prompts or str(world / "eval_prompts.jsonl"),
+                                                      budget.eval_prompts, root / "eval")
 
     pipe.run("tokenizer", lambda: _tokenizer_stage(cfg, root, world))
     policy = cfg.model or str(root / "pretrain" / "model")
@@ -160,10 +165,12 @@ def run(cfg: DemoConfig) -> dict:
                                                        uses_world))
         reward_model = str(sub("reward") / "model")
         pipe.run("ppo" + tag, lambda: _ppo_stage(cfg, budget, sub("ppo"), world, policy, sft_model, reward_model,
-                                                 rl_prompts, eval_prompts))
-        policy = str(sub("ppo") / "model")
+                                                 rl_prompts, validation_prompts))
+        # the checkpoint PPO kept as best on its validation prompts (disjoint from the evaluation's), else the last
+        policy = str(sub("ppo") / "best") if (sub("ppo") / "best" / "config.json").exists() else str(sub("ppo") / "model")
         pipe.run("evaluate" + tag, lambda: _evaluate_stage(cfg, budget, root / "eval", world, policy, sft_model,
-                                                           eval_prompts, round_index))
+                                                           eval_prompts, "gold" if uses_world else reward_model,
+                                                           round_index))
     pipe.run("report", lambda: _report_stage(root))
     total = time.perf_counter() - started
     print(f"demo: finished in {total / 60:.1f} min -> {root / 'report.html'}")
@@ -171,6 +178,18 @@ def run(cfg: DemoConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------- stages
+
+
+def _split_heldout(path: str, n_test: int, out_dir: Path) -> tuple[str, str]:
+    """The first ``n_test`` held-out prompts for the final evaluation, the rest for PPO's validation."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < n_test + 16:
+        raise ConfigError(f"{path}: {len(lines)} held-out prompts; the demo needs at least {n_test + 16} "
+                          f"({n_test} for evaluation, the rest for PPO's validation)")
+    test, validation = out_dir / "test_prompts.jsonl", out_dir / "validation_prompts.jsonl"
+    atomic_write_text(test, "\n".join(lines[:n_test]) + "\n")
+    atomic_write_text(validation, "\n".join(lines[n_test:]) + "\n")
+    return str(test), str(validation)
 
 
 def _tokenizer_stage(cfg: DemoConfig, root: Path, world: Path) -> dict:
@@ -228,13 +247,13 @@ def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompt
             store.close()
             db.unlink()
             store = Store(str(db))
-        create_project_from_models(store, project, subset, [policy], k=2,
+        create_project_from_models(store, project, subset, [policy], k=cfg.responses_per_prompt,
                                    annotators_per_item=cfg.annotators,  # an odd count always has a majority
                                    sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), seed=cfg.seed + round_index,
                                    device=cfg.device, batch_size=64)
     finally:
         store.close()
-    return {"summary": f"{len(chosen)} prompts × 2 replies from {Path(policy).parent.name}"}
+    return {"summary": f"{len(chosen)} prompts × {cfg.responses_per_prompt} replies from {Path(policy).parent.name}"}
 
 
 def _label_stage(cfg: DemoConfig, db: Path, project: str, out: Path, round_index: int) -> dict:
@@ -306,9 +325,10 @@ def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, world: Path, policy: 
 
     pc = ppo.PPOConfig(out=str(out), policy=policy, reference=reference, reward_model=reward_model,
                        prompts=[prompts], eval_prompts=[eval_prompts], max_steps=budget.ppo_steps,
-                       eval_every=max(1, budget.ppo_steps // 4), save_every=max(1, budget.ppo_steps // 3),
-                       resume=True, seed=cfg.seed, world=str(world), world_size=budget.world_size,
-                       device=cfg.device, preset="ppo_max")
+                       rollout_batch=64 if not cfg.quick else 32, mini_batch=32 if not cfg.quick else 16,
+                       batch_size=16, lr=5e-5, eval_every=max(1, budget.ppo_steps // 8),
+                       save_every=max(1, budget.ppo_steps // 3), resume=True, seed=cfg.seed, world=str(world),
+                       world_size=budget.world_size, device=cfg.device, preset="ppo_max")
     metrics = ppo.run(ppo.resolve_preset(pc))
     keys = {k: metrics.get(k) for k in ("val/reward", "gold/score", "kl/per_token") if k in metrics}
     text = ", ".join(f"{k} {v:.3f}" for k, v in keys.items() if isinstance(v, (int, float)))
@@ -316,13 +336,14 @@ def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, world: Path, policy: 
 
 
 def _evaluate_stage(cfg: DemoConfig, budget: Budget, out_dir: Path, world: Path, policy: str, sft_model: str,
-                    eval_prompts: str, round_index: int) -> dict:
+                    eval_prompts: str, judge: str, round_index: int) -> dict:
     from moss_rlhf import evaluate
 
     ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"PPO-max (round {round_index})",
                                  name_b="SFT", prompts=eval_prompts, max_prompts=budget.eval_prompts,
-                                 judge="gold" if not cfg.eval_prompts else str(Path(policy).parents[1] / "reward" / "model"),
+                                 judge=judge,
                                  out=str(out_dir / f"ppo_round{round_index}_vs_sft.json"), world=str(world),
+                                 temperature=1.0, top_p=1.0,  # as sampled for labelling and RL
                                  world_size=budget.world_size, seed=cfg.seed, device=cfg.device)
     report = evaluate.run(ec)
     win = report["win_rate"]

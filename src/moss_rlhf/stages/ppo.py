@@ -373,6 +373,15 @@ def collapse_signals(metrics: dict[str, float], cfg: PPOConfig, first: dict[str,
 # ---------------------------------------------------------------------------------------------------------- validate
 
 
+def _demo_world_prompts(conversations: list[list[dict]]) -> bool:
+    """Whether the gold judge recognises every validation prompt (the demo world's, from any file)."""
+    if importlib.util.find_spec("moss_rlhf.demo.judge") is None:
+        return False
+    from moss_rlhf.demo.judge import task_of
+
+    return bool(conversations) and all(task_of(c[-1]["content"]) is not None for c in conversations)
+
+
 @torch.no_grad()
 def validate(cfg: PPOConfig, policy, reward_model, reward_fn, tokenizer, prompts: list[list[dict]],
              sampling: SamplingConfig, use_gold: bool, dist: distributed.Dist) -> tuple[dict[str, float], list[dict]]:
@@ -443,7 +452,6 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, float]:
     seed_everything(cfg.seed)
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume)
     prompt_files = cfg.prompts or [world_file("rl_prompts.jsonl", cfg.world, cfg.seed, cfg.world_size)]
-    demo_eval = not cfg.eval_prompts
     eval_files = cfg.eval_prompts or [world_file("eval_prompts.jsonl", cfg.world, cfg.seed, cfg.world_size)]
     prompts = [c for path in prompt_files for c in load_prompts(path)]
     eval_prompts = [c for path in eval_files for c in load_prompts(path)][:cfg.eval_size]
@@ -451,8 +459,7 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None) -> dict[str, float]:
         raise ConfigError(f"{len(prompts)} prompts in {prompt_files} are fewer than one --rollout-batch "
                           f"({cfg.rollout_batch})")
     # gold scores are a validation metric only, for the demo world's prompts, and never reach the training signal
-    use_gold = (demo_eval and cfg.best_metric != "reward" and reward_fn is None
-                and importlib.util.find_spec("moss_rlhf.demo.judge") is not None)
+    use_gold = cfg.best_metric != "reward" and reward_fn is None and _demo_world_prompts(eval_prompts)
     if cfg.best_metric == "gold" and not use_gold:
         raise ConfigError("--best-metric gold needs the demo world's eval prompts (no --eval-prompts) and a reward model")
 
