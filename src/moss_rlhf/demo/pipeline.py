@@ -70,8 +70,8 @@ class Budget:
 
 
 BUDGETS = {
-    "default": Budget("default", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=120,
-                      ppo_steps=40, eval_prompts=300),
+    "default": Budget("default", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=300,
+                      ppo_steps=60, eval_prompts=300),
     "quick": Budget("quick", pretrain_steps=80, sft_steps=40, pair_prompts=50, reward_steps=30, ppo_steps=6,
                     eval_prompts=200),
 }
