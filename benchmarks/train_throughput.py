@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _trl_env import ensure_trl_venv, installed_versions  # noqa: E402
+from _trl_env import ensure_trl_venv  # noqa: E402
 
 from moss_rlhf import distributed  # noqa: E402
 from moss_rlhf.data.collate import BatchOrder, chat_example, pack_texts  # noqa: E402

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import yaml
 
 from moss_rlhf.cli import _commands, build_parser
 from moss_rlhf.config import ConfigError, from_args, load_yaml, save_yaml

@@ -44,7 +44,7 @@ from moss_rlhf.losses import (AdaptiveKLController, FixedKLController, RunningMo
                               clipped_value_loss, explained_variance, gae, lm_loss_sum, masked_mean, masked_sum,
                               per_token_rewards)
 from moss_rlhf.models import (LoraOptions, apply_lora, load_causal_lm, load_scorer, load_trainable_state,
-                              load_weights, save_model, trainable_state, unwrap)
+                              load_weights, save_model, trainable_state)
 from moss_rlhf.rollout import Experience, RewardFn, cat_field, critic_values, make_experience, policy_logprobs
 from moss_rlhf.runs import Progress, RunDir, load_checkpoint_state, plot_curves, seed_everything
 from moss_rlhf.tokenizer import encode_chat, load_tokenizer

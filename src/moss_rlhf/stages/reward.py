@@ -21,7 +21,7 @@ import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.config import ConfigError, TrainConfig, option
-from moss_rlhf.data.collate import IGNORE, Example, chat_example, pad_examples
+from moss_rlhf.data.collate import Example, chat_example, pad_examples
 from moss_rlhf.data.formats import Preference, load_preferences
 from moss_rlhf.losses import bradley_terry_loss, lm_loss_sum
 from moss_rlhf.models import load_causal_lm, load_scorer, score_head, unwrap
