@@ -1,5 +1,6 @@
-"""End to end: `moss-rlhf demo --quick` runs every stage, writes every output, and the reward model learned the
-simulated annotators' preferences better than chance; re-running skips finished stages."""
+"""End to end: `moss-rlhf demo --quick --rounds 2` runs every stage (the feedback loop twice), writes every output,
+and the reward model learned the simulated annotators' preferences better than chance; re-running skips finished
+stages; --from-stage redoes a stage without losing earlier judgements."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from moss_rlhf.cli import main
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
+    assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
     state = json.loads((out / "pipeline.json").read_text())
     for stage in ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report"):
         assert stage in state["done"], stage
@@ -25,7 +26,24 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert state["done"]["reward"]["accuracy"] > 0.5
     evaluation = json.loads((out / "eval" / "ppo_round1_vs_sft.json").read_text())
     assert evaluation["n_prompts"] >= 200
+    for stage in ("pairs@2", "label@2", "reward@2", "ppo@2", "evaluate@2"):
+        assert stage in state["done"], stage
+    for path in ("feedback-round2/preferences.jsonl", "reward-round2/model/model.safetensors",
+                 "ppo-round2/metrics.jsonl", "eval/ppo_round2_vs_sft.json"):
+        assert (out / path).exists(), path
+    assert "round 2" in (out / "report.html").read_text(encoding="utf-8").lower()
 
     capsys.readouterr()
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("done already") == 10
+    assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.count("done already") == 15
+
+    from moss_rlhf.feedback.store import Store
+
+    store = Store(str(out / "feedback.db"))
+    judgements_before = len(store.judgements())
+    store.close()
+    assert main(["demo", "--quick", "--rounds", "2", "--from-stage", "pairs", "--out", str(out),
+                 "--device", "cpu", "--ppo-steps", "2"]) == 0
+    store = Store(str(out / "feedback.db"))
+    assert len(store.judgements()) > judgements_before  # new projects labelled; earlier rows all kept
+    store.close()

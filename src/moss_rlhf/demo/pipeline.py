@@ -155,7 +155,9 @@ def run(cfg: DemoConfig) -> dict:
         db = root / "feedback.db"
         project = f"round-{round_index}"
         if not cfg.preferences:
-            pipe.run("pairs" + tag, lambda: _pairs_stage(cfg, budget, db, project, prompts, policy, round_index))
+            pairs = pipe.run("pairs" + tag, lambda: _pairs_stage(cfg, budget, db, project, prompts, policy,
+                                                                 round_index))
+            project = pairs.get("project", project)
             pipe.run("label" + tag, lambda: _label_stage(cfg, db, project, sub("feedback"), round_index))
             preference_files = [str(sub("feedback") / "preferences.jsonl")]
         else:
@@ -242,18 +244,20 @@ def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompt
     atomic_write_text(subset, "\n".join(chosen) + "\n")
     store = Store(str(db))
     try:
-        if store.project_id(project) is not None:
-            # a previous attempt died while sampling: its half-made project is discarded, the round starts over
-            store.close()
-            db.unlink()
-            store = Store(str(db))
+        attempt = 1
+        while store.project_id(project) is not None:
+            # an earlier attempt of this round (interrupted, or redone with --from-stage) keeps its rows: judgements
+            # are never deleted; this attempt labels a project of its own
+            attempt += 1
+            project = f"round-{round_index}-attempt-{attempt}"
         create_project_from_models(store, project, subset, [policy], k=cfg.responses_per_prompt,
                                    annotators_per_item=cfg.annotators,  # an odd count always has a majority
                                    sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), seed=cfg.seed + round_index,
                                    device=cfg.device, batch_size=64)
     finally:
         store.close()
-    return {"summary": f"{len(chosen)} prompts × {cfg.responses_per_prompt} replies from {Path(policy).parent.name}"}
+    return {"summary": f"{len(chosen)} prompts × {cfg.responses_per_prompt} replies from "
+                       f"{Path(policy).parent.name} (feedback project {project!r})", "project": project}
 
 
 def _label_stage(cfg: DemoConfig, db: Path, project: str, out: Path, round_index: int) -> dict:
