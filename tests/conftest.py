@@ -3,6 +3,7 @@ locally in seconds (nothing is downloaded)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -93,3 +94,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Train tiny fixtures on one thread: a 1.5M-parameter model gains nothing from more, and on a shared 2-core
+    machine a second thread stalls on the other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

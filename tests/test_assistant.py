@@ -9,6 +9,7 @@ import torch
 
 from moss_rlhf.assistant import (CLASSIFY_PROMPT, CLASSIFY_REPLY, SENTIMENT_PROMPT, SENTIMENT_REPLY, Assistant,
                                  Label)
+from tests.conftest import single_thread
 
 NAMES = ["Lin", "Ana", "Bo", "Mei", "Tom", "Sara", "Ivan", "Zoe"]
 THINGS = ["tea", "book", "game"]
@@ -50,9 +51,7 @@ def trained(tmp_path_factory) -> Assistant:
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3)
     rng = random.Random(0)
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1.5M-parameter model gains nothing from threads on a shared 2-core machine
-    try:
+    with single_thread():
         for _ in range(100):
             batch = pad_examples(rng.sample(examples, 16), tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -60,8 +59,6 @@ def trained(tmp_path_factory) -> Assistant:
             (loss_sum / n).backward()
             optimizer.step()
             optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("assistant_model")
     save_model(model, tokenizer, path)
     return Assistant.from_pretrained(str(path), device="cpu")

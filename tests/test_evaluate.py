@@ -11,6 +11,7 @@ import torch
 
 from moss_rlhf.evaluate import (EvaluateConfig, bootstrap_interval, distinct_n, kl_summary, outcomes, perplexity,
                                 run, win_rate_with_ties)
+from tests.conftest import single_thread
 
 
 def test_outcomes_count_ties_half():
@@ -81,17 +82,13 @@ def trained_model_dir(tiny_model_dir, corpus_file, tmp_path_factory):
     rows = pack_texts(tokenizer, load_texts(corpus_file), 64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a 1.5M-parameter model gains nothing from threads on a shared 2-core machine
-    try:
+    with single_thread():
         for _ in range(30):
             batch = rows[torch.randint(len(rows), (8,), generator=generator)]
             loss_sum, n = lm_loss_sum(model(input_ids=batch).logits, batch)
             (loss_sum / n).backward()
             optimizer.step()
             optimizer.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("trained_model")
     save_model(model, tokenizer, path)
     return path
