@@ -1,5 +1,5 @@
-"""SFT: loss only on assistant tokens (the label mask), packing never splits an example, training lowers the loss,
-LoRA trains adapters only and saves a plain model."""
+"""SFT: loss only on assistant tokens (the label mask); packing never splits an example and gives exactly the padded
+loss, gradient and run; training lowers the loss; LoRA trains adapters only and saves a plain model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from moss_rlhf.data.collate import IGNORE, Example, chat_example, pack_examples
+from moss_rlhf.data.formats import load_conversations
+from moss_rlhf.models import load_causal_lm
 from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import sft
 from moss_rlhf.stages.sft import SFTConfig
@@ -28,11 +30,50 @@ def test_labels_cover_assistant_turns_only(tokenizer_dir):
     assert "Where did Lin go?" in unsupervised and "Be brief." in unsupervised and "park" not in unsupervised
 
 
-def test_packing_keeps_examples_whole_and_pads_without_loss():
+def test_packing_keeps_examples_whole_restarts_positions_and_pads_without_loss():
     examples = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [IGNORE, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
-    ids, labels = pack_examples(examples, seq_len=5, pad_id=0)
-    assert ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 0]]
-    assert labels.tolist() == [[IGNORE, 2, 3, IGNORE, 5], [6, 7, 8, 9, IGNORE]]
+    batch = pack_examples(examples, seq_len=5, pad_id=0)
+    # first-fit decreasing: the 4-token example opens row 0, the 3-token one row 1, the 2-token one joins it
+    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]
+    assert batch["labels"].tolist() == [[6, 7, 8, 9, IGNORE], [IGNORE, 2, 3, IGNORE, 5]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert "attention_mask" not in batch  # a mask would make transformers ignore the packed-sequence positions
+
+
+def test_packed_batch_gives_the_padded_loss_and_gradient(tiny_model_dir, tokenizer_dir, conversations_file):
+    """No attention crosses an example boundary: packing changes the layout, not the numbers."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    turns = load_conversations(str(conversations_file))
+    # 1 to 4 exchanges each: mixed lengths, as in real chat data, so padding wastes positions
+    conversations = [sum(turns[4 * i:4 * i + i % 4 + 1], []) for i in range(12)]
+    results = {}
+    for pack in (True, False):
+        model = load_causal_lm(str(tiny_model_dir))
+        batch = sft.sft_data(tokenizer, conversations, SFTConfig(pack=pack, seq_len=128, max_len=64)).batch(
+            list(range(12)))
+        n_targets = int(batch.pop("n_targets"))
+        loss = sft.target_loss(model, batch)
+        loss.backward()
+        results[pack] = (n_targets, batch["input_ids"].numel(), loss.item(),
+                         [p.grad.clone() for p in model.parameters()])
+    (n_packed, size_packed, loss_packed, grads_packed), (n_padded, size_padded, loss_padded, grads_padded) = (
+        results[True], results[False])
+    assert n_packed == n_padded
+    assert size_packed < 0.8 * size_padded  # the point of packing
+    assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
+    for g_packed, g_padded in zip(grads_packed, grads_padded):
+        torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-6)
+
+
+def test_packed_and_padded_runs_follow_the_same_curve(tmp_path, tiny_model_dir, conversations_file):
+    curves = {}
+    for pack in (True, False):
+        cfg = SFTConfig(out=str(tmp_path / str(pack)), model=str(tiny_model_dir), data=[str(conversations_file)],
+                        max_steps=4, batch_size=8, seq_len=128, max_len=64, pack=pack, lr=3e-3, warmup_steps=1,
+                        log_every=1, eval_every=4, save_every=0, progress=False, device="cpu")
+        result = sft.run(cfg)
+        curves[pack] = [r["train/loss"] for r in read_metrics(cfg.out) if "train/loss" in r] + [result.eval_loss]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
 
 
 @pytest.mark.parametrize("pack", [True, False])
@@ -46,12 +87,13 @@ def test_sft_lowers_the_loss(tmp_path, tiny_model_dir, conversations_file, pack)
     assert (tmp_path / "sft" / "model" / "model.safetensors").exists()
 
 
-def test_sft_gradient_accumulation_with_padding_is_exact(tmp_path, tiny_model_dir, conversations_file):
-    """Padded batches have different numbers of target tokens: the loss must be normalised by the global count."""
+@pytest.mark.parametrize("pack", [True, False])
+def test_sft_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, conversations_file, pack):
+    """Micro-batches hold different numbers of target tokens: the loss must be normalised by the global count."""
     runs = {}
     for name, batch, accum in (("8x1", 8, 1), ("2x4", 2, 4)):
         cfg = SFTConfig(out=str(tmp_path / name), model=str(tiny_model_dir), data=[str(conversations_file)],
-                        max_steps=2, batch_size=batch, grad_accum=accum, max_len=64, pack=False, log_every=1,
+                        max_steps=2, batch_size=batch, grad_accum=accum, max_len=64, pack=pack, log_every=1,
                         eval_every=0, save_every=0, progress=False, device="cpu")
         sft.run(cfg)
         runs[name] = [r["train/loss"] for r in read_metrics(cfg.out)]

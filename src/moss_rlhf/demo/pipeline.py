@@ -224,7 +224,7 @@ def _sft_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path, base: s
     from moss_rlhf.stages import sft
 
     sc = sft.SFTConfig(out=str(root / "sft"), model=base, data=cfg.sft_data or [str(world / "sft.jsonl")],
-                       max_steps=budget.sft_steps, batch_size=16, seq_len=256, max_len=256, lr=1e-3,
+                       max_steps=budget.sft_steps, batch_size=128, seq_len=256, max_len=256, lr=1e-3,
                        warmup_steps=10, eval_every=max(1, budget.sft_steps // 3), save_every=50, resume=True,
                        seed=cfg.seed, world=str(world), world_size=budget.world_size, device=cfg.device,
                        log_every=5)

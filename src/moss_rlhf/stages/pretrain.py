@@ -93,7 +93,10 @@ def masked_data(rows: torch.Tensor, tokenizer, probability: float, seed: int) ->
 
 
 def causal_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    # use_cache=False: with a cache, transformers ignores packed position_ids (SFT's packed rows) and lets the
+    # examples of a row attend to each other; a training forward has no use for a cache anyway
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
     return lm_loss_sum(logits, batch["labels"])[0]
 
 

@@ -1,6 +1,7 @@
 """Supervised fine-tuning: conversations rendered with the chat template, loss on assistant tokens only, with
-sequence packing (whole examples, never split) or per-batch padding. Same loop as pretraining
-(``training.train_lm``): accumulation, clipping, bf16, evaluation, checkpoints and exact resume; optional LoRA.
+per-batch sequence packing (whole examples, never split, no attention across them) or padding. Same loop as
+pretraining (``training.train_lm``): accumulation, clipping, bf16, evaluation, checkpoints and exact resume;
+optional LoRA.
 
 Reads ``{"messages": [...]}`` or ``{"prompt", "completion"}`` records, by default the demo world's (deliberately
 imperfect) demonstrations.
@@ -34,14 +35,15 @@ class SFTConfig(TrainConfig):
     data: list[str] = option([], "conversation files or dataset ids; default: the demo world's demonstrations")
     eval_data: list[str] = option([], "held-out conversations; default: 5% of the training data")
     max_len: int = option(256, "longest example in tokens (longer ones are cut)")
-    pack: bool = option(True, "pack several examples into each sequence (else pad each batch)")
-    seq_len: int = option(256, "tokens per packed sequence")
+    pack: bool = option(True, "pack each batch's conversations into shared rows, each attending to itself only "
+                                 "(same loss as padding, less compute); else pad each batch to its longest")
+    seq_len: int = option(256, "longest packed row in tokens")
     lora_r: int = option(0, "LoRA rank (0: train every weight)")
     lora_alpha: int = option(16, "LoRA alpha")
     world: str = option(DEFAULT_WORLD_DIR, "directory of the demo world (written there if absent)")
     world_size: str = option("default", "demo world size: default or quick", choices=("default", "quick"))
     max_steps: int = option(200, "optimizer steps to run")
-    batch_size: int = option(16, "sequences per micro-batch per process")
+    batch_size: int = option(64, "conversations per micro-batch per process")
     lr: float = option(1e-3, "peak learning rate (AdamW)")
     warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
 
@@ -51,25 +53,19 @@ class SFTConfig(TrainConfig):
 
 
 def sft_data(tokenizer, conversations: list, cfg: SFTConfig) -> TokenData:
+    """One item per conversation; a micro-batch of ``batch_size`` conversations is packed into rows of ``seq_len``
+    (``pack_examples``: the same loss as padding, less compute) or padded to its longest example."""
     examples = [chat_example(tokenizer, conv, cfg.max_len) for conv in conversations]
     examples = [e for e in examples if any(label != -100 for label in e.labels[1:])]
-    if cfg.pack:
-        ids, labels = pack_examples(examples, cfg.seq_len, tokenizer.pad_token_id)
-        mask = (labels != -100) | (ids != tokenizer.pad_token_id)
 
-        def packed(indices: list[int]) -> dict[str, torch.Tensor]:
-            lab = labels[indices]
-            return {"input_ids": ids[indices], "attention_mask": mask[indices].long(), "labels": lab,
-                    "n_targets": (lab[:, 1:] != -100).sum()}
+    def batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [examples[i] for i in indices]
+        out = (pack_examples(chosen, cfg.seq_len, tokenizer.pad_token_id) if cfg.pack
+               else pad_examples(chosen, tokenizer.pad_token_id))
+        out["n_targets"] = (out["labels"][:, 1:] != -100).sum()
+        return out
 
-        return TokenData(len(ids), packed)
-
-    def padded(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = pad_examples([examples[i] for i in indices], tokenizer.pad_token_id)
-        batch["n_targets"] = (batch["labels"][:, 1:] != -100).sum()
-        return batch
-
-    return TokenData(len(examples), padded)
+    return TokenData(len(examples), batch)
 
 
 def run(cfg: SFTConfig) -> LoopResult:
@@ -88,7 +84,7 @@ def run(cfg: SFTConfig) -> LoopResult:
     model = apply_lora(load_causal_lm(cfg.model), LoraOptions(cfg.lora_r, cfg.lora_alpha))
     train, evaluation = sft_data(tokenizer, conversations, cfg), sft_data(tokenizer, held_out, cfg)
     if dist.is_main:
-        print(f"sft: {len(conversations)} conversations -> {len(train)} sequences, {len(held_out)} held out")
+        print(f"sft: {len(train)} training conversations with an assistant reply, {len(held_out)} held out")
     result = train_lm(cfg, model, tokenizer, train, target_loss, run_dir, dist,
                       evaluate=lm_evaluator(evaluation, target_loss, cfg, dist), desc="sft")
     if dist.is_main:
@@ -109,8 +105,8 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     head = _plain_output_head(model)
     if head is None:
         return causal_loss(model, batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), output_hidden_states=True,
-                logits_to_keep=1)
+    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                position_ids=batch.get("position_ids"), use_cache=False, output_hidden_states=True, logits_to_keep=1)
     targets = batch["labels"][:, 1:]
     counted = targets != -100
     logits = head(out.hidden_states[-1][:, :-1][counted])
