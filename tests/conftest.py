@@ -96,6 +96,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_in_processes(fn, *args, world_size: int = 2) -> None:
+    """``fn(*args)`` in ``world_size`` fresh processes joined in a gloo group, as ``torchrun`` would start them."""
+    import torch
+
+    torch.multiprocessing.spawn(_process_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                                join=True)
+
+
+def _process_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from moss_rlhf import distributed
+
+    try:
+        fn(*args)
+    finally:
+        distributed.shutdown()
+
+
 @contextlib.contextmanager
 def single_thread():
     """Train tiny fixtures on one thread: a 1.5M-parameter model gains nothing from more, and on a shared 2-core

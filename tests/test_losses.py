@@ -366,21 +366,6 @@ def test_clipped_value_loss():
     assert s.item() == pytest.approx(sum(terms)) and st["n_tokens"].item() == 4
 
 
-def test_explained_variance():
-    g = torch.Generator().manual_seed(8)
-    R = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    V = R + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
-    mask = _padded_mask([5, 3, 4], 5)
-    rs, vs = _counted(R, mask), _counted(V, mask)
-    expect = 1 - _var([r - v for r, v in zip(rs, vs)], False) / _var(rs, False)
-    assert L.explained_variance(V, R, mask).item() == pytest.approx(expect)
-    assert L.explained_variance(R, R, mask).item() == pytest.approx(1.0)
-    assert math.isnan(L.explained_variance(V, torch.ones(3, 5), mask).item())
-
-
-# ----------------------------------------------------------------------------- running moments
-
-
 def test_running_moments_matches_concatenation():
     g = torch.Generator().manual_seed(9)
     batches = [3.0 + 2.0 * torch.randn(n, generator=g, dtype=torch.float64) for n in (1, 7, 64, 2, 33)]

@@ -312,14 +312,6 @@ def clipped_value_loss(
 
 
 @torch.no_grad()
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """``1 - Var(R - V) / Var(R)`` over counted tokens; NaN when the returns have no variance."""
-    var_r = masked_var(_upcast(returns), mask, unbiased=False)
-    if float(var_r) == 0.0:
-        return torch.tensor(float("nan"))
-    return 1.0 - masked_var(_upcast(returns) - _upcast(values), mask, unbiased=False) / var_r
-
-
 # ----------------------------------------------------------------------------- running stats
 
 

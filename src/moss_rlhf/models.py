@@ -114,13 +114,24 @@ def score_head(model) -> torch.nn.Linear:
     raise ValueError(f"{type(model).__name__} has no linear score head")
 
 
+def scorer_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The final (normed) hidden states ``[B, T, d]`` of a ``*ForSequenceClassification`` model.
+
+    Computed through ``model(...)`` itself, never its inner backbone: under DDP only the wrapper's forward prepares
+    the gradient all-reduce, and a backbone called directly would let each process train on its own gradients
+    (the 1-vs-2-process tests of the reward model and PPO catch that)."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
+
+
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One scalar per token ``[B, T]`` from a scorer: the critic's values. The backbone runs once and the head is
     applied to every hidden state (the reward model reads the last non-pad one)."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return score_head(model)(hidden).squeeze(-1).float()
+    hidden = scorer_hidden_states(model, input_ids, attention_mask, position_ids)
+    return score_head(unwrap(model))(hidden).squeeze(-1).float()
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

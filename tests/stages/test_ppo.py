@@ -1,10 +1,12 @@
 """PPO-max stage: the first update's probability ratio is exactly 1 (padding included); PPO raises a programmatic
 reward and the KL penalty keeps the policy nearer the reference; a stopped run resumes with identical metrics;
 impossible batch geometry is refused with a clear error; presets set their switches and explicit flags win; the
-reward-model path (critic from the RM, LoRA policy) writes a loadable model, best/ and validation samples."""
+reward-model path (critic from the RM, LoRA policy) writes a loadable model, best/ and validation samples; two
+processes with gloo give the same run as one process."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -19,6 +21,7 @@ from moss_rlhf.rollout import make_experience, policy_logprobs
 from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import ppo
 from moss_rlhf.stages.ppo import PPOConfig, plan_batches, resolve_preset
+from tests.conftest import run_in_processes
 
 TEXTS = [f"the {a} {b} is {c} and the {b} likes {d} number {n}."
          for n, (a, b, c, d) in enumerate([("red", "cat", "small", "fish"), ("big", "dog", "happy", "bones"),
@@ -156,6 +159,21 @@ def test_impossible_batch_geometry_is_refused(tmp_path, capsys):
     assert (plan.rollout_per_process, plan.micro_per_mini, plan.updates_per_step) == (16, 2, 4)
 
 
+def test_explained_variance_and_whitening_match_their_definitions():
+    g = torch.Generator().manual_seed(8)
+    returns = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    values = returns + 0.3 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
+    r, v = returns[mask.bool()], values[mask.bool()]
+    expected = 1 - (r - v).var(unbiased=False) / r.var(unbiased=False)
+    assert ppo._global_explained_variance(values, returns, mask).item() == pytest.approx(expected.item())
+    assert ppo._global_explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert torch.isnan(ppo._global_explained_variance(values, torch.ones(3, 5), mask))
+    whitened = ppo._global_whiten(returns, mask)
+    torch.testing.assert_close(whitened[mask.bool()], (r - r.mean()) / r.std())
+    assert (whitened[~mask.bool()] == 0).all()
+
+
 def test_presets_set_their_switches_and_explicit_flags_win():
     best = resolve_preset(PPOConfig())
     assert best.preset == "ppo_max"
@@ -179,3 +197,30 @@ def test_reward_model_path_with_lora_policy_saves_everything(tiny, tmp_path):
     assert (out / "best" / "model.safetensors").exists() and (out / "curves.png").exists()
     samples = [json.loads(line) for line in (out / "samples" / "step-000002.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"prompt", "response", "reward"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny, tmp_path):
+    """The same global rollout batch on 1 or 2 processes gives the same run: reward and advantage statistics are
+    reduced over processes (global whitening, synced running moments), losses are normalised by the global token
+    count, gradients are averaged by DDP, logged statistics are global. Greedy sampling (top-k 1) makes the rollouts
+    independent of each process's random stream; one mini-batch per step makes the update independent of how the
+    rollout is split into mini-batches (which does depend on the number of processes)."""
+    common = dict(max_steps=3, top_k=1, rollout_batch=16, mini_batch=16, batch_size=4, ppo_epochs=1,
+                  critic_warmup_steps=1, eval_every=3)
+    ppo.run(config(tiny, tmp_path / "single", **common), reward_fn=even_token_share)
+    run_in_processes(functools.partial(ppo.run, reward_fn=even_token_share), config(tiny, tmp_path / "double",
+                                                                                     **common))
+    single, double = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "double")
+    assert [r["step"] for r in single] == [r["step"] for r in double] == [1, 2, 3]
+    for a, b in zip(single, double):
+        keys = {k for k in a if not k.startswith("time/") and isinstance(a[k], float)}
+        assert keys <= set(b)
+        bad = [(key, a[key], b[key]) for key in sorted(keys) if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+    assert single[-1]["kl/per_token"] > 0.01  # the policy did move away from the reference ...
+    from safetensors.torch import load_file
+
+    one, two = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("single", "double"))
+    for key in one:  # ... and identically on both setups
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -5,7 +5,6 @@ transformers; the masked-LM objective trains."""
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
 
 import pytest
@@ -15,7 +14,7 @@ from moss_rlhf.data.formats import load_texts
 from moss_rlhf.runs import RunDir, read_metrics
 from moss_rlhf.stages import pretrain
 from moss_rlhf.stages.pretrain import PretrainConfig
-from tests.conftest import free_port
+from tests.conftest import run_in_processes
 
 
 def small_config(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, name="run", **overrides) -> PretrainConfig:
@@ -47,6 +46,22 @@ def test_loss_falls_well_below_the_unigram_entropy(tmp_path, corpus_file, eval_c
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "model/config.json", "model/model.safetensors"):
         assert (tmp_path / "run" / name).exists(), name
     assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_bf16_autocast_tracks_fp32_and_keeps_fp32_weights(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir):
+    """--precision bf16 (autocast; on CPU too): the loss curve follows the fp32 one within bf16 rounding, the master
+    weights and the saved model stay float32."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        cfg = small_config(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, precision, precision=precision,
+                           max_steps=10, eval_every=10)
+        result = pretrain.run(cfg)
+        runs[precision] = (losses(cfg.out), result.eval_loss)
+    (fp32, fp32_eval), (bf16, bf16_eval) = runs["fp32"], runs["bf16"]
+    assert bf16[1] == pytest.approx(fp32[1], rel=0.02)
+    assert bf16[10] < 0.8 * bf16[1]
+    assert bf16_eval == pytest.approx(fp32_eval, rel=0.05)
+    assert {t.dtype for t in _weights(tmp_path / "bf16" / "model").values()} == {torch.float32}
 
 
 def test_killed_run_resumes_exactly(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, monkeypatch):
@@ -97,18 +112,6 @@ def _weights(path):
     return load_file(str(path / "model.safetensors"))
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, cfg: PretrainConfig) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from moss_rlhf import distributed
-
-    try:
-        pretrain.run(cfg)
-    finally:
-        distributed.shutdown()
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir):
     single = small_config(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, "single", batch_size=8,
@@ -116,7 +119,7 @@ def test_two_processes_match_one_process(tmp_path, corpus_file, eval_corpus_file
     pretrain.run(single)
     double = small_config(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, "double", batch_size=4,
                           max_steps=4, eval_every=2, eval_batches=2)
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, free_port(), double), nprocs=2, join=True)
+    run_in_processes(pretrain.run, double)
     a, b = read_metrics(single.out), read_metrics(double.out)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):

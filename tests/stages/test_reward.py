@@ -1,5 +1,5 @@
 """Reward model: learns a preference, reports held-out accuracy, saves a scorer that plain transformers loads and
-that scores exactly as during training; trains on the real HH-RLHF file."""
+that scores exactly as during training; trains on the real HH-RLHF file; 2 processes give the 1-process run."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import reward
 from moss_rlhf.stages.reward import RewardConfig, score_pairs
 from moss_rlhf.tokenizer import load_tokenizer
-from tests.conftest import HH_FILE, NAMES, PLACES, write_jsonl
+from tests.conftest import HH_FILE, NAMES, PLACES, run_in_processes, write_jsonl
 
 
 def preference_rows(n: int, seed: int = 0) -> list[dict]:
@@ -81,3 +81,20 @@ def test_trains_on_the_real_hh_rlhf_file(tmp_path, tiny_model_dir):
     acc = result.eval_metrics["eval/accuracy"]
     assert 0.0 <= acc <= 1.0
     assert len(read_metrics(tmp_path / "rm")) >= 2
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
+    """2 processes × 4 pairs give the run of 1 process × 8 pairs: the scorer runs through DDP's forward (so the
+    gradients are averaged) with the β·LM term on, and held-out metrics are reduced over processes."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
+    common = dict(max_steps=4, eval_every=2, lm_coef=0.1)
+    reward.run(config(tmp_path / "single", tiny_model_dir, data, batch_size=8, **common))
+    double = config(tmp_path / "double", tiny_model_dir, data, batch_size=4, **common)
+    run_in_processes(reward.run, double)
+    single_rows, double_rows = read_metrics(tmp_path / "single" / "rm"), read_metrics(tmp_path / "double" / "rm")
+    assert [r["step"] for r in single_rows] == [r["step"] for r in double_rows]
+    for a, b in zip(single_rows, double_rows):
+        for key in ("train/loss", "eval/loss", "eval/accuracy", "eval/reward_gap"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)

@@ -41,7 +41,7 @@ from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, world_file
 from moss_rlhf.data.formats import load_conversations, load_prompts
 from moss_rlhf.generation import SamplingConfig, decode_responses, generate, stop_token_ids
 from moss_rlhf.losses import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
-                              clipped_value_loss, explained_variance, gae, lm_loss_sum, masked_mean, masked_sum,
+                              clipped_value_loss, gae, lm_loss_sum, masked_mean, masked_sum,
                               per_token_rewards)
 from moss_rlhf.models import (LoraOptions, apply_lora, load_causal_lm, load_scorer, load_trainable_state,
                               load_weights, save_model, trainable_state)
@@ -199,13 +199,31 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, (biased) variance and count of the counted entries of every process's batch: one set of statistics
+    for the whole rollout, in float64, in two passes (sum and count, then squared deviations from the global mean)."""
+    x = x.double()
+    totals = distributed.all_reduce_sum(torch.stack([masked_sum(x, mask), mask.sum().double()]))
+    count = totals[1].clamp(min=1)
+    mean = totals[0] / count
+    squares = distributed.all_reduce_sum(masked_sum((x - mean) ** 2, mask).reshape(1))[0]
+    return mean, squares / count, totals[1]
+
+
 def _global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Whiten over the counted entries of every process's batch (one mean and std for the whole rollout)."""
-    stats = torch.stack([masked_sum(x, mask), masked_sum(x * x, mask), mask.sum()]).double()
-    distributed.all_reduce_sum(stats)
-    mean = stats[0] / stats[2]
-    var = (stats[1] / stats[2] - mean * mean) * stats[2] / (stats[2] - 1).clamp(min=1)
-    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var.clamp(min=0) + 1e-8), 0.0).to(x.dtype)
+    """Whiten over the counted entries of every process's batch (one mean and unbiased std for the rollout)."""
+    mean, var, n = _global_mean_var(x, mask)
+    var = var * n / (n - 1).clamp(min=1)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0).to(x.dtype)
+
+
+def _global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the counted tokens of the whole rollout; NaN when the returns are constant."""
+    _, var_returns, _ = _global_mean_var(returns, mask)
+    if float(var_returns) == 0.0:
+        return torch.tensor(float("nan"))
+    _, var_errors, _ = _global_mean_var(returns - values, mask)
+    return 1.0 - var_errors / var_returns
 
 
 @torch.no_grad()
@@ -245,7 +263,7 @@ def assign_advantages(chunks: list[Experience], cfg: PPOConfig, moments: Running
             "kl/per_token": sums[0] / sums[1], "kl/per_sequence": sums[0] / sums[3], "kl/coef": kl_coef,
             "policy/perplexity": torch.exp(-sums[2] / sums[1]), "response/length": all_len.float().mean(),
             "response/truncated_share": sums[4] / sums[3],
-            "critic/explained_variance": explained_variance(values, returns, mask)}
+            "critic/explained_variance": _global_explained_variance(values, returns, mask)}
 
 
 # ------------------------------------------------------------------------------------------------------------- update
@@ -267,8 +285,7 @@ def ppo_update(cfg: PPOConfig, plan: BatchPlan, chunks: list[Experience], policy
             group = [chunks[i] for i in order[first:first + plan.micro_per_mini]]
             n_tokens = distributed.all_reduce_sum(sum(c.response_mask.sum() for c in group).double()).clamp(min=1)
             scale = float(plan.world_size / n_tokens)  # DDP averages over processes
-            stats = {"policy/loss": 0.0, "policy/clipfrac": 0.0, "policy/approx_kl": 0.0, "policy/ratio_mean": 0.0,
-                     "policy/entropy": 0.0, "critic/value_loss": 0.0, "critic/vf_clipfrac": 0.0}
+            stats = dict.fromkeys(_TOKEN_SHARE_STATS, 0.0)
             for j, chunk in enumerate(group):
                 sync = j == len(group) - 1 or plan.world_size == 1
                 share = float(chunk.response_mask.sum()) * scale / plan.world_size
@@ -312,7 +329,15 @@ def ppo_update(cfg: PPOConfig, plan: BatchPlan, chunks: list[Experience], policy
             n_updates += 1
     means = {k: v / n_updates for k, v in totals.items() if k != "policy/first_ratio_mean"}
     means["policy/first_ratio_mean"] = totals["policy/first_ratio_mean"]
-    return {k: float(distributed.all_reduce_mean(torch.tensor(v, dtype=torch.float64))) for k, v in means.items()}
+    # each process holds its token share of the token-weighted statistics: their sum over processes is the global
+    # value; gradient norms (after DDP's all-reduce) and the PTX loss (reduced in _ptx_backward) are already global
+    summed = set(_TOKEN_SHARE_STATS) | {"policy/first_ratio_mean"}
+    return {k: float(distributed.all_reduce_sum(torch.tensor(v, dtype=torch.float64)) if k in summed else v)
+            for k, v in means.items()}
+
+
+_TOKEN_SHARE_STATS = ("policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio_mean", "policy/entropy",
+                      "critic/value_loss", "critic/vf_clipfrac")
 
 
 def _no_sync(model, sync: bool):
