@@ -8,12 +8,17 @@ One run prints, side by side (ratios, since the machine is shared and noisy):
    (``training.train_lm`` with ``stages.pretrain``'s packed data and loss) on the demo world's corpus: tokens/s and
    MFU, model FLOPs per token = 6·(N + V·d) + 12·L·d·T (N: parameters outside the embedding, V·d: the tied output
    projection, 12·L·d·T: attention scores and values over the full T×T square, as in PaLM's appendix B);
-3. SFT tokens/s, ours (``training.train_lm`` with ``stages.sft``'s data and ``target_loss``) against TRL's ``SFTTrainer``: the
-   same initial weights (``save_pretrained``), the same tokenized conversations in the same order (TRL reads them
-   sequentially in our ``BatchOrder``), per-batch right padding on both sides, the same batch size and number of
-   steps, fp32, the same thread count. Both sides count tokens the same way: padded tokens (``B × longest``) and
-   non-pad tokens per second. TRL runs in ``benchmarks/.venv-trl`` (see ``_trl_env.py``) in a subprocess; ours and
-   TRL's runs alternate, round after round, so that a busy moment on the machine hits both.
+3. SFT throughput, ours (``training.train_lm`` with ``stages.sft``'s data and ``target_loss``) against TRL's
+   ``SFTTrainer``: the same initial weights (``save_pretrained``), the same tokenized conversations in the same
+   order (TRL reads them sequentially in our ``BatchOrder``), the same 16 conversations per step, the same number of
+   steps, fp32, the same thread count. Four variants, each side in its padded and its padding-free layout:
+   ours default (``pack=True``: each batch packed into rows, examples isolated by restarting ``position_ids``) and
+   ours with ``pack=False`` (padding to the batch's longest); TRL's default collation (padding to the longest) and
+   TRL with ``padding_free=True`` (the batch flattened into one row with ``position_ids``). All four compute the same
+   loss (first-step losses printed). The figure that counts is **non-pad tokens/s** — conversation tokens trained
+   per second, the same tokens for every variant; positions computed per second (padding included) show the layout.
+   TRL runs in ``benchmarks/.venv-trl`` (see ``_trl_env.py``) in a subprocess; the variants alternate, round after
+   round, so that a busy moment on the machine hits them all.
 
 A timed window starts after warm-up steps. Our step boundaries are the moments the loop asks for the next batch;
 TRL's are its ``on_step_end`` callbacks — both cover whole steps (data, forward, backward, clipping, optimizer).
@@ -32,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,7 +193,9 @@ args = SFTConfig(
     bf16=False, fp16=False, use_cpu=True,
     # SFTConfig turns gradient checkpointing on by default; off (the default here), it does the same work as we do
     gradient_checkpointing=spec["gradient_checkpointing"],
-    max_length=spec["max_len"], packing=False, train_sampling_strategy="sequential",
+    # the rows are already cut to max_len; TRL refuses max_length with padding_free (it could not enforce it)
+    max_length=None if spec["padding_free"] else spec["max_len"], packing=False, padding_free=spec["padding_free"],
+    train_sampling_strategy="sequential",
     logging_steps=10 ** 6, logging_first_step=True, save_strategy="no", eval_strategy="no", report_to="none",
     disable_tqdm=True, dataloader_num_workers=0, seed=spec["seed"],
 )
@@ -222,7 +230,7 @@ def bench_sft_ours(model_dir: Path, tokenizer, conversations: list, cfg: SFTConf
 
 
 def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfig, args, work: Path,
-                  checkpointing: bool = False) -> tuple[Window, dict]:
+                  checkpointing: bool = False, padding_free: bool = False) -> tuple[Window, dict]:
     data_path, script_path, spec_path, result_path = (work / n for n in ("trl.jsonl", "trl_sft.py", "spec.json",
                                                                          "result.json"))
     data_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -230,7 +238,8 @@ def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfi
     spec = dict(model=str(model_dir), data=str(data_path), out=str(work / "trl_out"), result=str(result_path),
                 batch_size=cfg.batch_size, steps=cfg.max_steps, lr=cfg.lr, weight_decay=cfg.weight_decay,
                 beta1=cfg.beta1, beta2=cfg.beta2, max_grad_norm=cfg.max_grad_norm, warmup_steps=cfg.warmup_steps,
-                max_len=cfg.max_len, seed=cfg.seed, threads=args.threads, gradient_checkpointing=checkpointing)
+                max_len=cfg.max_len, seed=cfg.seed, threads=args.threads, gradient_checkpointing=checkpointing,
+                padding_free=padding_free)
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
@@ -242,8 +251,8 @@ def bench_sft_trl(python: Path, model_dir: Path, rows: list[dict], cfg: SFTConfi
     times, cpu_times = result["times"], result["cpu_times"]
     # on_step_end of step w (1-based) to that of step w+n covers 0-based steps w .. w+n-1
     batches = [rows[s * cfg.batch_size:(s + 1) * cfg.batch_size] for s in range(args.warmup, args.warmup + args.steps)]
-    padded = sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
     real = sum(len(r["input_ids"]) for b in batches for r in b)
+    padded = real if padding_free else sum(len(b) * max(len(r["input_ids"]) for r in b) for b in batches)
     end, start = args.warmup + args.steps - 1, args.warmup - 1
     window = Window(times[end] - times[start], args.steps, padded, real, cpu_times[end] - cpu_times[start],
                     result["first_loss"])
@@ -268,10 +277,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256, help="pretraining sequence length")
     parser.add_argument("--pretrain-batch", type=int, default=8, help="pretraining sequences per step")
     parser.add_argument("--sft-batch", type=int, default=16, help="SFT conversations per step")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating ours/TRL SFT rounds (default: 1 quick, 3)")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating SFT rounds (default: 1 quick, 3)")
     parser.add_argument("--skip-trl", action="store_true", help="time our loops only")
+    parser.add_argument("--skip-pretrain", action="store_true", help="time SFT only (no MFU figure)")
     parser.add_argument("--trl-checkpointing", action="store_true",
-                        help="also time TRL out of the box, with SFTConfig's default gradient checkpointing")
+                        help="also time TRL with SFTConfig's default gradient checkpointing")
     parser.add_argument("--work", default="", help="working directory (default: a temporary one)")
     args = parser.parse_args()
     args.warmup, args.steps = (1, 3) if args.quick else (3, 10)
@@ -293,80 +303,90 @@ def main() -> None:
 
         peaks = [matmul_peak_gflops()]
         print(f"fp32 GEMM peak: {peaks[-1]:.1f} GFLOP/s", flush=True)
-
-        pre, flops_per_token = bench_pretrain(tokenizer, texts, args, work)
-        peaks.append(matmul_peak_gflops())
-        print(f"pretrain {PRESET}: {pre.padded_per_s:,.0f} tokens/s "
-              f"({pre.steps} steps × {args.pretrain_batch}×{args.seq_len}), GEMM probe after: {peaks[-1]:.1f} GFLOP/s",
-              flush=True)
+        pre, flops_per_token = None, 0.0
+        if not args.skip_pretrain:
+            pre, flops_per_token = bench_pretrain(tokenizer, texts, args, work)
+            peaks.append(matmul_peak_gflops())
+            print(f"pretrain {PRESET}: {pre.padded_per_s:,.0f} tokens/s ({pre.steps} steps × "
+                  f"{args.pretrain_batch}×{args.seq_len}), GEMM probe after: {peaks[-1]:.1f} GFLOP/s", flush=True)
 
         init_dir = work / "sft_init"
         save_model(build_causal_lm(PRESET, tokenizer, 0), tokenizer, init_dir)
-        sft_cfg = quiet_config(SFTConfig, work / "sft", args.warmup + args.steps + 1, args.sft_batch,
-                               model=str(init_dir), pack=False, max_len=256, seq_len=256)
-        examples = sft_examples(tokenizer, conversations, sft_cfg)
-        rows = trl_rows(examples, sft_cfg, sft_cfg.max_steps)
-        ours_runs: list[Window] = []
-        trl_runs: list[Window] = []
-        trl_ckpt_runs: list[Window] = []
+        base_cfg = dict(model=str(init_dir), max_len=256, seq_len=256)
+        steps = args.warmup + args.steps + 1
+        configs = {pack: quiet_config(SFTConfig, work / f"sft-pack-{pack}", steps, args.sft_batch, pack=pack,
+                                      **base_cfg) for pack in (True, False)}
+        examples = sft_examples(tokenizer, conversations, configs[True])
+        rows = trl_rows(examples, configs[True], steps)
+        variants: dict[str, Callable[[], Window]] = {
+            OURS_PACKED: lambda: bench_sft_ours(init_dir, tokenizer, conversations, configs[True], args),
+            OURS_PADDED: lambda: bench_sft_ours(init_dir, tokenizer, conversations, configs[False], args),
+        }
+        if trl_python is not None:
+            variants[TRL_PADDED] = lambda: bench_sft_trl(trl_python, init_dir, rows, configs[False], args, work)
+            variants[TRL_PADDING_FREE] = lambda: bench_sft_trl(trl_python, init_dir, rows, configs[False], args,
+                                                               work, padding_free=True)
+            if args.trl_checkpointing:
+                variants[TRL_CHECKPOINTING] = lambda: bench_sft_trl(trl_python, init_dir, rows, configs[False], args,
+                                                                    work, checkpointing=True)
+        runs: dict[str, list[Window]] = {name: [] for name in variants}
         trl_info: dict = {}
         for r in range(args.rounds):
-            ours_runs.append(bench_sft_ours(init_dir, tokenizer, conversations, sft_cfg, args))
-            print(f"sft round {r + 1} ours: {ours_runs[-1].padded_per_s:,.0f} padded tokens/s, "
-                  f"{ours_runs[-1].real_per_s:,.0f} non-pad tokens/s", flush=True)
-            if trl_python is not None:
-                window, trl_info = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work)
-                trl_runs.append(window)
-                print(f"sft round {r + 1} TRL:  {window.padded_per_s:,.0f} padded tokens/s, "
-                      f"{window.real_per_s:,.0f} non-pad tokens/s", flush=True)
-            if trl_python is not None and args.trl_checkpointing:
-                window, _ = bench_sft_trl(trl_python, init_dir, rows, sft_cfg, args, work, checkpointing=True)
-                trl_ckpt_runs.append(window)
-                print(f"sft round {r + 1} TRL with gradient checkpointing: {window.padded_per_s:,.0f} padded "
-                      f"tokens/s, {window.real_per_s:,.0f} non-pad tokens/s", flush=True)
+            for name, bench in variants.items():
+                result = bench()
+                if isinstance(result, tuple):
+                    result, trl_info = result
+                runs[name].append(result)
+                print(f"sft round {r + 1} {name:<28} {result.real_per_s:>8,.0f} non-pad tokens/s, "
+                      f"{result.padded_per_s:>8,.0f} positions/s", flush=True)
             peaks.append(matmul_peak_gflops())
-        report(peaks, pre, flops_per_token, ours_runs, trl_runs, trl_ckpt_runs, trl_info, args.threads)
+        report(peaks, pre, flops_per_token, runs, trl_info, args.threads)
 
 
-def report(peaks: list[float], pre: Window, flops_per_token: float, ours: list[Window], trl: list[Window],
-           trl_checkpointing: list[Window], trl_info: dict, threads: int) -> None:
+OURS_PACKED, OURS_PADDED = "ours, packed (default)", "ours, padded"
+TRL_PADDED, TRL_PADDING_FREE = "TRL, padded (default)", "TRL, padding_free=True"
+TRL_CHECKPOINTING = "TRL, padded + grad. ckpt"
+RATIOS = ((OURS_PACKED, TRL_PADDED, "defaults: ours / TRL"),
+          (OURS_PACKED, TRL_PADDING_FREE, "padding-free: ours packed / TRL"),
+          (OURS_PADDED, TRL_PADDED, "padded: ours / TRL"),
+          (OURS_PACKED, OURS_PADDED, "ours: packed / padded"),
+          (OURS_PACKED, TRL_CHECKPOINTING, "ours default / TRL out of the box"))
+
+
+def report(peaks: list[float], pre: Window | None, flops_per_token: float, runs: dict[str, list[Window]],
+           trl_info: dict, threads: int) -> None:
     peak = max(peaks)
-    achieved = pre.padded_per_s * flops_per_token / 1e9
     print()
     print("=" * 78)
     print(f"{'measure':<44}{'value':>34}")
     print("-" * 78)
     print(f"{'fp32 GEMM peak (best of ' + str(len(peaks)) + ' probes), GFLOP/s':<44}{peak:>34.1f}")
     print(f"{'  probes, GFLOP/s':<44}{', '.join(f'{p:.0f}' for p in peaks):>34}")
-    print(f"{'pretrain ' + PRESET + ' tokens/s':<44}{pre.padded_per_s:>34,.0f}")
-    print(f"{'  model FLOPs/token 6(N+Vd)+12LdT, MFLOP':<44}{flops_per_token / 1e6:>34.1f}")
-    print(f"{'  achieved model GFLOP/s':<44}{achieved:>34.1f}")
-    print(f"{'  MFU (of the measured peak)':<44}{achieved / peak:>34.1%}")
-    # the same with the CPU time the process got (per thread) instead of wall time: what MFU would be if no other
-    # process had taken the cores away; on an idle machine both lines agree
-    achieved_cpu = pre.padded_tokens / (pre.cpu_seconds / threads) * flops_per_token / 1e9
-    print(f"{'  MFU by CPU time received':<44}{achieved_cpu / peak:>34.1%}")
-    if ours:
-        best = max(ours, key=lambda w: w.padded_per_s)
-        print(f"{'sft ours, padded tokens/s (best round)':<44}{best.padded_per_s:>34,.0f}")
-        print(f"{'sft ours, non-pad tokens/s (best round)':<44}{best.real_per_s:>34,.0f}")
-    if trl:
-        best_trl = max(trl, key=lambda w: w.padded_per_s)
-        print(f"{'sft TRL, padded tokens/s (best round)':<44}{best_trl.padded_per_s:>34,.0f}")
-        print(f"{'sft TRL, non-pad tokens/s (best round)':<44}{best_trl.real_per_s:>34,.0f}")
-        ratio_best = best.real_per_s / best_trl.real_per_s
-        ratio_median = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl))
-        print(f"{'sft ours / TRL (best rounds)':<44}{ratio_best:>33.2f}×")
-        print(f"{'sft ours / TRL (median of paired rounds)':<44}{ratio_median:>33.2f}×")
-        ours_cpu, trl_cpu = (statistics.median(w.real_per_cpu_s for w in runs) for runs in (ours, trl))
-        print(f"{'sft non-pad tokens per CPU-second ours / TRL':<44}"
-              f"{f'{ours_cpu:,.0f} / {trl_cpu:,.0f} = {ours_cpu / trl_cpu:.2f}×':>34}")
-        if trl_checkpointing:
-            ratio = statistics.median(o.real_per_s / t.real_per_s for o, t in zip(ours, trl_checkpointing))
-            print(f"{'sft TRL out of the box (grad. checkpointing)':<44}"
-                  f"{max(w.real_per_s for w in trl_checkpointing):>34,.0f}")
-            print(f"{'sft ours / TRL out of the box (median)':<44}{ratio:>33.2f}×")
-        print(f"{'  first-step loss ours / TRL':<44}{f'{best.first_loss:.4f} / {best_trl.first_loss:.4f}':>34}")
+    if pre is not None:
+        achieved = pre.padded_per_s * flops_per_token / 1e9
+        print(f"{'pretrain ' + PRESET + ' tokens/s':<44}{pre.padded_per_s:>34,.0f}")
+        print(f"{'  model FLOPs/token 6(N+Vd)+12LdT, MFLOP':<44}{flops_per_token / 1e6:>34.1f}")
+        print(f"{'  achieved model GFLOP/s':<44}{achieved:>34.1f}")
+        print(f"{'  MFU (of the measured peak)':<44}{achieved / peak:>34.1%}")
+        # the same with the CPU time the process got (per thread) instead of wall time: what MFU would be if no
+        # other process had taken the cores away; on an idle machine both lines agree
+        achieved_cpu = pre.padded_tokens / (pre.cpu_seconds / threads) * flops_per_token / 1e9
+        print(f"{'  MFU by CPU time received':<44}{achieved_cpu / peak:>34.1%}")
+    print("-" * 78)
+    print(f"{'SFT (best round)':<30}{'non-pad tok/s':>16}{'positions/s':>16}{'first loss':>16}")
+    for name, windows in runs.items():
+        best = max(windows, key=lambda w: w.real_per_s)
+        loss = f"{best.first_loss:.4f}" if best.first_loss is not None else "-"
+        print(f"{name:<30}{best.real_per_s:>16,.0f}{best.padded_per_s:>16,.0f}{loss:>16}")
+    print("-" * 78)
+    print(f"{'SFT non-pad tokens/s ratio':<44}{'median of rounds':>18}{'per CPU-second':>16}")
+    for a, b, label in RATIOS:
+        if a in runs and b in runs:
+            wall = statistics.median(x.real_per_s / y.real_per_s for x, y in zip(runs[a], runs[b]))
+            cpu = statistics.median(x.real_per_cpu_s for x in runs[a]) / statistics.median(
+                y.real_per_cpu_s for y in runs[b])
+            print(f"{label:<44}{wall:>17.2f}×{cpu:>15.2f}×")
+    if trl_info:
         print(f"{'  TRL / transformers / torch':<44}"
               f"{trl_info['trl'] + ' / ' + trl_info['transformers'] + ' / ' + trl_info['torch']:>34}")
         print(f"{'  TRL optimizer / loss / attention':<44}"
