@@ -13,7 +13,7 @@ What lives here (no model, no data, no I/O):
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
   per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
   the KL-penalised per-token reward, GAE (Schulman et al. 2016), the clipped
-  policy and value losses, explained variance, running reward moments for reward
+  policy and value losses, running reward moments for reward
   normalisation + clipping (exactly merged across ``torch.distributed`` ranks with
   Chan et al.'s parallel algorithm), and the fixed / adaptive KL controllers of
   Ziegler et al. 2019.
@@ -311,7 +311,6 @@ def clipped_value_loss(
     return loss, stats
 
 
-@torch.no_grad()
 # ----------------------------------------------------------------------------- running stats
 
 
