@@ -202,8 +202,9 @@ def evaluate_loss(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg:
     model.eval()
     device = dist.device
     total = torch.zeros(2, device=device)
-    per_rank = max(1, min(cfg.eval_batches * cfg.batch_size * dist.world_size, len(data)) // dist.world_size)
-    indices = list(range(dist.rank * per_rank, (dist.rank + 1) * per_rank))
+    # every item of the evaluated prefix counts once, whatever the number of processes (a process may get one more)
+    n_items = min(cfg.eval_batches * cfg.batch_size * dist.world_size, len(data))
+    indices = list(range(dist.rank, n_items, dist.world_size))
     for start in range(0, len(indices), cfg.batch_size):
         batch = data.batch(indices[start:start + cfg.batch_size])
         n = float(batch.pop("n_targets"))

@@ -13,6 +13,7 @@ from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import sft
 from moss_rlhf.stages.sft import SFTConfig
 from moss_rlhf.tokenizer import load_tokenizer
+from tests.conftest import run_in_processes
 
 
 def test_labels_cover_assistant_turns_only(tokenizer_dir):
@@ -98,6 +99,26 @@ def test_sft_gradient_accumulation_is_exact(tmp_path, tiny_model_dir, conversati
         sft.run(cfg)
         runs[name] = [r["train/loss"] for r in read_metrics(cfg.out)]
     assert runs["8x1"] == pytest.approx(runs["2x4"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_packing(tmp_path, tiny_model_dir, conversations_file):
+    """Each process packs its own share of the batch; the loss is normalised by the global target count, so the
+    curve is the 1-process one."""
+    runs = {}
+    for name, batch in (("single", 8), ("double", 4)):
+        cfg = SFTConfig(out=str(tmp_path / name), model=str(tiny_model_dir), data=[str(conversations_file)],
+                        max_steps=3, batch_size=batch, seq_len=128, max_len=64, lr=3e-3, warmup_steps=1, log_every=1,
+                        eval_every=3, save_every=0, progress=False, device="cpu")
+        if name == "single":
+            sft.run(cfg)
+        else:
+            run_in_processes(sft.run, cfg)
+        runs[name] = [(r.get("train/loss"), r.get("eval/loss")) for r in read_metrics(cfg.out)]
+    assert len(runs["single"]) == 3
+    for (loss_1, eval_1), (loss_2, eval_2) in zip(runs["single"], runs["double"], strict=True):
+        assert loss_2 == pytest.approx(loss_1, abs=1e-5)
+        assert (eval_1 is None and eval_2 is None) or eval_2 == pytest.approx(eval_1, abs=1e-5)
 
 
 def test_lora_trains_adapters_and_exports_a_plain_model(tmp_path, tiny_model_dir, conversations_file):
