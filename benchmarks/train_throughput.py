@@ -49,7 +49,7 @@ from _trl_env import ensure_trl_venv  # noqa: E402
 from moss_rlhf import distributed  # noqa: E402
 from moss_rlhf.data.collate import BatchOrder, chat_example, pack_texts  # noqa: E402
 from moss_rlhf.data.corpus import world_file  # noqa: E402
-from moss_rlhf.data.formats import load_conversations, load_texts  # noqa: E402
+from moss_rlhf.data.formats import DataError, load_conversations, load_preferences, load_texts  # noqa: E402
 from moss_rlhf.models import build_causal_lm, load_causal_lm, save_model  # noqa: E402
 from moss_rlhf.runs import RunDir, seed_everything  # noqa: E402
 from moss_rlhf.stages.pretrain import PretrainConfig, causal_data, causal_loss  # noqa: E402
@@ -210,6 +210,14 @@ json.dump({"times": clock.times, "cpu_times": clock.cpu_times, "first_loss": fir
 '''
 
 
+def sft_conversations(path: str) -> list:
+    """A conversation file as is; a preference file (e.g. Anthropic HH-RLHF) as its prompts with the chosen reply."""
+    try:
+        return load_conversations(path)
+    except DataError:
+        return [list(p.prompt) + [{"role": "assistant", "content": p.chosen}] for p in load_preferences(path)]
+
+
 def sft_examples(tokenizer, conversations: list, cfg: SFTConfig) -> list:
     """The tokenized examples exactly as ``sft_data`` builds them (same filter), for TRL's copy of the data."""
     examples = [chat_example(tokenizer, conv, cfg.max_len) for conv in conversations]
@@ -282,6 +290,9 @@ def main() -> None:
     parser.add_argument("--skip-pretrain", action="store_true", help="time SFT only (no MFU figure)")
     parser.add_argument("--trl-checkpointing", action="store_true",
                         help="also time TRL with SFTConfig's default gradient checkpointing")
+    parser.add_argument("--sft-data", default="",
+                        help="SFT conversations to time on instead of the demo world's (any conversation file); an "
+                             "Anthropic HH-RLHF file gives its chosen dialogues")
     parser.add_argument("--work", default="", help="working directory (default: a temporary one)")
     args = parser.parse_args()
     args.warmup, args.steps = (1, 3) if args.quick else (3, 10)
@@ -294,10 +305,11 @@ def main() -> None:
         size = "quick" if args.quick else "default"
         world = work / "world"
         texts = load_texts(world_file("pretrain.jsonl", world, 0, size))
-        conversations = load_conversations(world_file("sft.jsonl", world, 0, size))
-        print(f"threads {args.threads}, torch {torch.__version__}, demo world ({size}): {len(texts)} documents, "
-              f"{len(conversations)} conversations; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
-              flush=True)
+        conversations = (sft_conversations(args.sft_data) if args.sft_data
+                         else load_conversations(world_file("sft.jsonl", world, 0, size)))
+        print(f"threads {args.threads}, torch {torch.__version__}, demo world ({size}): {len(texts)} documents; "
+              f"{len(conversations)} SFT conversations from {args.sft_data or 'the demo world'}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
         tokenizer = train_tokenizer(texts + [m["content"] for c in conversations for m in c], VOCAB)
         trl_python = None if args.skip_trl else ensure_trl_venv()
 
