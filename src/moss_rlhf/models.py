@@ -114,23 +114,31 @@ def score_head(model) -> torch.nn.Linear:
     raise ValueError(f"{type(model).__name__} has no linear score head")
 
 
-def scorer_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         position_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """The final (normed) hidden states ``[B, T, d]`` of a ``*ForSequenceClassification`` model.
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                        position_ids: torch.Tensor | None = None, **forward_kwargs) -> torch.Tensor:
+    """The last layer's (normed) hidden states ``[B, T, d]`` of a transformers causal LM or scorer.
 
-    Computed through ``model(...)`` itself, never its inner backbone: under DDP only the wrapper's forward prepares
-    the gradient all-reduce, and a backbone called directly would let each process train on its own gradients
-    (the 1-vs-2-process tests of the reward model and PPO catch that)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                output_hidden_states=True, use_cache=False)
-    return out.hidden_states[-1]
+    With gradients on, through ``model(...)`` itself (``forward_kwargs`` go there, e.g. ``logits_to_keep``): under
+    DDP only the wrapper's forward prepares the gradient all-reduce — a backbone called directly would let each
+    process train on its own gradients (the 1-vs-2-process tests catch that) — and asking for every layer's output
+    costs nothing, since backward keeps them anyway. Without gradients (scoring rollouts, evaluation), through the
+    inner backbone, so that only the last layer's output is held, not one tensor per layer."""
+    if torch.is_grad_enabled():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_hidden_states=True, use_cache=False, **forward_kwargs)
+        return out.hidden_states[-1]
+    base = unwrap(model)
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # under a peft wrapper
+    backbone = getattr(base, base.base_model_prefix)
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False).last_hidden_state
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One scalar per token ``[B, T]`` from a scorer: the critic's values. The backbone runs once and the head is
     applied to every hidden state (the reward model reads the last non-pad one)."""
-    hidden = scorer_hidden_states(model, input_ids, attention_mask, position_ids)
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
     return score_head(unwrap(model))(hidden).squeeze(-1).float()
 
 

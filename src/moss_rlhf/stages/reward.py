@@ -24,7 +24,7 @@ from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import Example, chat_example, pad_examples
 from moss_rlhf.data.formats import Preference, load_preferences
 from moss_rlhf.losses import bradley_terry_loss, lm_loss_sum
-from moss_rlhf.models import load_causal_lm, load_scorer, score_head, scorer_hidden_states, unwrap
+from moss_rlhf.models import final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
 from moss_rlhf.runs import RunDir, seed_everything
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import LoopResult, TokenData, autocast, train_lm
@@ -97,7 +97,7 @@ class RewardLoss:
 
     def forward(self, model, batch):
         mask = batch["attention_mask"]
-        hidden = scorer_hidden_states(model, batch["input_ids"], mask)
+        hidden = final_hidden_states(model, batch["input_ids"], mask)
         values = score_head(unwrap(model))(hidden).squeeze(-1).float()
         last = mask.long().sum(-1) - 1  # right padding: the last real token
         rewards = values.gather(1, last[:, None]).squeeze(1)

@@ -20,7 +20,7 @@ from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import Example, chat_example, pack_examples, pad_examples
 from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, world_file
 from moss_rlhf.data.formats import load_conversations
-from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm, unwrap
+from moss_rlhf.models import LoraOptions, apply_lora, final_hidden_states, load_causal_lm, unwrap
 from moss_rlhf.runs import RunDir, seed_everything
 from moss_rlhf.stages.pretrain import causal_loss
 from moss_rlhf.tokenizer import load_tokenizer
@@ -97,19 +97,19 @@ def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
     In SFT most positions carry no loss (prompts, padding), and with an 8k vocabulary the projection is a quarter of
     the model's FLOPs, so skipping it there is the biggest single saving (TRL's default ``chunked_nll`` loss does the
-    same). The decoder still runs through ``model(...)`` — under DDP its forward prepares the gradient reduction —
-    and returns the final hidden states; ``logits_to_keep=1`` shrinks its own projection to one position. Models
+    same). ``final_hidden_states`` runs the decoder (through ``model(...)`` when training, so that DDP sees the
+    forward), and ``logits_to_keep=1`` shrinks the model's own projection to one position. Models
     whose logits are not a plain projection of the last hidden state (soft-capping, logit scaling) and models without
     ``logits_to_keep`` take the ordinary full-logits path (``causal_loss``).
     """
     head = _plain_output_head(model)
     if head is None:
         return causal_loss(model, batch)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                position_ids=batch.get("position_ids"), use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                 logits_to_keep=1)
     targets = batch["labels"][:, 1:]
     counted = targets != -100
-    logits = head(out.hidden_states[-1][:, :-1][counted])
+    logits = head(hidden[:, :-1][counted])
     # float() is free in fp32 and keeps the softmax in fp32 under bf16 autocast
     return torch.nn.functional.cross_entropy(logits.float(), targets[counted], reduction="sum")
 
