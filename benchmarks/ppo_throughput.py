@@ -96,7 +96,7 @@ def run_ours(workdir: Path, args: argparse.Namespace) -> dict:
                         eval_size=1, rollout_batch=args.rollout_batch, mini_batch=args.mini_batch,
                         batch_size=args.mini_batch, ppo_epochs=args.epochs, max_new_tokens=args.response_length,
                         max_steps=args.iterations, eval_every=0, save_every=0, progress=False, device="cpu",
-                        best_metric="reward")
+                        best_metric="reward", overwrite=True)
     ppo.run(cfg)
     rows = read_metrics(workdir / "ours")
     return {"iteration_s": [r["time/step_s"] for r in rows],

@@ -8,7 +8,7 @@ One run prints, side by side (ratios, since the machine is shared and noisy):
    (``training.train_lm`` with ``stages.pretrain``'s packed data and loss) on the demo world's corpus: tokens/s and
    MFU, model FLOPs per token = 6·(N + V·d) + 12·L·d·T (N: parameters outside the embedding, V·d: the tied output
    projection, 12·L·d·T: attention scores and values over the full T×T square, as in PaLM's appendix B);
-3. SFT throughput, ours (``training.train_lm`` with ``stages.sft``'s data and ``target_loss``) against TRL's
+3. SFT throughput, ours (``training.train_lm`` with ``collate.conversation_data`` and ``target_loss``) against TRL's
    ``SFTTrainer``: the same initial weights (``save_pretrained``), the same tokenized conversations in the same
    order (TRL reads them sequentially in our ``BatchOrder``), the same 16 conversations per step, the same number of
    steps, fp32, the same thread count. Four variants, each side in its padded and its padding-free layout:
@@ -47,15 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _trl_env import ensure_trl_venv  # noqa: E402
 
 from moss_rlhf import distributed  # noqa: E402
-from moss_rlhf.data.collate import BatchOrder, chat_example, pack_texts  # noqa: E402
-from moss_rlhf.data.corpus import world_file  # noqa: E402
+from moss_rlhf.checkpoint import seed_everything  # noqa: E402
+from moss_rlhf.data.collate import BatchOrder, TokenData, chat_example, conversation_data, pack_texts  # noqa: E402
 from moss_rlhf.data.formats import DataError, load_conversations, load_preferences, load_texts  # noqa: E402
+from moss_rlhf.demo.world import ensure_world  # noqa: E402
 from moss_rlhf.models import build_causal_lm, load_causal_lm, save_model  # noqa: E402
-from moss_rlhf.runs import RunDir, seed_everything  # noqa: E402
-from moss_rlhf.stages.pretrain import PretrainConfig, causal_data, causal_loss  # noqa: E402
-from moss_rlhf.stages.sft import SFTConfig, sft_data, target_loss  # noqa: E402
+from moss_rlhf.runs import RunDir  # noqa: E402
+from moss_rlhf.stages.pretrain import PretrainConfig, causal_data  # noqa: E402
+from moss_rlhf.stages.sft import SFTConfig  # noqa: E402
 from moss_rlhf.tokenizer import train_tokenizer  # noqa: E402
-from moss_rlhf.training import TokenData, train_lm  # noqa: E402
+from moss_rlhf.training import causal_loss, target_loss, train_lm  # noqa: E402
 
 PRESET = "small"
 VOCAB = 8192
@@ -139,7 +140,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
 def quiet_config(cls, out: Path, steps: int, batch_size: int, **extra):
     """A stage config for a timed run: no evaluation, no intermediate checkpoints, no progress bar, rare logging."""
     return cls(out=str(out), max_steps=steps, batch_size=batch_size, grad_accum=1, eval_every=0, save_every=0,
-               log_every=10 ** 9, progress=False, device="cpu", **extra)
+               log_every=10 ** 9, progress=False, device="cpu", data=["(in memory)"], overwrite=True, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------- pretraining
@@ -153,8 +154,8 @@ def bench_pretrain(tokenizer, texts: list[str], args, work: Path) -> tuple[Windo
     rows = pack_texts(tokenizer, texts, cfg.seq_len)
     clock = StepClock(causal_data(rows), tokenizer.pad_token_id)
     dist = distributed.init("cpu")
-    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=causal_loss, run=RunDir(cfg.out, cfg),
-             dist=dist, desc="pretrain")
+    train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=causal_loss,
+             run=RunDir(cfg.out, cfg, overwrite=cfg.overwrite), dist=dist, desc="pretrain")
     window = clock.window(args.warmup, args.steps)
     window.real_tokens = window.padded_tokens  # packed rows hold no padding
     return window, model_flops_per_token(model, cfg.seq_len)
@@ -219,7 +220,7 @@ def sft_conversations(path: str) -> list:
 
 
 def sft_examples(tokenizer, conversations: list, cfg: SFTConfig) -> list:
-    """The tokenized examples exactly as ``sft_data`` builds them (same filter), for TRL's copy of the data."""
+    """The tokenized examples exactly as ``conversation_data`` builds them (same filter), for TRL's copy."""
     examples = [chat_example(tokenizer, conv, cfg.max_len) for conv in conversations]
     return [e for e in examples if any(label != -100 for label in e.labels[1:])]
 
@@ -227,9 +228,10 @@ def sft_examples(tokenizer, conversations: list, cfg: SFTConfig) -> list:
 def bench_sft_ours(model_dir: Path, tokenizer, conversations: list, cfg: SFTConfig, args) -> Window:
     seed_everything(cfg.seed)
     model = load_causal_lm(str(model_dir))
-    clock = StepClock(sft_data(tokenizer, conversations, cfg), tokenizer.pad_token_id)
+    clock = StepClock(conversation_data(tokenizer, conversations, cfg.max_len, cfg.pack, cfg.seq_len),
+                      tokenizer.pad_token_id)
     dist = distributed.init("cpu")
-    run = RunDir(cfg.out, cfg)
+    run = RunDir(cfg.out, cfg, overwrite=cfg.overwrite)
     train_lm(cfg, model, tokenizer, train=clock.token_data(), loss_fn=target_loss, run=run, dist=dist, desc="sft")
     first = json.loads((Path(cfg.out) / "metrics.jsonl").read_text().splitlines()[0])["train/loss"]
     window = clock.window(args.warmup, args.steps)
@@ -303,10 +305,10 @@ def main() -> None:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         size = "quick" if args.quick else "default"
-        world = work / "world"
-        texts = load_texts(world_file("pretrain.jsonl", world, 0, size))
+        world = ensure_world(work / "world", 0, size)
+        texts = load_texts(str(world / "pretrain.jsonl"))
         conversations = (sft_conversations(args.sft_data) if args.sft_data
-                         else load_conversations(world_file("sft.jsonl", world, 0, size)))
+                         else load_conversations(str(world / "sft.jsonl")))
         print(f"threads {args.threads}, torch {torch.__version__}, demo world ({size}): {len(texts)} documents; "
               f"{len(conversations)} SFT conversations from {args.sft_data or 'the demo world'}; "
               f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)

@@ -24,7 +24,9 @@ def test_yaml_then_flags_override_defaults(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("lr: fast\n", "field 'lr' expects float"),
     ("learning_rate: 0.1\n", "unknown field(s) learning_rate"),
-    ("precision: fp8\n", "field 'precision' must be one of fp32, bf16"),
+    ("precision: fp8\n", "--precision must be one of fp32, bf16"),
+    ("lr: -1\n", "--lr must be above 0.0, got -1.0"),
+    ("max_grad_norm: .nan\n", "--max-grad-norm must be a finite number"),
     ("lr: [\n", "line 2: not valid YAML"),
     ("- a\n", "expected a mapping"),
 ])
@@ -47,3 +49,49 @@ def test_every_subcommand_documents_every_option(capsys):
             for f in dataclasses.fields(cls):
                 assert "--" + f.name.replace("_", "-") in text, (argv, f.name)
                 assert f.metadata.get("help"), (cls.__name__, f.name)
+
+
+def test_yaml_may_leave_out_what_the_flags_give(tmp_path):
+    """YAML, then flags, then one validation: a YAML without the required data is completed by --data."""
+    (tmp_path / "run.yaml").write_text("lr: 0.01\n")
+    args = build_parser().parse_args(["pretrain", "--config", str(tmp_path / "run.yaml"), "--data", "x.jsonl"])
+    cfg = from_args(PretrainConfig, args)
+    assert (cfg.lr, cfg.data) == (0.01, ["x.jsonl"])
+    with pytest.raises(ConfigError, match=r"run.yaml \+ command line: give --data"):
+        from_args(PretrainConfig, build_parser().parse_args(["pretrain", "--config", str(tmp_path / "run.yaml")]))
+
+
+def test_validation_never_touches_the_file_system(tmp_path, monkeypatch):
+    """Paths are checked when a stage starts: a config naming missing files is still a valid config."""
+    import builtins
+    import os
+    from pathlib import Path
+
+    from moss_rlhf.evaluate import EvaluateConfig
+    from moss_rlhf.stages.ppo import PPOConfig
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("validation touched the file system")
+
+    for name in ("exists", "is_dir", "is_file", "stat", "open", "read_text"):
+        monkeypatch.setattr(Path, name, refuse)
+    monkeypatch.setattr(os.path, "exists", refuse)
+    monkeypatch.setattr(builtins, "open", refuse)
+    EvaluateConfig(model_a="/nowhere/a", model_b="/nowhere/b", prompts="/nowhere/p.jsonl", judge="/nowhere/rm")
+    PPOConfig(policy="/nowhere", prompts=["/nowhere/p.jsonl"])
+    for name, (_, cls, _) in _commands().items():
+        classes = cls.values() if isinstance(cls, dict) else [(None, cls, None)]
+        for _, config_cls, _ in classes:
+            try:
+                config_cls()
+            except ConfigError:
+                pass  # a required value is missing: a value check, not a file check
+
+
+def test_configs_made_in_python_are_validated_too():
+    from moss_rlhf.stages.sft import SFTConfig
+
+    with pytest.raises(ConfigError, match="--batch-size must be at least 1"):
+        SFTConfig(data=["x"], batch_size=0)
+    with pytest.raises(ConfigError, match="give --data"):
+        SFTConfig()

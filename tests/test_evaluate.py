@@ -1,5 +1,6 @@
-"""Evaluation: the statistics on fixed inputs, then whole runs on tiny models (identical models tie with zero KL; a
-model trained on the held-out text's distribution has the lower perplexity and drifts away from its start)."""
+"""Evaluation: the statistics on fixed inputs, then whole runs on tiny models (identical models tie with zero KL; the
+reported KL is KL(A_T ‖ B_T) at the sampling temperature, whatever filters shaped the replies; a model trained on
+the held-out text's distribution has the lower perplexity and drifts away from its start)."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def trained_model_dir(tiny_model_dir, corpus_file, tmp_path_factory):
 
 def _config(a, b, prompts, out, **kw) -> EvaluateConfig:
     defaults = dict(model_a=str(a), model_b=str(b), prompts=str(prompts), out=str(out), max_new_tokens=12,
-                    bootstrap=200, device="cpu", batch_size=8)
+                    bootstrap=200, device="cpu", batch_size=8, judge="gold")
     defaults.update(kw)
     return EvaluateConfig(**defaults)
 
@@ -111,6 +112,7 @@ def test_identical_models_tie_with_zero_kl(tiny_model_dir, prompts_file, eval_co
     win = saved["win_rate"]
     assert win["ties"] == 6 and win["win_rate"] == 0.5 and win["ci_low"] == win["ci_high"] == 0.5
     assert abs(saved["kl"]["per_token"]) < 1e-5 and abs(saved["kl"]["per_sequence"]) < 1e-4
+    assert saved["kl"]["temperature"] == 0.7
     (a, b) = saved["models"].values()
     assert a["perplexity"] == pytest.approx(b["perplexity"])
     assert set(saved["by_task"]) == {"dialogue", "facts"} and saved["by_task"]["facts"]["n"] == 3
@@ -128,6 +130,42 @@ def test_training_shows_in_perplexity_and_kl(trained_model_dir, tiny_model_dir, 
     assert trained["perplexity"] < untrained["perplexity"] / 3
     assert report["kl"]["per_token"] > 0.1  # the trained model's samples are far likelier under itself
     assert 0.0 <= report["win_rate"]["ci_low"] <= report["win_rate"]["win_rate"] <= report["win_rate"]["ci_high"]
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 0.9), (1.3, 1.0)])
+def test_kl_is_the_divergence_at_the_sampling_temperature(trained_model_dir, tiny_model_dir, tmp_path, temperature,
+                                                         top_p):
+    """One-token replies, so KL(A_T ‖ B_T) has an exact value: Σ_v A_T(v) log(A_T(v) / B_T(v)) at the reply's first
+    position, A_T = softmax(logits_A / T). The reported estimate must agree within 4 standard errors, even with
+    top-p shaping the replies, and must not be the (very different) divergence at temperature 1."""
+    from moss_rlhf.models import load_causal_lm
+    from moss_rlhf.tokenizer import encode_chat, load_tokenizer
+
+    questions = ["Where did Lin go?", "Hello!"]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions * 500), encoding="utf-8")
+    report = run(_config(trained_model_dir, tiny_model_dir, path, tmp_path / "kl.json", max_prompts=0,
+                         max_new_tokens=1, temperature=temperature, top_p=top_p, batch_size=250))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    a, b = load_causal_lm(str(trained_model_dir)), load_causal_lm(str(tiny_model_dir))
+
+    def exact(t: float) -> tuple[float, float]:
+        kls, second = [], []
+        for q in questions:
+            ids = torch.tensor([encode_chat(tokenizer, [{"role": "user", "content": q}], True)])
+            with torch.no_grad():
+                la, lb = (torch.log_softmax(m(input_ids=ids).logits[0, -1].double() / t, -1) for m in (a, b))
+            ratio = la - lb
+            kls.append(float((la.exp() * ratio).sum()))
+            second.append(float((la.exp() * ratio ** 2).sum()))
+        mean_kl = sum(kls) / 2
+        return mean_kl, (sum(second) / 2 - mean_kl ** 2) ** 0.5
+
+    kl, spread = exact(temperature)
+    standard_error = spread / len(questions * 500) ** 0.5
+    assert report["kl"]["temperature"] == temperature
+    assert report["kl"]["per_sequence"] == pytest.approx(kl, abs=4 * standard_error)
+    assert abs(exact(1.0)[0] - kl) > 8 * standard_error  # the test tells the two temperatures apart
 
 
 def test_reward_model_judge(tiny_model_dir, prompts_file, tmp_path):
@@ -150,14 +188,23 @@ def test_gold_judge_scores_are_on_its_scale(tiny_model_dir, prompts_file, eval_c
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     from moss_rlhf.cli import main
 
-    assert main(["evaluate", str(tmp_path / "missing"), str(tiny_model_dir)]) == 2
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    assert main(["evaluate", str(tiny_model_dir), str(tiny_model_dir), "--judge", "gold"]) == 2
+    assert "give --prompts" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing"), str(tiny_model_dir), "--prompts", str(good),
+                 "--judge", "gold"]) == 2
     err = capsys.readouterr().err
     assert "--model-a" in err and "does not exist" in err and "Traceback" not in err
-    assert main(["evaluate", "--model-a", str(tmp_path), "--model-b", str(tiny_model_dir)]) == 2
+    assert main(["evaluate", "--model-a", str(tmp_path), "--model-b", str(tiny_model_dir), "--prompts", str(good),
+                 "--judge", "gold"]) == 2
     assert "config.json" in capsys.readouterr().err
+    assert main(["evaluate", str(tiny_model_dir), str(tiny_model_dir), "--prompts", str(good), "--judge",
+                 "no_such_module:score", "--device", "cpu"]) == 2
+    assert "cannot import 'no_such_module'" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"prompt": 3}\n', encoding="utf-8")
     assert main(["evaluate", str(tiny_model_dir), str(tiny_model_dir), "--prompts", str(bad), "--device", "cpu",
-                 "--out", str(tmp_path / "x.json")]) == 2
+                 "--judge", "gold", "--out", str(tmp_path / "x.json")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2" in err and "prompt" in err

@@ -55,7 +55,7 @@ def pipeline(tmp_path) -> Path:
                                 "eval/accuracy": 0.5 + s / 300, "eval/reward_gap": s / 50} for s in range(1, 101, 5)])
     _metrics(root / "ppo", [{"step": s, "reward/raw_mean": -1 + s / 30 + 0.3 * math.sin(s), "kl/per_token": s / 900,
                              "policy/perplexity": 4 + s / 60, "response/length": 20 - s / 10,
-                             "gold/score": 4 + s / 40} for s in range(1, 121)])
+                             "val/gold": 4 + s / 40} for s in range(1, 121)])
     (root / "eval").mkdir()
     (root / "eval" / "ppo_vs_sft.json").write_text(json.dumps(_evaluation(), ensure_ascii=False), encoding="utf-8")
     return root

@@ -128,9 +128,12 @@ def test_errors_are_clear(client, server):
     assert raw.status_code == 422 and "temperature" in raw.json()["error"]["message"]
 
 
-def test_config_checks(tmp_path):
+def test_config_checks(tmp_path, capsys):
+    from moss_rlhf.cli import main
     from moss_rlhf.config import ConfigError, from_dict
 
-    with pytest.raises(ConfigError, match="does not exist"):
-        from_dict(ServeConfig, {"model": str(tmp_path / "none")})
+    with pytest.raises(ConfigError, match="--port must be between 1 and 65535"):
+        from_dict(ServeConfig, {"port": 0})
+    assert main(["serve", str(tmp_path / "none")]) == 2  # checked when the server starts, not in the config
+    assert "does not exist" in capsys.readouterr().err
     assert ServeConfig().host == "127.0.0.1"

@@ -15,15 +15,15 @@ Every method takes one input or a list of inputs (a list in, a list out) and bat
 from __future__ import annotations
 
 import queue
-import re
 import threading
-from pathlib import Path
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
-from moss_rlhf.generation import SamplingConfig, generate, stop_token_ids
+from moss_rlhf.sampling import SamplingConfig, fresh_seeds, prompt_seeds
+from moss_rlhf.sampling.builtin import BuiltinSampler
+from moss_rlhf.tokenizer import stop_token_ids
 
 # The demo world's phrasings (moss_rlhf.demo.tasks), so a model trained there answers these requests as it learned
 # to; the reply templates are the demo world's reference answers, whose likelihood scores each label.
@@ -49,22 +49,6 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end token or a stop string) or "length"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
-def check_model_path(path: str, flag: str = "--model") -> None:
-    """Fail early, in one line, on a model directory that does not exist (a hub id such as ``org/name`` passes)."""
-    from moss_rlhf.config import ConfigError
-
-    if Path(path).exists():
-        if Path(path).is_dir() and not (Path(path) / "config.json").exists():
-            raise ConfigError(f"{flag}: {path} holds no config.json; expected a model saved with save_pretrained "
-                              f"(e.g. runs/sft/model)")
-        return
-    if not _HUB_ID.match(path) or path.startswith(("runs", ".")):
-        raise ConfigError(f"{flag}: {path} does not exist")
 
 
 class _StopGeneration(Exception):
@@ -94,18 +78,17 @@ class Assistant:
         self.device = torch.device(device)
         self.sampling = sampling or SamplingConfig(max_new_tokens=128, temperature=0.7, top_p=0.9)
         self.stop_ids = stop_token_ids(tokenizer)
+        self.sampler = BuiltinSampler(self.model, stop_ids=self.stop_ids, pad_id=tokenizer.pad_token_id)
         self.name = getattr(model.config, "_name_or_path", "") or "model"
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "auto", dtype: torch.dtype | None = None,
                         attn_implementation: str | None = None) -> "Assistant":
-        from transformers import AutoModelForCausalLM
-
-        from moss_rlhf.models import resolve_device
+        from moss_rlhf.models import load_causal_lm, resolve_device
         from moss_rlhf.tokenizer import load_tokenizer
 
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+        model = load_causal_lm(path, dtype, **kwargs)
         assistant = cls(model, load_tokenizer(path), resolve_device(device))
         assistant.name = str(path)
         return assistant
@@ -123,14 +106,10 @@ class Assistant:
             return ids if bos is None or ids[:1] == [bos] else [bos] + ids
         return encode_chat(self.tokenizer, prompt, add_generation_prompt=True)
 
-    def _generator(self, seed: int | None) -> torch.Generator:
-        """Seeded: the same call gives the same reply; unseeded: fresh randomness on every call."""
-        generator = torch.Generator(device=self.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        return generator
+    @staticmethod
+    def _seeds(seed: int | None, start: int, n: int) -> list[int]:
+        """Seeded: the same call gives the same replies (prompt i with its own seed); unseeded: fresh randomness."""
+        return fresh_seeds(n) if seed is None else prompt_seeds(seed, range(start, start + n))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([t for t in ids if t not in self.stop_ids], skip_special_tokens=True)
@@ -142,16 +121,11 @@ class Assistant:
                  batch_size: int = 16, **sampling) -> list[Completion]:
         """One completion per prompt (raw strings are continued, message lists get a chat reply), with token counts
         and finish reasons: the engine behind ``generate``, ``respond`` and the server."""
-        from moss_rlhf.data.collate import left_pad
-
         cfg = _sampling(self.sampling, sampling)
-        generator = self._generator(seed)
         results: list[Completion] = []
         for start in range(0, len(prompts), batch_size):
             encoded = [self.encode(p) for p in prompts[start:start + batch_size]]
-            ids, mask = left_pad(encoded, self.tokenizer.pad_token_id)
-            rollout = generate(self.model, ids.to(self.device), mask.to(self.device), cfg, self.stop_ids,
-                               self.tokenizer.pad_token_id, generator)
+            rollout = self.sampler.generate(encoded, cfg, self._seeds(seed, start, len(encoded)))
             for row, prompt_ids in enumerate(encoded):
                 n = int(rollout.response_mask[row].sum())
                 text, hit_stop = _cut_at_stop(self._decode(rollout.response_ids[row, :n].tolist()), stop)
@@ -214,11 +188,8 @@ class Assistant:
                     emitted = ready
 
             try:
-                generator = self._generator(seed)
-                ids = torch.tensor([prompt_ids], device=self.device)
                 try:
-                    generate(self.model, ids, torch.ones_like(ids), cfg, self.stop_ids,
-                             self.tokenizer.pad_token_id, generator, on_token=on_token)
+                    self.sampler.generate([prompt_ids], cfg, self._seeds(seed, 0, 1), on_token=on_token)
                 except _StopGeneration:
                     pass
                 text, _ = _cut_at_stop(self._decode(tokens), stop)

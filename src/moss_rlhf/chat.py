@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from moss_rlhf.config import option
-from moss_rlhf.generation import SamplingConfig
+from moss_rlhf.sampling import SamplingConfig
 
 HELP = "/reset forgets the conversation, /exit quits (or Ctrl-D)"
 
@@ -27,11 +27,6 @@ class ChatConfig(SamplingConfig):
     top_p: float = option(0.9, "nucleus sampling")
     seed: int = option(-1, "sampling seed (-1: a fresh one per reply)")
     device: str = option("auto", "cpu, cuda or auto")
-
-    def check(self) -> None:
-        from moss_rlhf.assistant import check_model_path
-
-        check_model_path(self.model)
 
 
 def chat_loop(assistant, cfg: ChatConfig, read=input, out: TextIO | None = None) -> list[dict]:

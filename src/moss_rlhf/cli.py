@@ -1,5 +1,6 @@
 """The ``moss-rlhf`` command: parses flags into a stage's typed config and calls that stage's ``run``. No logic of
-its own. Errors in data or configuration are printed as one line (file, line, field) and exit with status 2."""
+its own. Every user mistake (a ``UserError``: a bad flag, a malformed file, too little data) is printed as one line
+(file, line, field where they exist) and exits with status 2, without a traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import argparse
 import sys
 
 from moss_rlhf import __version__
-from moss_rlhf.config import ConfigError, add_arguments, from_args
+from moss_rlhf.config import UserError, add_arguments, from_args
 
 
 def _commands() -> dict[str, tuple[str, type, object]]:
@@ -65,18 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moss_rlhf.data.formats import DataError
+    from moss_rlhf import distributed
 
     args = build_parser().parse_args(argv)
     try:
         cfg = from_args(args._config, args)
         args._run(cfg)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"moss-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"moss-rlhf {args.command}: interrupted; --resume continues from the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
 
 

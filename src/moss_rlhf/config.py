@@ -2,14 +2,19 @@
 
 Every stage has one flat dataclass (a stage may extend :class:`TrainConfig`, the knobs that all training loops
 share). A field's ``metadata["help"]`` is its ``--help`` text, so the dataclass is the single source of truth for
-defaults, types and documentation. Precedence: dataclass default < ``--config file.yaml`` < explicit flags.
+defaults, types and documentation. Precedence: dataclass default < ``--config file.yaml`` < explicit flags, and the
+merged values are validated once, at the end (so a YAML file may leave out what a flag gives). Validation checks
+values only and never touches the file system: a stage checks its paths when it starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import math
 import os
+import shutil
 import tempfile
 import types
 import typing
@@ -22,41 +27,56 @@ import yaml
 C = TypeVar("C")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake of the user's (a flag, a file, too little data): the CLI prints its message as one line and exits
+    with status 2, without a traceback. Every such mistake raises a subclass of this, never a bare ``ValueError``."""
+
+
+class ConfigError(UserError):
     """A configuration value or file is invalid; the message says which and why."""
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its ``--help`` text (mutable defaults are wrapped in a factory)."""
+    """A dataclass field with its ``--help`` text (mutable defaults are wrapped in a factory). Optional bounds, checked
+    by :func:`validate`: ``at_least``/``at_most`` (inclusive), ``above``/``below`` (exclusive); ``choices``."""
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
     return field(default=default, metadata={"help": help, **kwargs})
 
 
+class Config:
+    """Base of every config dataclass: an instance is validated when it is made (bounds, choices, then its own
+    ``check()``), so no stage ever runs on an invalid one, whether it came from flags, YAML or Python code."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(Config):
     """Knobs shared by every training loop (pretrain, sft, reward, ppo)."""
 
     out: str = option("runs/run", "run directory: config.yaml, metrics.jsonl, TensorBoard logs, checkpoints, final model")
     seed: int = option(0, "random seed (data order, initialisation, sampling)")
-    max_steps: int = option(200, "optimizer steps to run")
-    batch_size: int = option(8, "sequences per micro-batch per process")
-    grad_accum: int = option(1, "micro-batches accumulated per optimizer step")
-    lr: float = option(1e-3, "peak learning rate (AdamW)")
-    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    warmup_steps: int = option(20, "linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio")
-    max_grad_norm: float = option(1.0, "global gradient-norm clip (0 disables)")
+    max_steps: int = option(200, "optimizer steps to run", at_least=1)
+    batch_size: int = option(8, "sequences per micro-batch per process", at_least=1)
+    grad_accum: int = option(1, "micro-batches accumulated per optimizer step", at_least=1)
+    lr: float = option(1e-3, "peak learning rate (AdamW)", above=0.0)
+    weight_decay: float = option(0.01, "AdamW weight decay (not applied to biases and norms)", at_least=0.0)
+    beta1: float = option(0.9, "AdamW beta1", at_least=0.0, below=1.0)
+    beta2: float = option(0.95, "AdamW beta2", at_least=0.0, below=1.0)
+    warmup_steps: int = option(20, "linear warm-up steps before the cosine decay", at_least=0)
+    min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio", at_least=0.0, at_most=1.0)
+    max_grad_norm: float = option(1.0, "global gradient-norm clip (0 disables)", at_least=0.0)
     precision: str = option("fp32", "autocast precision: fp32 or bf16", choices=("fp32", "bf16"))
-    eval_every: int = option(50, "evaluate every N steps (0 disables)")
-    eval_batches: int = option(8, "batches per evaluation")
-    save_every: int = option(100, "checkpoint every N steps (0: only at the end)")
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep")
+    eval_every: int = option(50, "evaluate every N steps (0 disables)", at_least=0)
+    eval_batches: int = option(8, "batches per evaluation", at_least=1)
+    save_every: int = option(100, "checkpoint every N steps (0: only at the end)", at_least=0)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", at_least=1)
     resume: bool = option(False, "continue from the last checkpoint in --out")
-    log_every: int = option(10, "write metrics every N steps")
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run's checkpoints (deletes them)")
+    log_every: int = option(10, "write metrics every N steps", at_least=1)
     device: str = option("auto", "cpu, cuda, cuda:1, ... or auto")
     progress: bool = option(True, "show a progress bar")
 
@@ -105,31 +125,55 @@ def _coerce(value: Any, typ: Any, name: str, source: str) -> Any:
     return value
 
 
-def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Build a config from a mapping; unknown keys and wrong types are errors that name the key."""
+def coerce_values(cls: type, values: dict[str, Any], source: str = "config") -> dict[str, Any]:
+    """Each value converted to its field's type; unknown keys and wrong types are errors that name the key."""
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(known)}")
-    kwargs = {name: _coerce(v, _field_type(cls, known[name]), name, source) for name, v in values.items()}
-    cfg = cls(**kwargs)
-    validate(cfg, source)
-    return cfg
+    return {name: _coerce(v, _field_type(cls, known[name]), name, source) for name, v in values.items()}
 
 
-def validate(cfg: Any, source: str = "config") -> None:
-    """Check ``choices`` metadata and run the dataclass's own ``check()`` if it has one."""
+def from_dict(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Build (and so validate) a config from a mapping; an error names the source."""
+    values = coerce_values(cls, values, source)
+    try:
+        return cls(**values)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+_BOUNDS = {"at_least": (lambda v, b: v >= b, "at least"), "at_most": (lambda v, b: v <= b, "at most"),
+           "above": (lambda v, b: v > b, "above"), "below": (lambda v, b: v < b, "below")}
+
+
+def validate(cfg: Any) -> None:
+    """Check ``choices`` and bounds metadata (floats must also be finite), then run the dataclass's own ``check()``
+    if it has one. Values only: nothing here reads the file system."""
     for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
-        if choices and getattr(cfg, f.name) not in choices:
-            raise ConfigError(f"{source}: field '{f.name}' must be one of {', '.join(map(str, choices))}, "
-                              f"got {getattr(cfg, f.name)!r}")
+        if choices and value not in choices:
+            raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite number, got {value!r}")
+        for key, (holds, words) in _BOUNDS.items():
+            bound = f.metadata.get(key)
+            if bound is not None and isinstance(value, (int, float)) and not holds(value, bound):
+                raise ConfigError(f"{flag} must be {words} {bound}, got {value!r}")
     check = getattr(cfg, "check", None)
     if callable(check):
         check()
 
 
 def load_yaml(cls: type[C], path: str | os.PathLike) -> C:
+    """A config from a YAML file alone, validated."""
+    return from_dict(cls, read_yaml_values(cls, path), source=str(path))
+
+
+def read_yaml_values(cls: type, path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML file's fields, type-checked but not yet validated as a whole (flags may still complete them)."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -141,7 +185,7 @@ def load_yaml(cls: type[C], path: str | os.PathLike) -> C:
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
-    return from_dict(cls, values, source=str(path))
+    return coerce_values(cls, values, source=str(path))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -165,6 +209,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike):
+    """Write a directory atomically: yields a temporary sibling to fill; on success it takes ``path``'s place (an
+    existing directory is swapped out, then removed), on failure it is deleted and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,12 +260,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_args(cls: type[C], args: argparse.Namespace) -> C:
-    """Defaults, then the YAML file, then the flags that were given."""
+    """Defaults, then the YAML file, then the flags that were given; then one validation of the result."""
     values: dict[str, Any] = {}
+    source = "command line"
     if getattr(args, "config", None):
-        values.update(to_dict(load_yaml(cls, args.config)))
+        values.update(read_yaml_values(cls, args.config))
+        source = f"{args.config} + command line"
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = given
-    return from_dict(cls, values, source="command line")
+    return from_dict(cls, values, source=source)

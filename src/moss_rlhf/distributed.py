@@ -53,11 +53,42 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x`` (same shape on all), concatenated in rank order: global percentiles."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def global_mean_var(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean, biased variance and count of the entries of ``x`` where ``mask`` is set, over every process's batch:
+    one set of statistics for the whole global batch, in float64, in two passes (sums and count, then squared
+    deviations from the global mean)."""
+    x = x.double()
+    counted = mask.bool()
+    totals = all_reduce_sum(torch.stack([torch.where(counted, x, 0.0).sum(), counted.sum().double()]))
+    count = totals[1].clamp(min=1)
+    mean = totals[0] / count
+    squares = all_reduce_sum(torch.where(counted, (x - mean) ** 2, 0.0).sum().reshape(1))[0]
+    return mean, squares / count, totals[1]
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``x`` normalised to mean 0 and (unbiased) std 1 over the counted entries of every process; 0 elsewhere."""
+    mean, var, n = global_mean_var(x, mask)
+    var = var * n / (n - 1).clamp(min=1)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), 0.0).to(x.dtype)
+
+
+def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the counted entries of every process; NaN when the returns are constant."""
+    _, var_returns, _ = global_mean_var(returns, mask)
+    if float(var_returns) == 0.0:
+        return torch.tensor(float("nan"))
+    _, var_errors, _ = global_mean_var(returns - values, mask)
+    return 1.0 - var_errors / var_returns
 
 
 def barrier() -> None:

@@ -1,13 +1,16 @@
 """``moss-rlhf evaluate``: did RLHF help? Model A (e.g. the PPO-max policy) against model B (e.g. the SFT model).
 
-Measured on one held-out prompt set (default: the demo world's ``eval_prompts.jsonl``):
+Measured on one held-out prompt set:
 
-- **pairwise win rate** of A over B — each prompt's two replies are scored by the demo world's gold judge
-  (``moss_rlhf.demo.judge``, what its "humans" really want) or by a reward model; a tie counts half. The 95% interval is
-  a percentile bootstrap that resamples prompts (the MOSS-RLHF paper reports win/tie/lose against the SFT model);
+- **pairwise win rate** of A over B — each prompt's two replies are scored by the judge (``--judge``): a reward
+  model, any ``package.module:function`` scorer, or ``gold``, the demo world's gold judge (what its "humans" really
+  want); a tie counts half. The 95% interval is a percentile bootstrap that resamples prompts (the MOSS-RLHF paper
+  reports win/tie/lose against the SFT model);
 - **mean score** per model, and the win rate per task when the prompts carry a ``task`` field;
-- **KL of A from B** on A's own samples: sum over response tokens of log πA − log πB, the divergence PPO's penalty
-  holds in check, per sequence and per token;
+- **KL(A‖B) at temperature T** on A's own samples: the mean over A's replies of the summed log πA,T − log πB,T, where
+  π·,T = softmax(logits / T) and T is the sampling temperature (1 when greedy) — the divergence PPO's penalty holds in
+  check. When top-k, top-p, a repetition penalty or greedy decoding shape the replies, they are not samples of πA,T,
+  so KL is measured on separate samples drawn from πA,T itself;
 - **held-out perplexity** of each model on a text or conversation file (conversations: assistant tokens only);
 - **reply length** (tokens) and **distinct-1/2** (Li et al., 2016: unique n-grams / all n-grams over all replies), which
   expose reward hacking by verbosity or repetition.
@@ -25,8 +28,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moss_rlhf.config import ConfigError, atomic_write_text, option
-from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR
-from moss_rlhf.generation import SamplingConfig
+from moss_rlhf.sampling import SamplingConfig
+
+# ``--judge gold``: the demo world's gold judge, by name (this module imports nothing of the demo)
+JUDGE_ALIASES = {"gold": "moss_rlhf.demo.judge:gold_scores"}
 
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics (pure)
@@ -110,111 +115,60 @@ class EvaluateConfig(SamplingConfig):
     model_b: str = option("runs/sft/model", "model B, the baseline (e.g. the SFT model)", positional=True)
     name_a: str = option("", "label of model A in tables (default: its parent directory's name)")
     name_b: str = option("", "label of model B (default: its parent directory's name)")
-    prompts: str = option("", "prompt file ({\"prompt\"} or {\"messages\"} records, optional \"task\"); "
-                              "default: the demo world's held-out eval_prompts.jsonl")
-    max_prompts: int = option(200, "evaluate at most this many prompts (0: all)")
-    judge: str = option("gold", "'gold' (the demo world's judge) or a reward-model directory")
-    perplexity_data: str = option("", "held-out text or conversation file for perplexity; default: the demo "
-                                      "world's pretrain_eval.jsonl when its prompts or gold judge are used, else "
-                                      "skipped")
-    perplexity_docs: int = option(200, "documents used for perplexity (0: all)")
-    max_len: int = option(256, "longest perplexity document in tokens (longer ones are cut)")
-    max_new_tokens: int = option(64, "longest reply in tokens")
-    temperature: float = option(0.7, "sampling temperature (0: greedy)")
-    top_p: float = option(0.9, "nucleus sampling")
-    batch_size: int = option(32, "prompts per generation batch")
-    bootstrap: int = option(2000, "bootstrap resamples for the win-rate interval")
+    prompts: str = option("", "prompt file ({\"prompt\"} or {\"messages\"} records, optional \"task\")")
+    max_prompts: int = option(200, "evaluate at most this many prompts (0: all)", at_least=0)
+    judge: str = option("", "a reward-model directory, a package.module:function scorer, or 'gold' (the demo "
+                            "world's gold judge)")
+    perplexity_data: str = option("", "held-out text or conversation file for perplexity (none: skipped)")
+    perplexity_docs: int = option(200, "documents used for perplexity (0: all)", at_least=0)
+    max_len: int = option(256, "longest perplexity document in tokens (longer ones are cut)", at_least=2)
+    max_new_tokens: int = option(64, "longest reply in tokens", at_least=1)
+    temperature: float = option(0.7, "sampling temperature (0: greedy)", at_least=0.0)
+    top_p: float = option(0.9, "nucleus sampling", above=0.0, at_most=1.0)
+    batch_size: int = option(32, "prompts per generation batch", at_least=1)
+    bootstrap: int = option(2000, "bootstrap resamples for the win-rate interval", at_least=100)
     seed: int = option(0, "sampling and bootstrap seed")
-    samples_kept: int = option(24, "prompt/reply pairs stored in the JSON for reading (and for the report)")
+    samples_kept: int = option(24, "prompt/reply pairs stored in the JSON for reading (and for the report)",
+                               at_least=0)
     out: str = option("runs/eval/evaluate.json", "JSON file with every number (the report reads it)")
-    world: str = option(DEFAULT_WORLD_DIR, "directory of the demo world (written there if absent)")
-    world_size: str = option("default", "demo world size: default or quick", choices=("default", "quick"))
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:
-        if self.bootstrap < 100:
-            raise ConfigError(f"--bootstrap must be at least 100 resamples, got {self.bootstrap}")
-        from moss_rlhf.assistant import check_model_path
-
-        check_model_path(self.model_a, "--model-a")
-        check_model_path(self.model_b, "--model-b")
-        if self.judge != "gold":
-            check_model_path(self.judge, "--judge")
+        if not self.prompts:
+            raise ConfigError("give --prompts FILE: the held-out prompts to compare the two models on")
+        if not self.judge:
+            raise ConfigError("give --judge: a reward-model directory, a package.module:function scorer, or 'gold' "
+                              "(the demo world's judge)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Model-running parts
 
 
-def score_replies(judge: str, prompts: list[list[dict]], replies: list[str], tokenizer, device, batch_size: int = 32
-                  ) -> list[float]:
-    """Gold-judge scores (0–10) or reward-model scores of each (conversation, reply)."""
-    if judge == "gold":
-        from moss_rlhf.demo.judge import judge_many
-
-        return [j.score for j in judge_many([p[-1]["content"] for p in prompts], replies)]
-    import torch
-
-    from moss_rlhf.data.collate import left_pad
-    from moss_rlhf.models import load_scorer, sequence_scores
-    from moss_rlhf.tokenizer import encode_chat, load_tokenizer
-
-    reward_tokenizer = load_tokenizer(judge) if (Path(judge) / "tokenizer_config.json").exists() else tokenizer
-    scorer = load_scorer(judge, reward_tokenizer).to(device).eval()
-    scores: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            encoded = [encode_chat(reward_tokenizer, p + [{"role": "assistant", "content": r}])
-                       for p, r in zip(prompts[start:start + batch_size], replies[start:start + batch_size])]
-            ids, mask = left_pad(encoded, reward_tokenizer.pad_token_id)
-            scores.extend(sequence_scores(scorer, ids.to(device), mask.to(device)).tolist())
-    return scores
-
-
-def sample_replies(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig, batch_size: int, seed: int):
+def sampled(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig, batch_size: int, seed: int):
     """Replies (texts) and their token rollouts, batch by batch, so KL is measured on the tokens actually sampled."""
+    from moss_rlhf.sampling import sample_replies
+    from moss_rlhf.sampling.builtin import BuiltinSampler
+
+    return sample_replies(BuiltinSampler(model, tokenizer), tokenizer, prompts, cfg, seed, batch_size)
+
+
+def kl_on_samples(model_a, model_b, rollouts, temperature: float) -> dict[str, float]:
+    """KL(A_T ‖ B_T) estimated on A's samples from A_T: per reply, the sum over its tokens of log A_T − log B_T
+    (both scored at ``temperature``, the one the samples were drawn at)."""
     import torch
 
-    from moss_rlhf.data.collate import left_pad
-    from moss_rlhf.generation import decode_responses, generate, stop_token_ids
-    from moss_rlhf.tokenizer import encode_chat
+    from moss_rlhf.rollout import response_logprobs
 
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    texts, rollouts = [], []
-    for start in range(0, len(prompts), batch_size):
-        encoded = [encode_chat(tokenizer, p, add_generation_prompt=True) for p in prompts[start:start + batch_size]]
-        ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-        rollout = generate(model, ids.to(device), mask.to(device), cfg, stop_token_ids(tokenizer),
-                           tokenizer.pad_token_id, generator)
-        texts.extend(decode_responses(tokenizer, rollout))
-        rollouts.append(rollout)
-    return texts, rollouts
-
-
-def response_logprobs(model, rollout):
-    """``[B, R]`` log-probabilities of the rollout's response tokens under ``model``."""
-    import torch
-
-    from moss_rlhf.losses import token_logprobs
-
-    with torch.no_grad():
-        ids, mask = rollout.sequences, rollout.attention_mask
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-        prompt_len = rollout.prompt_ids.shape[1]
-        # logits at position t predict token t + 1, so the response's tokens are predicted from prompt_len - 1 on
-        return token_logprobs(logits[:, prompt_len - 1:-1], ids[:, prompt_len:])
-
-
-def kl_on_samples(model_a, model_b, rollouts) -> dict[str, float]:
     sequence_kls: list[float] = []
     counts: list[int] = []
-    for rollout in rollouts:
-        ratio = (response_logprobs(model_a, rollout) - response_logprobs(model_b, rollout)) * rollout.response_mask
-        sequence_kls.extend(ratio.sum(-1).tolist())
-        counts.extend(rollout.response_mask.sum(-1).tolist())
-    return kl_summary(sequence_kls, counts)
+    with torch.no_grad():
+        for r in rollouts:
+            args = (r.sequences, r.attention_mask, r.position_ids, r.response_ids.shape[1], temperature)
+            ratio = (response_logprobs(model_a, *args)[0] - response_logprobs(model_b, *args)[0]) * r.response_mask
+            sequence_kls.extend(ratio.sum(-1).tolist())
+            counts.extend(r.response_mask.sum(-1).tolist())
+    return {**kl_summary(sequence_kls, counts), "temperature": temperature}
 
 
 def heldout_nll(model, tokenizer, path: str, max_docs: int, max_len: int, batch_size: int = 16) -> tuple[float, int]:
@@ -256,44 +210,41 @@ def _name(path: str, given: str) -> str:
     return p.parent.name if p.name == "model" and p.parent.name else p.name or path
 
 
-def _load_prompts(cfg: EvaluateConfig) -> tuple[list[list[dict]], list[str], bool]:
-    from moss_rlhf.data.corpus import world_file
+def _load_prompts(cfg: EvaluateConfig) -> tuple[list[list[dict]], list[str]]:
     from moss_rlhf.data.formats import load_records, parse_prompt
 
-    from_world = not cfg.prompts
-    path = cfg.prompts or world_file("eval_prompts.jsonl", cfg.world, cfg.seed, cfg.world_size)
-    rows = load_records(path)
+    rows = load_records(cfg.prompts)
     rows = rows[:cfg.max_prompts] if cfg.max_prompts else rows
-    prompts = [parse_prompt(row, (path, i)) for i, row in enumerate(rows, start=1)]
+    prompts = [parse_prompt(row, (cfg.prompts, i)) for i, row in enumerate(rows, start=1)]
     tasks = [str(row.get("task", "")) for row in rows]
-    return prompts, tasks, from_world
+    return prompts, tasks
 
 
 def run(cfg: EvaluateConfig) -> dict:
     """Sample, score, compare; print a table and write the JSON report."""
-    from moss_rlhf.data.corpus import world_file
+    from moss_rlhf.checkpoint import seed_everything
     from moss_rlhf.models import load_causal_lm, resolve_device
-    from moss_rlhf.runs import seed_everything
+    from moss_rlhf.scoring import text_scorer
     from moss_rlhf.tokenizer import load_tokenizer
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    prompts, tasks, from_world = _load_prompts(cfg)
+    prompts, tasks = _load_prompts(cfg)
     names = {"a": _name(cfg.model_a, cfg.name_a), "b": _name(cfg.model_b, cfg.name_b)}
     if names["a"] == names["b"]:
         names = {"a": names["a"] + " (A)", "b": names["b"] + " (B)"}
+    models = {"a": load_causal_lm(cfg.model_a, flag="--model-a").to(device).eval(),
+              "b": load_causal_lm(cfg.model_b, flag="--model-b").to(device).eval()}
     tokenizers = {"a": load_tokenizer(cfg.model_a), "b": load_tokenizer(cfg.model_b)}
-    models = {"a": load_causal_lm(cfg.model_a).to(device).eval(), "b": load_causal_lm(cfg.model_b).to(device).eval()}
+    judge = text_scorer(JUDGE_ALIASES.get(cfg.judge, cfg.judge), device)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
-    # the demo world is in use when its prompts or its gold judge are: then its held-out corpus is the default
-    ppl_path = cfg.perplexity_data or (world_file("pretrain_eval.jsonl", cfg.world, cfg.seed, cfg.world_size)
-                                       if from_world or cfg.judge == "gold" else "")
+    ppl_path = cfg.perplexity_data
 
     replies, rollouts, scores, per_model = {}, {}, {}, {}
     for key in ("a", "b"):
-        replies[key], rollouts[key] = sample_replies(models[key], tokenizers[key], prompts, sampling,
-                                                     cfg.batch_size, cfg.seed)
-        scores[key] = score_replies(cfg.judge, prompts, replies[key], tokenizers[key], device, cfg.batch_size)
+        replies[key], rollouts[key] = sampled(models[key], tokenizers[key], prompts, sampling, cfg.batch_size,
+                                              cfg.seed)
+        scores[key] = judge(prompts, replies[key])
         lengths = [int(n) for r in rollouts[key] for n in r.response_mask.sum(-1).tolist()]
         stats = {"mean_score": mean(scores[key]), "response_length": mean(lengths),
                  "distinct_1": distinct_n(replies[key], 1), "distinct_2": distinct_n(replies[key], 2)}
@@ -305,6 +256,12 @@ def run(cfg: EvaluateConfig) -> dict:
     results = outcomes(scores["a"], scores["b"])
     low, high = bootstrap_interval(results, n_resamples=cfg.bootstrap, seed=cfg.seed)
     same_vocab = tokenizers["a"].get_vocab() == tokenizers["b"].get_vocab()
+    # KL needs samples of softmax(logits_A / T) itself: draw them unfiltered when the replies were filtered
+    kl_temperature = cfg.temperature or 1.0
+    kl_rollouts = rollouts["a"]
+    if same_vocab and sampling.filters_distribution:
+        kl_rollouts = sampled(models["a"], tokenizers["a"], prompts, SamplingConfig(cfg.max_new_tokens, kl_temperature),
+                              cfg.batch_size, cfg.seed + 1)[1]
     by_task = {}
     for task in sorted({t for t in tasks if t}):
         picked = [r for r, t in zip(results, tasks) if t == task]
@@ -320,7 +277,7 @@ def run(cfg: EvaluateConfig) -> dict:
                      "losses": sum(r == 0.0 for r in results), "win_rate": win_rate_with_ties(results),
                      "ci_low": low, "ci_high": high, "confidence": 0.95, "bootstrap_resamples": cfg.bootstrap},
         "models": per_model,
-        "kl": kl_on_samples(models["a"], models["b"], rollouts["a"]) if same_vocab else None,
+        "kl": kl_on_samples(models["a"], models["b"], kl_rollouts, kl_temperature) if same_vocab else None,
         "perplexity_data": ppl_path or None,
         "by_task": by_task,
         "samples": [{"prompt": p[-1]["content"], "task": t, "a": ra, "b": rb, "score_a": sa, "score_b": sb}
@@ -361,8 +318,9 @@ def print_report(report: dict) -> None:
     console.print(head)
     console.print(models)
     if report.get("kl"):
-        console.print(f"KL({a} ‖ {b}) on {a}'s samples: {report['kl']['per_sequence']:.3f} per reply, "
-                      f"{report['kl']['per_token']:.4f} per token")
+        kl = report["kl"]
+        console.print(f"KL({a} ‖ {b}) at temperature {kl.get('temperature', 1.0):g} on {a}'s samples: "
+                      f"{kl['per_sequence']:.3f} per reply, {kl['per_token']:.4f} per token")
     if report.get("by_task"):
         tasks = Table(title="win rate of A by task")
         for column in ("task", "n", "win rate", f"score {a}", f"score {b}"):

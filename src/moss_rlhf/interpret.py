@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
 
 
 @dataclass
-class InspectConfig:
+class InspectConfig(Config):
     model: str = option("runs/sft/model", "model to inspect (save_pretrained directory or hub id)", positional=True)
     text: str = option("I love to code", "the text to run through the model", positional=True)
     out: str = option("runs/inspect", "directory for attention_layer*.png, norms.png and inspect.json")
@@ -34,9 +34,6 @@ class InspectConfig:
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:
-        from moss_rlhf.assistant import check_model_path
-
-        check_model_path(self.model)
         if not self.text.strip():
             raise ConfigError("the text to inspect is empty")
 
@@ -52,12 +49,10 @@ class Inspection:
 
 def load_for_inspection(path: str, device: str = "auto"):
     """Model (eager attention, eval mode) and tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    from moss_rlhf.models import resolve_device
+    from moss_rlhf.models import load_causal_lm, resolve_device
     from moss_rlhf.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = load_causal_lm(path, attn_implementation="eager")
     return model.to(resolve_device(device)).eval(), load_tokenizer(path)
 
 

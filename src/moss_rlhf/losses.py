@@ -2,14 +2,15 @@
 
 What lives here (no model, no data, no I/O):
 
-* masked reductions: ``masked_sum/mean/var/whiten`` over ``[B, T]`` tensors with a
-  0/1 mask, the building block of every token-level loss;
+* masked reductions: ``masked_sum/mean`` over ``[B, T]`` tensors with a 0/1 mask, the
+  building block of every token-level loss (whitening over every process is
+  ``distributed.global_whiten``);
 * language modelling: ``token_logprobs``, ``entropy_from_logits``, ``lm_loss_sum``
   (next-token cross-entropy returned as *sum and count* so that gradient
   accumulation over micro-batches is exactly equivalent to one big batch);
 * reward modelling: the Bradley-Terry pairwise loss with an optional margin and the
   label smoothing of "Secrets of RLHF in Large Language Models Part II" (Wang et al.
-  2024), plus ``preference_accuracy``;
+  2024);
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
   per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
   the KL-penalised per-token reward, GAE (Schulman et al. 2016), the clipped
@@ -52,29 +53,6 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     count = mask.to(x.dtype if x.is_floating_point() else torch.float32)
     count = count.sum() if dim is None else count.sum(dim)
     return masked_sum(x, mask, dim) / count.clamp_min(1)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Variance over all counted entries (Bessel-corrected when ``unbiased``)."""
-    n = mask.bool().sum()
-    if int(n) == 0 or (unbiased and int(n) < 2):
-        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} counted entries, got {int(n)}")
-    mean = masked_mean(x, mask)
-    var = masked_sum((x - mean) ** 2, mask) / n
-    return var * n / (n - 1) if unbiased else var
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """Normalise counted entries to mean 0 / (unbiased) std 1; masked-out entries become 0.
-
-    With ``shift_mean=False`` the mean is added back (only the scale changes), which is what
-    reward whitening wants when the sign of the reward carries meaning.
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return _zero_where_masked(out, mask)
 
 
 # ----------------------------------------------------------------------------- LM heads
@@ -130,12 +108,6 @@ def lm_loss_sum(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> tup
     return loss_sum, (shift_labels != ignore_index).sum()
 
 
-def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy over counted tokens (0 if none count)."""
-    loss_sum, n = lm_loss_sum(logits, labels, ignore_index)
-    return loss_sum / n.clamp_min(1)
-
-
 # ----------------------------------------------------------------------------- reward model
 
 
@@ -169,30 +141,28 @@ def bradley_terry_loss(
     raise ValueError(f"unknown reduction {reduction!r}")
 
 
-def preference_accuracy(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
-    """Fraction of pairs ranked correctly; a tie counts 1/2 (an untrained RM scores 0.5)."""
-    correct = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
-    return correct.mean()
-
-
 # ----------------------------------------------------------------------------- PPO
 
 
-def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi.
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1", clamp: float = 10.0) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi, clamped to ``[-clamp, clamp]``.
 
     With ``log_r = log pi - log pi_ref`` (Schulman, "Approximating KL Divergence"):
     k1 = log_r (unbiased, can be negative), k2 = log_r^2 / 2 (biased, low variance, >= 0),
-    k3 = exp(-log_r) - 1 + log_r (unbiased and >= 0).
+    k3 = exp(-log_r) - 1 + log_r (unbiased and >= 0). Every estimate is clamped, as OpenRLHF and veRL do: one
+    token the policy made far less likely than the reference (log_r = -15) would otherwise give k3 = 3e6 and its
+    penalty would swamp the whole batch's whitened advantages. ``clamp`` 0 disables it.
     """
     log_r = logprobs - ref_logprobs
     if estimator == "k1":
-        return log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
-    if estimator == "k3":
-        return torch.expm1(-log_r) + log_r
-    raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+        kl = log_r
+    elif estimator == "k2":
+        kl = 0.5 * log_r**2
+    elif estimator == "k3":
+        kl = torch.expm1(-log_r.clamp(min=-50.0, max=50.0)) + log_r  # the inner clamp only keeps exp finite
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r} (k1, k2, k3)")
+    return kl.clamp(-clamp, clamp) if clamp else kl
 
 
 def last_token_index(mask: Tensor) -> Tensor:
@@ -208,13 +178,14 @@ def per_token_rewards(
     mask: Tensor,
     kl_coef: float | Tensor,
     estimator: str = "k1",
+    kl_clamp: float = 10.0,
 ) -> tuple[Tensor, Tensor]:
     """PPO reward ``r_t = -kl_coef * KL_t`` plus the sequence ``score[b]`` on the last counted token.
 
     Returns ``(rewards, kl)``, both ``[B, T]`` and 0 where masked out.  Rows with no counted
     token get no score.  Call under ``torch.no_grad()``: these are targets, not losses.
     """
-    kl = _zero_where_masked(kl_penalty(logprobs, ref_logprobs, estimator), mask)
+    kl = _zero_where_masked(kl_penalty(logprobs, ref_logprobs, estimator, kl_clamp), mask)
     rewards = -kl_coef * kl
     last = last_token_index(mask)
     has_tok = last >= 0

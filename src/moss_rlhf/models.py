@@ -7,16 +7,17 @@ Everything is saved with ``save_pretrained`` (safetensors), so a plain ``AutoMod
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers.utils import logging as _hf_logging
 
-# Our own progress bars cover long work; transformers' per-file bars ("Loading weights", "Writing model shards")
-# would interleave with them on every checkpoint.
-_hf_logging.disable_progress_bar()
+from moss_rlhf.config import ConfigError, atomic_directory
+from moss_rlhf.losses import last_token_index
 
 # Llama-architecture presets. Vocabulary size comes from the tokenizer.
 PRESETS: dict[str, dict] = {
@@ -45,6 +46,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def check_model_path(path: str, flag: str = "--model") -> None:
+    """Fail early, in one line, on a model directory that does not exist (a hub id such as ``org/name`` passes)."""
+    if Path(path).exists():
+        if Path(path).is_dir() and not (Path(path) / "config.json").exists():
+            raise ConfigError(f"{flag}: {path} holds no config.json; expected a model saved with save_pretrained "
+                              f"(e.g. runs/sft/model)")
+        return
+    if not _HUB_ID.match(path) or path.startswith(("runs", ".")):
+        raise ConfigError(f"{flag}: {path} does not exist")
+
+
 def build_causal_lm(preset_or_config: str, tokenizer, seed: int = 0):
     """A fresh Llama from a named preset, or any architecture from a ``config.json`` path."""
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -59,7 +74,7 @@ def build_causal_lm(preset_or_config: str, tokenizer, seed: int = 0):
         for key, value in special.items():
             setattr(config, key, value)
     else:
-        raise ValueError(f"unknown model preset or config path {preset_or_config!r}; presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown model preset or config path {preset_or_config!r}; presets: {', '.join(PRESETS)}")
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
@@ -77,29 +92,48 @@ def build_masked_lm(preset: str, tokenizer, seed: int = 0):
     return BertForMaskedLM(config)
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None):
+@contextlib.contextmanager
+def quiet_transformers(notices: bool = True):
+    """Silence transformers' per-file progress bars ("Loading weights", "Writing model shards") — and with
+    ``notices=False`` its warnings too — for one load or save, then restore the caller's settings: our own progress
+    bars cover long work, and importing this module changes nothing."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if not notices:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: str = "--model", **kwargs):
+    """A causal LM from a save_pretrained directory or hub id (``kwargs`` go to ``from_pretrained``)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32)
+    check_model_path(name_or_path, flag)
+    with quiet_transformers():
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
 
 
-def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = None):
+def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = None, flag: str = "--model"):
     """A sequence scorer with one output (reward model or critic). From an LM checkpoint, the head starts at zero so
     the first rewards are 0 and the Bradley–Terry loss starts at log 2; from a reward checkpoint, the head is loaded."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    check_model_path(name_or_path, flag)
     config = AutoConfig.from_pretrained(name_or_path)
     is_scorer = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     config.num_labels = 1
     if config.pad_token_id is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
-    verbosity = _hf_logging.get_verbosity()
-    _hf_logging.set_verbosity_error()  # the new score head is "newly initialised" on purpose; don't alarm the user
-    try:
+    with quiet_transformers(notices=False):  # the new score head is "newly initialised" on purpose: no alarm
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
                                                                    dtype=dtype or torch.float32)
-    finally:
-        _hf_logging.set_verbosity(verbosity)
     if not is_scorer:
         torch.nn.init.zeros_(score_head(model).weight)
     return model
@@ -127,8 +161,7 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     output_hidden_states=True, use_cache=False, **forward_kwargs)
         return out.hidden_states[-1]
-    base = unwrap(model)
-    base = base.get_base_model() if hasattr(base, "get_base_model") else base  # under a peft wrapper
+    base = base_model(model)
     backbone = getattr(base, base.base_model_prefix)
     return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False).last_hidden_state
@@ -142,17 +175,18 @@ def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return score_head(unwrap(model))(hidden).squeeze(-1).float()
 
 
+def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding does not shift them: the positions the sampler
+    generates with, and every later forward pass over its rollouts must use."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """One scalar per sequence ``[B]``: the score at the last non-pad token (works for left and right padding)."""
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    values = token_scores(model, input_ids, attention_mask, position_ids)
-    last = _last_true_index(attention_mask)
+    """One scalar per sequence ``[B]``: the score at the last non-pad token (works for left and right padding) —
+    the turn end of the reply, where reward training reads it too (``collate.reply_example``)."""
+    values = token_scores(model, input_ids, attention_mask, position_ids_of(attention_mask))
+    last = last_token_index(attention_mask).clamp(min=0)
     return values.gather(1, last[:, None]).squeeze(1)
-
-
-def _last_true_index(mask: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values.clamp(min=0)
 
 
 def apply_lora(model, options: LoraOptions, task_type: str = "CAUSAL_LM"):
@@ -166,6 +200,23 @@ def apply_lora(model, options: LoraOptions, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, config)
 
 
+def disable_dropout(model) -> None:
+    """Set every dropout rate of ``model`` to 0: ``nn.Dropout`` modules, the rates attention layers read at forward
+    time (Llama's ``attention_dropout``) and the config's. Online RL needs this (TRL and OpenRLHF do the same): with
+    dropout the policy that samples, the one that scores the old log-probs and the one being updated are three
+    different random functions, and the probability ratio is not 1 before the first update."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(unwrap(model), "config", None)
+    for key, value in (config.to_dict() if config is not None else {}).items():
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+
+
 def unwrap(model):
     """The plain transformers model under DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
@@ -173,21 +224,28 @@ def unwrap(model):
     return model
 
 
+def base_model(model):
+    """The transformers model under every wrapper: DDP, torch.compile and peft's LoRA."""
+    model = unwrap(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def accepts(model, argument: str) -> bool:
+    """Whether the underlying transformers model's forward takes ``argument`` (``logits_to_keep``, ``cache``)."""
+    return argument in inspect.signature(base_model(model).forward).parameters
+
+
 def save_model(model, tokenizer, path: str | Path) -> None:
-    """``save_pretrained`` (safetensors) of model and tokenizer; LoRA adapters are merged first so the result loads
-    in plain transformers."""
+    """``save_pretrained`` (safetensors) of model and tokenizer, written atomically (a crash leaves the previous
+    directory or the new one, never half of one); LoRA adapters are merged first so the result loads in plain
+    transformers."""
     model = unwrap(model)
     if hasattr(model, "merge_and_unload"):  # a copy: the training model keeps its adapters
         model = copy.deepcopy(model).merge_and_unload()
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    with atomic_directory(path) as tmp, quiet_transformers():
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
 
 
 def load_weights(model, path: str | Path) -> None:
@@ -205,7 +263,7 @@ def load_weights(model, path: str | Path) -> None:
     tied = {k for k in missing if "lm_head" in k or "decoder" in k} if getattr(target.config, "tie_word_embeddings",
                                                                                  False) else set()
     if set(missing) - tied or unexpected:
-        raise ValueError(f"{path}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+        raise ConfigError(f"{path}: checkpoint does not match the model (missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]})")
 
 

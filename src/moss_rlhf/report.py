@@ -12,7 +12,7 @@ Input contract — a pipeline directory; every part is optional, and a missing s
       reward/metrics.jsonl    keys with "acc" (eval/accuracy, train/accuracy), "loss" (train/loss, eval/loss) and
                               "gap" or "margin" (eval/reward_gap)
       ppo/metrics.jsonl       reward/raw_mean, val/reward, kl/per_token, policy/perplexity, response/length or
-                              response/length_mean, val/length, gold/score, policy/entropy (whichever exist)
+                              response/length_mean, val/length, val/gold, policy/entropy (whichever exist)
       ppo/model/              the policy after RLHF (attention maps)
       eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: RLHF, B: SFT)
       reward-round2/, ppo-round2/, …   later feedback rounds, same layout (a section each; the attention
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
 from moss_rlhf.data.formats import DataError
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "eval")
@@ -41,7 +41,7 @@ DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 
 # (panel title, metric keys drawn in it) — panels whose keys are all absent are left out.
 LM_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out perplexity", ["eval/perplexity"])]
-PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["gold/score"]),
+PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["val/gold"]),
               ("KL from the SFT policy, per token", ["kl/per_token"]), ("policy perplexity", ["policy/perplexity"]),
               ("reply length (tokens)", ["response/length_mean", "response/length", "val/length"]),
               ("policy entropy", ["policy/entropy"])]
@@ -76,17 +76,13 @@ class Section:
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Config):
     pipeline: str = option("runs/pipeline", "pipeline directory (pretrain/, sft/, reward/, ppo/, eval/)",
                            positional=True)
     out: str = option("", "directory to write report.html into (default: the pipeline directory)")
     title: str = option("MOSS-RLHF pipeline report", "page title")
     probe: str = option(DEFAULT_PROBE, "user message whose attention maps are compared before and after RLHF")
-    samples: int = option(6, "sample replies shown side by side per evaluation")
-
-    def check(self) -> None:
-        if not Path(self.pipeline).is_dir():
-            raise ConfigError(f"{self.pipeline}: pipeline directory not found")
+    samples: int = option(6, "sample replies shown side by side per evaluation", at_least=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -347,6 +343,8 @@ def write_report(out_dir: str | Path, sections: list[Section], title: str = "MOS
 
 
 def run(cfg: ReportConfig) -> Path:
+    if not Path(cfg.pipeline).is_dir():
+        raise ConfigError(f"{cfg.pipeline}: pipeline directory not found")
     sections = build_sections(cfg.pipeline, cfg.probe, cfg.samples)
     path = write_report(cfg.out or cfg.pipeline, sections, cfg.title, subtitle=str(cfg.pipeline))
     ran = [s.title for s in sections if s.ran]

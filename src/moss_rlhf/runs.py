@@ -1,17 +1,18 @@
-"""Run directories: the resolved config, metrics (JSON lines + TensorBoard + a PNG of the curves), atomic
-checkpoints with everything needed for an exact resume, and a progress bar.
+"""Run directories: the resolved config, metrics (JSON lines + TensorBoard + a PNG of the curves) and a progress
+bar; checkpoints live in ``checkpoints/`` and are written by :class:`moss_rlhf.checkpoint.Checkpointer`.
 
 Layout of a run directory::
 
     config.yaml           the resolved configuration
     metrics.jsonl         one JSON object per logged step ({"step": …, "train/loss": …, …})
     tb/                   TensorBoard event files
-    checkpoints/step-N/   model (save_pretrained) + state.pt (optimizer, scheduler, RNG, data position, extras)
-    model/                the final model (save_pretrained)
+    checkpoints/step-N/   everything needed for an exact resume (``checkpoint.py``)
+    model/                the final model (save_pretrained, written atomically)
     curves.png            the loss curves
 
-A checkpoint is written into a temporary directory and renamed into place, so a run killed at any moment leaves
-either the previous checkpoint or the new one, never half of one.
+A run directory holds one run: starting afresh (no ``--resume``) where an earlier run left checkpoints or metrics is
+refused unless ``--overwrite`` says to delete them — otherwise a later ``--resume`` would continue the older run's
+checkpoint, and the curves of two runs would mix.
 """
 
 from __future__ import annotations
@@ -19,30 +20,44 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+from moss_rlhf.config import ConfigError, save_yaml
 
-from moss_rlhf.config import save_yaml
+# what a run writes into its directory (and --overwrite deletes; nothing else there is touched)
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "model", "best", "best.json", "samples", "curves.png",
+                 "held_out.jsonl")
 
 
 class RunDir:
     """A run's directory. Only the main process (rank 0) writes; other ranks get a no-op logger."""
 
-    def __init__(self, out: str | os.PathLike, cfg: Any, is_main: bool = True, resume: bool = False):
+    def __init__(self, out: str | os.PathLike, cfg: Any, is_main: bool = True, resume: bool = False,
+                 overwrite: bool = False):
         self.path = Path(out)
         self.is_main = is_main
         self._tb = None
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--out {self.path} is a file, not a directory")
+        earlier = [name for name in ("checkpoints", "metrics.jsonl") if (self.path / name).exists()]
+        if earlier and not resume and not overwrite:
+            raise ConfigError(f"--out {self.path} holds an earlier run ({', '.join(earlier)}): pass --resume to "
+                              f"continue it, or --overwrite to delete it and start afresh")
         if not is_main:
             return
+        if earlier and not resume:  # --overwrite
+            for name in RUN_ARTIFACTS:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         self.path.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, self.path / "config.yaml")
-        if not resume and self.metrics_path.exists():
-            self.metrics_path.unlink()  # a fresh run in an old directory must not mix curves
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
 
     @property
     def metrics_path(self) -> Path:
@@ -92,84 +107,11 @@ class RunDir:
             self._tb.close()
             self._tb = None
 
-    # -------------------------------------------------------------------------------------------------- checkpoints
-
-    def save_checkpoint(self, step: int, models: dict[str, Any], state: dict[str, Any], tokenizer=None,
-                        keep: int = 2) -> Path | None:
-        """Atomically write ``checkpoints/step-N``: each model in its own save_pretrained folder, plus ``state.pt``."""
-        if not self.is_main:
-            return None
-        from moss_rlhf.models import save_model
-
-        root = self.path / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{step:08d}"
-        tmp = root / f".tmp-step-{step:08d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        for name, model in models.items():
-            save_model(model, tokenizer, tmp / name)
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def last_checkpoint(self) -> Path | None:
-        found = sorted((self.path / "checkpoints").glob("step-*"))
-        return found[-1] if found else None
-
-
-def load_checkpoint_state(checkpoint: Path) -> dict[str, Any]:
-    state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
-    set_rng_state(state["rng"])
-    return state
-
-
 def read_metrics(run: str | os.PathLike) -> list[dict]:
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-# ------------------------------------------------------------------------------------------------------------ RNG
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (1 << 32))
-    except ImportError:
-        pass
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
 
 
 # ------------------------------------------------------------------------------------------------------------ plots

@@ -19,11 +19,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from moss_rlhf.config import ConfigError, option
+from moss_rlhf.config import Config, ConfigError, option
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Config):
     model: str = option("runs/ppo/model", "model to serve (save_pretrained directory or hub id)", positional=True)
     name: str = option("", "model id reported by /v1/models (default: the model's directory name)")
     host: str = option("127.0.0.1", "interface to bind (0.0.0.0 exposes the unauthenticated API to the network)")
@@ -32,9 +32,6 @@ class ServeConfig:
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:
-        from moss_rlhf.assistant import check_model_path
-
-        check_model_path(self.model)
         if not 0 < self.port < 65536:
             raise ConfigError(f"--port must be between 1 and 65535, got {self.port}")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from moss_rlhf.config import option
+from moss_rlhf.config import Config, ConfigError, option
 from moss_rlhf.data.formats import Message
 
 BOS, EOS, PAD, MASK = "<|bos|>", "<|end|>", "<|pad|>", "<|mask|>"
@@ -28,22 +28,28 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
-# Used for tokenizers that come without a chat template of their own (base models).
+# Used for tokenizers that come without a chat template of their own (base models). A turn ends with eos, where
+# generation stops and the reward model reads its score; the newline after it only separates turns. The generation
+# prompt stops before the space that precedes the content, so the reply's first token is the " word" token the
+# model saw after "assistant:" in training (with "assistant: " the space would be a token of its own).
 FALLBACK_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ message['role'] + ': ' + message['content'] + eos_token + '\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
 )
 
 
 @dataclass
-class TokenizerConfig:
-    corpus: list[str] = option([], "text files to train on (any text/conversation format); default: the demo world")
+class TokenizerConfig(Config):
+    corpus: list[str] = option([], "text files to train on (any text, conversation or preference format)")
     out: str = option("runs/tokenizer", "directory to save the tokenizer to (Hugging Face format)")
-    vocab_size: int = option(4096, "vocabulary size, special tokens included")
-    min_frequency: int = option(2, "minimum pair frequency for a merge")
-    seed: int = option(0, "demo-world seed when no corpus is given")
+    vocab_size: int = option(4096, "vocabulary size, special tokens included", at_least=len(SPECIAL_TOKENS) + 256)
+    min_frequency: int = option(2, "minimum pair frequency for a merge", at_least=1)
+
+    def check(self) -> None:
+        if not self.corpus:
+            raise ConfigError("give --corpus FILE (repeat for several): the texts to train the tokenizer on")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
@@ -89,6 +95,34 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The tokens that end an assistant turn: eos, and the special token the chat template closes a turn with
+    (``<|end|>`` in ours, ``<|im_end|>`` in ChatML, ``<|eot_id|>`` in Llama 3). Generation stops at any of them,
+    SFT's labels and the reward model's input end there, and the reward model reads its score there — whatever the
+    template renders after it (a newline) belongs to the next turn."""
+    ids = {tokenizer.eos_token_id}
+    ids.add(_turn_end_token(tokenizer))
+    return sorted(i for i in ids if i is not None)
+
+
+_MARK = "⁣moss-rlhf-turn⁣"
+
+
+def _turn_end_token(tokenizer) -> int | None:
+    """The special token right after an assistant message in the rendered template, if there is one."""
+    try:
+        rendered = render_chat(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": _MARK}])
+    except Exception:  # a template that refuses this conversation has no turn end we can learn from it
+        return None
+    if _MARK not in rendered:
+        return None
+    after = rendered.split(_MARK, 1)[1]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    special = set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+    return ids[0] if ids and ids[0] in special else None
+
+
 def render_chat(tokenizer, messages: list[Message], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -99,10 +133,12 @@ def encode_chat(tokenizer, messages: list[Message], add_generation_prompt: bool 
 
 
 def run(cfg: TokenizerConfig) -> str:
-    """``moss-rlhf tokenizer``: train on the given corpus (or the demo world) and save; returns the directory."""
+    """``moss-rlhf tokenizer``: train on the given corpus and save; returns the directory."""
     from moss_rlhf.data.corpus import corpus_texts
 
-    texts = corpus_texts(cfg.corpus, seed=cfg.seed)
+    texts = [t for t in corpus_texts(cfg.corpus) if t.strip()]
+    if not texts:
+        raise ConfigError(f"--corpus {', '.join(cfg.corpus)}: no text to train a tokenizer on")
     tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(cfg.out)

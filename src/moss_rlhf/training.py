@@ -1,4 +1,5 @@
-"""The language-model training loop shared by pretraining and SFT, and the optimizer/schedule every stage uses.
+"""The supervised training loop shared by pretraining, SFT and the reward model, the LM losses, and the optimizer,
+schedule and gradient clipping every stage uses.
 
 One optimizer step, top to bottom:
   1. read this process's micro-batches for the step (``BatchOrder``: a pure function of seed and step);
@@ -20,9 +21,12 @@ from dataclasses import dataclass, field
 import torch
 
 from moss_rlhf import distributed
-from moss_rlhf.config import TrainConfig
-from moss_rlhf.data.collate import BatchOrder
-from moss_rlhf.runs import Progress, RunDir, load_checkpoint_state, plot_curves
+from moss_rlhf.checkpoint import Checkpointer
+from moss_rlhf.config import ConfigError, TrainConfig
+from moss_rlhf.data.collate import BatchOrder, TokenData
+from moss_rlhf.losses import lm_loss_sum
+from moss_rlhf.models import accepts, base_model, final_hidden_states, save_model
+from moss_rlhf.runs import Progress, RunDir, plot_curves
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -58,20 +62,6 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-class TokenData:
-    """A tokenized data set: ``batch(indices)`` returns tensors with ``n_targets`` (tokens that carry loss)."""
-
-    def __init__(self, n: int, make_batch: Callable[[list[int]], dict[str, torch.Tensor]]):
-        self.n = n
-        self.make_batch = make_batch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        return self.make_batch(indices)
-
-
 # loss_fn(model, batch) -> summed loss over the batch's target tokens
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -88,41 +78,56 @@ class LoopResult:
 Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 
 
+@dataclass
+class Trainee:
+    """A model in training with its optimizer and schedule. ``module`` is what forward passes call (DDP-wrapped with
+    several processes); ``model`` is the plain one (clipping, saving)."""
+
+    model: torch.nn.Module
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    max_grad_norm: float
+
+    @classmethod
+    def create(cls, model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None,
+               max_grad_norm: float | None = None) -> Trainee:
+        """AdamW and the warm-up + cosine schedule for ``model`` (not yet wrapped: see ``module``)."""
+        optimizer = build_optimizer(model, cfg, lr)
+        return cls(model, model, optimizer, build_schedule(optimizer, cfg),
+                   cfg.max_grad_norm if max_grad_norm is None else max_grad_norm)
+
+    def step(self) -> float:
+        """Clip the gradient norm, step the optimizer, clear the gradients; returns the norm before clipping."""
+        grad_norm = clip_gradients(self.model, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def no_sync(self, sync: bool):
+        """DDP's no-sync for every micro-batch but the last of an accumulation (where ``sync`` is True)."""
+        return contextlib.nullcontext() if sync or not hasattr(self.module, "no_sync") else self.module.no_sync()
+
+
 def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenData, loss_fn: LossFn, run: RunDir,
              dist: distributed.Dist, evaluate: Evaluator | None = None, desc: str = "train") -> LoopResult:
     """Train ``model`` on ``train`` with ``loss_fn``; ``evaluate(model)`` returns held-out metrics ("eval/loss" is
     reported in the result). Used by pretraining, SFT and the reward model."""
-    from moss_rlhf.models import load_weights, save_model, trainable_state, load_trainable_state
-
     device = dist.device
     model.to(device)
-    optimizer = build_optimizer(model, cfg)
-    schedule = build_schedule(optimizer, cfg)
+    trainee = Trainee.create(model, cfg)
+    optimizer, schedule = trainee.optimizer, trainee.schedule
     order = BatchOrder(len(train), cfg.batch_size, cfg.grad_accum, dist.world_size, cfg.seed)
     if len(train) < order.global_batch:
-        raise ValueError(f"{len(train)} training sequences are fewer than one global batch "
-                         f"({cfg.batch_size} × {cfg.grad_accum} accumulation × {dist.world_size} processes)")
-
+        raise ConfigError(f"{len(train)} training examples are fewer than one global batch ({cfg.batch_size} "
+                          f"--batch-size × {cfg.grad_accum} --grad-accum × {dist.world_size} processes)")
+    checkpoints = Checkpointer(run.checkpoints, {"model": model, "optimizer": optimizer, "schedule": schedule},
+                               tokenizer, cfg.keep_checkpoints, dist.is_main, desc)
     step = 0
-    checkpoint = run.last_checkpoint() if cfg.resume else None
-    if cfg.resume and checkpoint is None and dist.is_main:
-        print(f"{desc}: --resume given but {run.path} holds no checkpoint; starting from step 0")
-    if checkpoint is not None:
-        state = load_checkpoint_state(checkpoint)
-        load_weights(model, checkpoint / "model")
-        load_trainable_state(model, state.get("trainable"))
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        step = state["step"]
+    if cfg.resume:
+        step = (checkpoints.restore() or {"step": 0})["step"]
         run.truncate_metrics(step)
-        if dist.is_main:
-            print(f"{desc}: resumed from {checkpoint} at step {step}")
-    ddp_model = distributed.wrap_ddp(model, dist)
-
-    def save(at_step: int) -> None:
-        state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                 "data_position": at_step * order.global_batch, "trainable": trainable_state(model)}
-        run.save_checkpoint(at_step, {"model": model}, state, tokenizer, keep=cfg.keep_checkpoints)
+    trainee.module = distributed.wrap_ddp(model, dist)
 
     progress = Progress(cfg.max_steps, step, desc, enabled=cfg.progress and dist.is_main)
     started, tokens_seen = time.perf_counter(), 0
@@ -137,15 +142,12 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         loss_sum = torch.zeros((), device=device)
         for j, mb in enumerate(micro_batches):
             mb = {k: v.to(device) for k, v in mb.items() if k != "n_targets"}
-            sync = j == cfg.grad_accum - 1 or dist.world_size == 1
-            with (contextlib.nullcontext() if sync else ddp_model.no_sync()), autocast(device, cfg.precision):
-                batch_loss = loss_fn(ddp_model, mb)
+            with trainee.no_sync(j == cfg.grad_accum - 1), autocast(device, cfg.precision):
+                batch_loss = loss_fn(trainee.module, mb)
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach().float()
-        grad_norm = clip_gradients(model, cfg.max_grad_norm)
-        optimizer.step()
+        grad_norm = trainee.step()
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
 
         train_loss = float(distributed.all_reduce_sum(loss_sum) / n_targets)
@@ -158,7 +160,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
                             "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step)})
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            eval_metrics = evaluate(ddp_model)
+            eval_metrics = evaluate(trainee.module)
             last_eval = eval_metrics
             eval_loss = eval_metrics.get("eval/loss", eval_loss)
             metrics.update(eval_metrics)
@@ -166,14 +168,43 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         if metrics:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            save(step)
+            checkpoints.save(step, data_position=step * order.global_batch)
     progress.close()
-    save(step)
+    checkpoints.save(step, data_position=step * order.global_batch)
     if dist.is_main:
         save_model(model, tokenizer, run.model_path)
         plot_curves(run.path, title=desc)
     distributed.barrier()
+    run.close()
     return LoopResult(step, train_loss, eval_loss, tokens_seen / max(time.perf_counter() - started, 1e-9), last_eval)
+
+
+def lm_batches(tokenizer, paths: list[str], max_len: int, batch_size: int, dist: distributed.Dist,
+               seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Batches of conversations for a supervised LM term inside another loop (PPO-ptx): ``batch_at(update)`` is a
+    pure function of the global update number, so a resumed run reads what the uninterrupted one did."""
+    from moss_rlhf.data.collate import conversation_data
+    from moss_rlhf.data.formats import load_conversations
+
+    data = conversation_data(tokenizer, [c for path in paths for c in load_conversations(path)], max_len)
+    if not len(data):
+        raise ConfigError(f"{', '.join(paths)}: no conversation with an assistant reply")
+    order = BatchOrder(len(data), batch_size, 1, dist.world_size, seed)
+
+    def batch_at(update: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(dist.device) for k, v in data.batch(order.indices(update, 0, dist.rank)).items()}
+
+    return batch_at
+
+
+def lm_backward(trainee: Trainee, batch: dict[str, torch.Tensor], coef: float, world_size: int) -> float:
+    """Backward of ``coef ×`` the mean target-token LM loss of one batch over every process (PPO-ptx: InstructGPT's
+    pretraining-mix term, PPO-max's optional one); returns the global mean loss."""
+    batch = dict(batch)
+    n_total = distributed.all_reduce_sum(batch.pop("n_targets").double()).clamp(min=1)
+    loss_sum = target_loss(trainee.module, batch)
+    (coef * loss_sum * world_size / n_total).backward()  # DDP averages over processes
+    return float(distributed.all_reduce_sum(loss_sum.detach().double()) / n_total)
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
@@ -213,3 +244,51 @@ def evaluate_loss(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg:
         total[1] += n
     distributed.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# LM losses: summed over the batch's target tokens (the loop divides by the global count)
+
+
+def causal_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token loss from the model's full logits (pretraining: every position is a target)."""
+    # use_cache=False: with a cache, transformers ignores packed position_ids (SFT's packed rows) and lets the
+    # examples of a row attend to each other; a training forward has no use for a cache anyway
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                   position_ids=batch.get("position_ids"), use_cache=False).logits
+    return lm_loss_sum(logits, batch["labels"])[0]
+
+
+def target_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token loss over the batch's targets, with the output projection computed at target positions only
+    (SFT, PPO-ptx).
+
+    In SFT most positions carry no loss (prompts, padding), and with an 8k vocabulary the projection is a quarter of
+    the model's FLOPs, so skipping it there is the biggest single saving (TRL's default ``chunked_nll`` loss does the
+    same). ``final_hidden_states`` runs the decoder (through ``model(...)`` when training, so that DDP sees the
+    forward), and ``logits_to_keep=1`` shrinks the model's own projection to one position. Models whose logits are
+    not a plain projection of the last hidden state (soft-capping, logit scaling) and models without
+    ``logits_to_keep`` take the ordinary full-logits path (:func:`causal_loss`).
+    """
+    head = plain_output_head(model)
+    if head is None:
+        return causal_loss(model, batch)
+    hidden = final_hidden_states(model, batch["input_ids"], batch.get("attention_mask"), batch.get("position_ids"),
+                                 logits_to_keep=1)
+    targets = batch["labels"][:, 1:]
+    counted = targets != -100
+    logits = head(hidden[:, :-1][counted])
+    # float() is free in fp32 and keeps the softmax in fp32 under bf16 autocast
+    return torch.nn.functional.cross_entropy(logits.float(), targets[counted], reduction="sum")
+
+
+def plain_output_head(model) -> torch.nn.Module | None:
+    """The model's output projection when logits are exactly ``head(last hidden state)``; otherwise None."""
+    base = base_model(model)
+    config = base.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    if not accepts(base, "logits_to_keep"):
+        return None
+    head = base.get_output_embeddings()
+    return head if isinstance(head, torch.nn.Module) else None

@@ -1,7 +1,9 @@
-"""PPO-max stage: the first update's probability ratio is exactly 1 (padding included); PPO raises a programmatic
-reward and the KL penalty keeps the policy nearer the reference; a stopped run resumes with identical metrics;
-impossible batch geometry is refused with a clear error; presets set their switches and explicit flags win; the
-reward-model path (critic from the RM, LoRA policy) writes a loadable model, best/ and validation samples; two
+"""PPO-max stage: the first update's probability ratio is exactly 1 (padding included, and with a model whose
+config has dropout); log-probs are scored at the sampling temperature; filtered sampling is refused unless the bias
+is accepted; PPO raises a programmatic reward and the KL penalty keeps the policy nearer the reference; an update
+runs without a critic; a stopped run resumes with identical metrics; impossible batch geometry is refused with a
+clear error; presets set their switches and explicit flags win; the reward-model path (critic from the RM, LoRA
+policy) writes a trained model, best/ chosen by the caller's validation scorer and validation samples; two
 processes with gloo give the same run as one process."""
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import shutil
 import pytest
 import torch
 
+from moss_rlhf import distributed
 from moss_rlhf.cli import build_parser, main
 from moss_rlhf.config import ConfigError, from_args
-from moss_rlhf.data.collate import left_pad
-from moss_rlhf.generation import SamplingConfig, generate
-from moss_rlhf.rollout import make_experience, policy_logprobs
+from moss_rlhf.rollout import RLModels, make_experience, plan_batches, response_logprobs
 from moss_rlhf.runs import read_metrics
+from moss_rlhf.sampling import SamplingConfig
+from moss_rlhf.sampling.builtin import BuiltinSampler
 from moss_rlhf.stages import ppo
-from moss_rlhf.stages.ppo import PPOConfig, plan_batches, resolve_preset
+from moss_rlhf.stages.ppo import PPOConfig, resolve_preset
 from tests.conftest import run_in_processes
 
 TEXTS = [f"the {a} {b} is {c} and the {b} likes {d} number {n}."
@@ -53,6 +56,12 @@ def tiny(tmp_path_factory):
     (root / "eval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:8]))
     sft = [{"prompt": p["prompt"], "completion": t} for p, t in zip(prompts, TEXTS)]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    # a reward model whose head is not zero, so that its rewards differ between replies
+    from moss_rlhf.models import load_scorer, save_model
+
+    scorer = load_scorer(str(root / "model"), tokenizer)
+    torch.nn.init.normal_(scorer.score.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    save_model(scorer, tokenizer, root / "reward")
     return root
 
 
@@ -71,29 +80,32 @@ def even_token_share(rollout) -> torch.Tensor:
     return ((rollout.response_ids % 2 == 0).float() * mask).sum(1) / mask.sum(1).clamp(min=1)
 
 
-def test_first_update_ratio_is_exactly_one_with_padding(tiny):
+def _rollout(tiny, temperature: float = 1.0, stop_every: int = 7):
     from moss_rlhf.models import load_causal_lm, load_scorer
     from moss_rlhf.tokenizer import encode_chat, load_tokenizer
 
-    torch.manual_seed(0)
     tokenizer = load_tokenizer(str(tiny / "model"))
     policy, critic = load_causal_lm(str(tiny / "model")), load_scorer(str(tiny / "model"), tokenizer)
     prompts = [encode_chat(tokenizer, [{"role": "user", "content": t[: 5 + 9 * i]}], True)
                for i, t in enumerate(TEXTS[:6])]
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    assert (mask == 0).any()  # prompts of different lengths: left padding
     # many stop tokens, so responses end at different lengths: right padding inside the response block
-    rollout = generate(policy, ids, mask, SamplingConfig(max_new_tokens=10), stop_ids=list(range(0, 300, 7)),
-                       pad_id=tokenizer.pad_token_id, generator=torch.Generator().manual_seed(1))
+    sampler = BuiltinSampler(policy, stop_ids=list(range(0, 300, stop_every)), pad_id=tokenizer.pad_token_id)
+    rollout = sampler.generate(prompts, SamplingConfig(max_new_tokens=10, temperature=temperature),
+                               seeds=list(range(6)))
+    models = RLModels(policy, load_causal_lm(str(tiny / "model")), None, critic)
+    return models, rollout
+
+
+def test_first_update_ratio_is_exactly_one_with_padding(tiny):
+    models, rollout = _rollout(tiny)
+    assert (rollout.prompt_mask == 0).any()  # prompts of different lengths: left padding
     lengths = rollout.response_mask.sum(1)
     assert lengths.min() < lengths.max()
-    chunks = make_experience(policy, load_causal_lm(str(tiny / "model")), critic, None, rollout,
-                             micro_batch=3, reward_fn=even_token_share)
-    policy.train()
+    chunks = make_experience(models, rollout, micro_batch=3, temperature=1.0, reward_fn=even_token_share)
     for chunk in chunks:
         with torch.enable_grad():
-            logprobs, _ = policy_logprobs(policy, chunk.sequences, chunk.attention_mask, chunk.position_ids,
-                                          chunk.response_width, with_entropy=True)
+            logprobs, _ = response_logprobs(models.policy, chunk.sequences, chunk.attention_mask, chunk.position_ids,
+                                            chunk.response_width, with_entropy=True)
         assert torch.equal(logprobs.detach(), chunk.old_logprobs)
         ratio = torch.exp(logprobs.detach() - chunk.old_logprobs)
         assert torch.equal(ratio[chunk.response_mask.bool()], torch.ones(int(chunk.response_mask.sum())))
@@ -101,11 +113,62 @@ def test_first_update_ratio_is_exactly_one_with_padding(tiny):
         assert torch.allclose(chunk.ref_logprobs, chunk.old_logprobs, atol=1e-5)
 
 
+def test_logprobs_are_scored_at_the_sampling_temperature(tiny):
+    """At T = 0.5 the old and reference log-probs are those of softmax(logits / 0.5), the distribution the tokens
+    were drawn from: they match the sampler's own to rounding, while the temperature-1 log-probs are far off."""
+    models, rollout = _rollout(tiny, temperature=0.5)
+    chunks = make_experience(models, rollout, micro_batch=3, temperature=0.5, reward_fn=even_token_share)
+    for chunk in chunks:
+        mask = chunk.response_mask.bool()
+        torch.testing.assert_close(chunk.old_logprobs[mask], chunk.sample_logprobs[mask], atol=2e-5, rtol=0)
+        torch.testing.assert_close(chunk.ref_logprobs[mask], chunk.sample_logprobs[mask], atol=2e-5, rtol=0)
+        at_one, _ = response_logprobs(models.policy, chunk.sequences, chunk.attention_mask, chunk.position_ids,
+                                      chunk.response_width, 1.0)
+        assert (at_one[mask] - chunk.sample_logprobs[mask]).abs().max() > 0.05
+
+
+def test_filtered_sampling_is_refused_unless_the_bias_is_accepted(tiny, tmp_path):
+    for flag in ({"top_k": 5}, {"top_p": 0.9}, {"repetition_penalty": 1.2}):
+        with pytest.raises(ConfigError, match="accept-sampling-bias"):
+            config(tiny, tmp_path / "x", **flag)
+        config(tiny, tmp_path / "x", accept_sampling_bias=True, **flag)  # accepted explicitly
+    with pytest.raises(ConfigError, match="--temperature must be above 0"):
+        from_args(PPOConfig, build_parser().parse_args(["ppo", "--prompts", "p", "--temperature", "0"]))
+
+
+def test_dropout_is_off_so_the_first_ratio_is_exactly_one(tiny, tmp_path):
+    """A policy whose config asks for dropout: sampling, old log-probs and the update must all see the same
+    function, or the ratio at the first update is not 1 and the KL to the (identical) reference is not 0."""
+    from moss_rlhf.models import load_causal_lm
+
+    dropped = load_causal_lm(str(tiny / "model"), attention_dropout=0.3)
+    assert dropped.config.attention_dropout == 0.3
+    dropped.save_pretrained(tmp_path / "dropout")
+    shutil.copy(tiny / "model" / "tokenizer.json", tmp_path / "dropout")
+    shutil.copy(tiny / "model" / "tokenizer_config.json", tmp_path / "dropout")
+    policy = str(tmp_path / "dropout")
+    ppo.run(config(tiny, tmp_path / "run", policy=policy, reward_model=policy, max_steps=1, ppo_epochs=1),
+            reward_fn=even_token_share)
+    row = read_metrics(tmp_path / "run")[0]
+    assert row["policy/first_ratio_mean"] == 1.0 and row["kl/per_token"] == 0.0
+
+
+def test_an_update_runs_without_a_critic(tiny, tmp_path):
+    metrics = ppo.run(config(tiny, tmp_path / "run", max_steps=3, use_critic=False, lr=3e-3),
+                      reward_fn=even_token_share)
+    rows = read_metrics(tmp_path / "run")
+    assert not any(k.startswith("critic/") for r in rows for k in r)
+    assert [r["policy/first_ratio_mean"] for r in rows] == [1.0, 1.0, 1.0]
+    assert metrics["policy/approx_kl"] > 0 and rows[-1]["kl/per_token"] != 0  # the policy moved
+    assert not any(p.name.startswith("critic") for p in (tmp_path / "run" / "checkpoints").glob("*/*"))
+
+
 def test_loop_first_ratio_is_one_and_checks_batches(tiny, tmp_path, capsys):
     metrics = ppo.run(config(tiny, tmp_path / "run", max_steps=2), reward_fn=even_token_share)
     rows = read_metrics(tmp_path / "run")
     assert [r["policy/first_ratio_mean"] for r in rows] == [1.0, 1.0]
     assert abs(rows[0]["kl/per_token"]) < 1e-6  # policy == reference before any update
+    assert rows[0]["rollout/logprob_abs_diff"] < 1e-5  # the trainer scores what the sampler sampled
     assert metrics["policy/approx_kl"] > 0  # later mini-batches did move
     printed = capsys.readouterr().out
     assert "rollout batch 16 = 1 process(es) × 16" in printed and "4 updates per step" in printed
@@ -150,12 +213,15 @@ def test_stopped_run_resumes_with_identical_metrics(tiny, tmp_path):
 
 def test_impossible_batch_geometry_is_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="rollout-batch .* multiple of --mini-batch"):
-        from_args(PPOConfig, build_parser().parse_args(["ppo", "--rollout-batch", "10", "--mini-batch", "4"]))
+        from_args(PPOConfig, build_parser().parse_args(["ppo", "--prompts", "p.jsonl", "--rollout-batch", "10",
+                                                        "--mini-batch", "4"]))
     with pytest.raises(ConfigError, match=r"--mini-batch \(8\) must be a multiple of --batch-size \(4\) × 3"):
-        plan_batches(PPOConfig(rollout_batch=24, mini_batch=8, batch_size=4), world_size=3)
-    assert main(["ppo", "--out", str(tmp_path / "x"), "--rollout-batch", "10", "--mini-batch", "4"]) == 2
+        plan_batches(PPOConfig(prompts=["p"], rollout_batch=24, mini_batch=8, batch_size=4), world_size=3)
+    assert main(["ppo", "--out", str(tmp_path / "x"), "--prompts", "p.jsonl", "--rollout-batch", "10",
+                 "--mini-batch", "4"]) == 2
     assert "error:" in capsys.readouterr().err
-    plan = plan_batches(PPOConfig(rollout_batch=32, mini_batch=16, batch_size=4, ppo_epochs=2), world_size=2)
+    plan = plan_batches(PPOConfig(prompts=["p"], rollout_batch=32, mini_batch=16, batch_size=4, ppo_epochs=2),
+                        world_size=2)
     assert (plan.rollout_per_process, plan.micro_per_mini, plan.updates_per_step) == (16, 2, 4)
 
 
@@ -166,47 +232,60 @@ def test_explained_variance_and_whitening_match_their_definitions():
     mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
     r, v = returns[mask.bool()], values[mask.bool()]
     expected = 1 - (r - v).var(unbiased=False) / r.var(unbiased=False)
-    assert ppo._global_explained_variance(values, returns, mask).item() == pytest.approx(expected.item())
-    assert ppo._global_explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
-    assert torch.isnan(ppo._global_explained_variance(values, torch.ones(3, 5), mask))
-    whitened = ppo._global_whiten(returns, mask)
+    assert distributed.global_explained_variance(values, returns, mask).item() == pytest.approx(expected.item())
+    assert distributed.global_explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert torch.isnan(distributed.global_explained_variance(values, torch.ones(3, 5), mask))
+    whitened = distributed.global_whiten(returns, mask)
     torch.testing.assert_close(whitened[mask.bool()], (r - r.mean()) / r.std())
     assert (whitened[~mask.bool()] == 0).all()
 
 
 def test_presets_set_their_switches_and_explicit_flags_win():
-    best = resolve_preset(PPOConfig())
+    best = resolve_preset(PPOConfig(prompts=["p"]))
     assert best.preset == "ppo_max"
     assert (best.reward_norm, best.whiten_advantages, best.critic_from_reward) == (True, True, True)
     assert best.kl_coef > 0 and best.value_clip > 0 and best.reward_clip > 0 and best.max_grad_norm > 0
-    plain = resolve_preset(PPOConfig(preset="vanilla"))
+    plain = resolve_preset(PPOConfig(prompts=["p"], preset="vanilla"))
     assert (plain.reward_norm, plain.whiten_advantages, plain.critic_from_reward) == (False, False, False)
     assert plain.kl_coef == 0 and plain.value_clip == 0 and plain.reward_clip == 0 and plain.max_grad_norm == 0
-    args = build_parser().parse_args(["ppo", "--preset", "vanilla", "--kl-coef", "0.2", "--reward-norm", "true"])
+    args = build_parser().parse_args(["ppo", "--prompts", "p.jsonl", "--preset", "vanilla", "--kl-coef", "0.2",
+                                      "--reward-norm", "true"])
     mixed = resolve_preset(from_args(PPOConfig, args))
     assert (mixed.kl_coef, mixed.reward_norm, mixed.whiten_advantages) == (0.2, True, False)
 
 
 def test_reward_model_path_with_lora_policy_saves_everything(tiny, tmp_path):
-    from transformers import AutoModelForCausalLM
+    """A reward model (critic initialised from it), a LoRA policy, and a caller's validation scorer that picks best/:
+    the saved model is the trained policy with its adapters merged, best/ is the validated step that scored best."""
+    from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    metrics = ppo.run(config(tiny, out, max_steps=2, eval_every=1, lora_r=4, rollout_batch=8, mini_batch=8))
-    assert metrics["kl/per_token"] >= 0 and "val/reward" in metrics
-    assert AutoModelForCausalLM.from_pretrained(out / "model") is not None
+    length = lambda conversations, replies: [float(len(r)) for r in replies]  # noqa: E731
+    metrics = ppo.run(config(tiny, out, max_steps=2, eval_every=1, lora_r=4, rollout_batch=8, mini_batch=8, lr=1e-2,
+                             reward_model=str(tiny / "reward")), scorers={"length": length})
+    assert metrics["kl/per_token"] > 0 and "val/reward" in metrics and "val/length" in metrics
+    rows = read_metrics(out)
+    best = json.loads((out / "best.json").read_text())
+    assert best["val/length"] == max(r["val/length"] for r in rows)
+    before, after = (load_file(str(path / "model.safetensors")) for path in (tiny / "model", out / "model"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all("lora" not in k for k in after)  # merged adapters changed the weights
     assert (out / "best" / "model.safetensors").exists() and (out / "curves.png").exists()
     samples = [json.loads(line) for line in (out / "samples" / "step-000002.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and {"prompt", "response", "reward"} <= set(samples[0])
+    assert len(samples) == 8 and {"prompt", "response", "reward", "length"} <= set(samples[0])
+    assert [s["length"] for s in samples] == [float(len(s["response"])) for s in samples]
+    with pytest.raises(ConfigError, match="no validation scorer"):
+        ppo.run(config(tiny, tmp_path / "other", best_metric="gold", max_steps=1))
 
 
 @pytest.mark.slow
 def test_two_processes_match_one_process(tiny, tmp_path):
     """The same global rollout batch on 1 or 2 processes gives the same run: reward and advantage statistics are
     reduced over processes (global whitening, synced running moments), losses are normalised by the global token
-    count, gradients are averaged by DDP, logged statistics are global. Greedy sampling (top-k 1) makes the rollouts
-    independent of each process's random stream; one mini-batch per step makes the update independent of how the
-    rollout is split into mini-batches (which does depend on the number of processes)."""
-    common = dict(max_steps=3, top_k=1, rollout_batch=16, mini_batch=16, batch_size=4, ppo_epochs=1,
+    count, gradients are averaged by DDP, logged statistics are global. Per-prompt seeds (from each prompt's place in
+    the data stream) make the sampled rollouts the same on either setup; one mini-batch per step makes the update
+    independent of how the rollout is split into mini-batches (which does depend on the number of processes)."""
+    common = dict(max_steps=3, rollout_batch=16, mini_batch=16, batch_size=4, ppo_epochs=1,
                   critic_warmup_steps=1, eval_every=3)
     ppo.run(config(tiny, tmp_path / "single", **common), reward_fn=even_token_share)
     run_in_processes(functools.partial(ppo.run, reward_fn=even_token_share), config(tiny, tmp_path / "double",

@@ -147,6 +147,19 @@ def test_masked_lm_objective_learns(tmp_path, corpus_file, eval_corpus_file, tok
     result = pretrain.run(cfg)
     first = losses(cfg.out)[1]
     assert result.train_loss < 0.8 * first
+    # the saved encoder is the trained one: it fills masks better than the same architecture freshly built
     from transformers import AutoModelForMaskedLM
 
-    assert AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model") is not None
+    from moss_rlhf.data.collate import pack_texts
+    from moss_rlhf.data.formats import load_texts
+    from moss_rlhf.models import build_masked_lm
+    from moss_rlhf.stages.pretrain import masked_data, masked_loss
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    batch = masked_data(pack_texts(tokenizer, load_texts(eval_corpus_file), 64), tokenizer, 0.15, 5).batch([0, 1, 2])
+    n = batch.pop("n_targets")
+    with torch.no_grad():
+        trained = masked_loss(AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model"), batch) / n
+        fresh = masked_loss(build_masked_lm("tiny", tokenizer, seed=0), batch) / n
+    assert trained < 0.8 * fresh

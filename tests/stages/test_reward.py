@@ -1,5 +1,7 @@
 """Reward model: learns a preference, reports held-out accuracy, saves a scorer that plain transformers loads and
-that scores exactly as during training; trains on the real HH-RLHF file; 2 processes give the 1-process run."""
+that scores exactly as during training; the β·LM term is each pair's mean token loss, so gradient accumulation
+gives the one-batch run with it on; the held-out pairs are written out; trains on the real HH-RLHF file; 2
+processes give the 1-process run."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def test_reward_model_learns_the_preference_and_loads_in_transformers(tmp_path, 
 
     ex = pair_examples(tokenizer, prefs[0], 64)[0]
     logits = loaded(input_ids=torch.tensor([ex.input_ids])).logits
-    assert float(logits[0, 0]) == pytest.approx(float(chosen[0]), abs=1e-4)
+    assert float(logits[0, 0].detach()) == pytest.approx(float(chosen[0]), abs=1e-4)
 
 
 def test_label_smoothing_margin_and_lm_loss_options_train(tmp_path, tiny_model_dir):
@@ -65,6 +67,48 @@ def test_label_smoothing_margin_and_lm_loss_options_train(tmp_path, tiny_model_d
                                eval_every=12))
     first = read_metrics(tmp_path / "rm")[0]["train/loss"]
     assert result.train_loss < first
+
+
+def varied_rows(n: int) -> list[dict]:
+    """Chosen replies of very different lengths: a token mean pooled over a micro-batch then differs from the mean
+    of each pair's own token mean."""
+    return [{**row, "chosen": " ".join([row["chosen"]] * (1 + i % 5))} for i, row in enumerate(preference_rows(n))]
+
+
+def test_lm_term_is_each_pairs_mean_token_loss(tmp_path, tiny_model_dir):
+    from moss_rlhf.losses import bradley_terry_loss, lm_loss_sum
+    from moss_rlhf.models import load_causal_lm, load_scorer
+    from moss_rlhf.stages.reward import RewardLoss, pair_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prefs = [p for p in load_preferences(write_jsonl(tmp_path / "p.jsonl", varied_rows(3)))]
+    cfg = config(tmp_path, tiny_model_dir, tmp_path / "p.jsonl", lm_coef=0.7, use_margin=False)
+    scorer = load_scorer(str(tiny_model_dir), tokenizer)
+    torch.nn.init.normal_(scorer.score.weight, std=0.3, generator=torch.Generator().manual_seed(1))
+    batch = pair_data(tokenizer, prefs, cfg).batch([0, 1, 2])
+    with torch.no_grad():
+        loss = RewardLoss(cfg, scorer.get_input_embeddings().weight)(scorer, batch)  # tied: the embeddings
+        chosen, rejected, _, _ = RewardLoss(cfg, None).forward(scorer, batch)
+        lm = load_causal_lm(str(tiny_model_dir))
+        per_pair = []
+        for i in range(3):
+            labels = batch["labels"][i:i + 1]
+            logits = lm(input_ids=batch["input_ids"][i:i + 1], attention_mask=batch["attention_mask"][i:i + 1]).logits
+            total, count = lm_loss_sum(logits, labels)
+            per_pair.append(float(total / count))
+    assert len({int((batch["labels"][i] != -100).sum()) for i in range(3)}) == 3  # unequal reply lengths
+    expected = float(bradley_terry_loss(chosen, rejected, reduction="sum")) + 0.7 * sum(per_pair)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_accumulation_is_exact_with_the_lm_term(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "prefs.jsonl", varied_rows(80))
+    runs = {}
+    for name, batch, accum in (("8x1", 8, 1), ("2x4", 2, 4)):
+        reward.run(config(tmp_path / name, tiny_model_dir, data, batch_size=batch, grad_accum=accum, lm_coef=0.5,
+                          max_steps=3, eval_every=0))
+        runs[name] = [r["train/loss"] for r in read_metrics(tmp_path / name / "rm")]
+    assert runs["8x1"] == pytest.approx(runs["2x4"], abs=1e-5)
 
 
 def test_missing_data_is_a_clear_error(tmp_path, tiny_model_dir):
@@ -78,9 +122,18 @@ def test_missing_data_is_a_clear_error(tmp_path, tiny_model_dir):
 def test_trains_on_the_real_hh_rlhf_file(tmp_path, tiny_model_dir):
     result = reward.run(config(tmp_path, tiny_model_dir, HH_FILE, max_steps=20, eval_every=20, eval_fraction=0.05,
                                max_len=128))
-    acc = result.eval_metrics["eval/accuracy"]
-    assert 0.0 <= acc <= 1.0
-    assert len(read_metrics(tmp_path / "rm")) >= 2
+    # the reported held-out accuracy is the saved model's accuracy on the pairs the stage wrote out as held out
+    from moss_rlhf.models import load_scorer
+
+    held_out = load_preferences(str(tmp_path / "rm" / "held_out.jsonl"))
+    assert len(held_out) == round(0.05 * len(load_preferences(HH_FILE)))
+    model_dir = str(tmp_path / "rm" / "model")
+    scorer = load_scorer(model_dir)
+    chosen, rejected = score_pairs(scorer, load_tokenizer(model_dir), held_out, max_len=128)
+    accuracy = float(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean())
+    assert result.eval_metrics["eval/accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert scorer.score.weight.abs().sum() > 0  # the zero-initialised head was trained
+    assert len(chosen.unique()) > len(held_out) // 2  # and it tells the replies apart
 
 
 @pytest.mark.slow

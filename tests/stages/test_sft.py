@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moss_rlhf.data.collate import IGNORE, Example, chat_example, pack_examples
+from moss_rlhf.data.collate import IGNORE, chat_example, conversation_data
 from moss_rlhf.data.formats import load_conversations
 from moss_rlhf.models import load_causal_lm
 from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import sft
 from moss_rlhf.stages.sft import SFTConfig
 from moss_rlhf.tokenizer import load_tokenizer
+from moss_rlhf.training import target_loss
 from tests.conftest import run_in_processes
 
 
@@ -31,16 +32,6 @@ def test_labels_cover_assistant_turns_only(tokenizer_dir):
     assert "Where did Lin go?" in unsupervised and "Be brief." in unsupervised and "park" not in unsupervised
 
 
-def test_packing_keeps_examples_whole_restarts_positions_and_pads_without_loss():
-    examples = [Example([1, 2, 3], [IGNORE, 2, 3]), Example([4, 5], [IGNORE, 5]), Example([6, 7, 8, 9], [6, 7, 8, 9])]
-    batch = pack_examples(examples, seq_len=5, pad_id=0)
-    # first-fit decreasing: the 4-token example opens row 0, the 3-token one row 1, the 2-token one joins it
-    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 0], [1, 2, 3, 4, 5]]
-    assert batch["labels"].tolist() == [[6, 7, 8, 9, IGNORE], [IGNORE, 2, 3, IGNORE, 5]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
-    assert "attention_mask" not in batch  # a mask would make transformers ignore the packed-sequence positions
-
-
 def test_packed_batch_gives_the_padded_loss_and_gradient(tiny_model_dir, tokenizer_dir, conversations_file):
     """No attention crosses an example boundary: packing changes the layout, not the numbers."""
     tokenizer = load_tokenizer(str(tokenizer_dir))
@@ -50,10 +41,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(tiny_model_dir, tokeniz
     results = {}
     for pack in (True, False):
         model = load_causal_lm(str(tiny_model_dir))
-        batch = sft.sft_data(tokenizer, conversations, SFTConfig(pack=pack, seq_len=128, max_len=64)).batch(
-            list(range(12)))
+        batch = conversation_data(tokenizer, conversations, max_len=64, pack=pack, seq_len=128).batch(list(range(12)))
         n_targets = int(batch.pop("n_targets"))
-        loss = sft.target_loss(model, batch)
+        loss = target_loss(model, batch)
         loss.backward()
         results[pack] = (n_targets, batch["input_ids"].numel(), loss.item(),
                          [p.grad.clone() for p in model.parameters()])
@@ -63,7 +53,8 @@ def test_packed_batch_gives_the_padded_loss_and_gradient(tiny_model_dir, tokeniz
     assert size_packed < 0.8 * size_padded  # the point of packing
     assert loss_packed == pytest.approx(loss_padded, rel=1e-5)
     for g_packed, g_padded in zip(grads_packed, grads_padded):
-        torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-6)
+        # fp32 sums in another order: a few elements near zero differ by ~1e-6 of gradients of size ~1e-2
+        torch.testing.assert_close(g_packed, g_padded, rtol=1e-4, atol=1e-5)
 
 
 def test_packed_and_padded_runs_follow_the_same_curve(tmp_path, tiny_model_dir, conversations_file):

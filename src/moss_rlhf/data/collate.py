@@ -1,15 +1,18 @@
 """Turn records into token batches: sequence packing for pretraining, chat rendering with assistant-only labels for
-SFT, padding, and a deterministic, resumable, process-sharded batch order.
+SFT (packed per batch or padded), a reply rendered for a reward model, padding, and a deterministic, resumable,
+process-sharded batch order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from moss_rlhf.config import UserError
 from moss_rlhf.data.formats import Message
+from moss_rlhf.tokenizer import stop_token_ids
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -18,6 +21,20 @@ IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 class Example:
     input_ids: list[int]
     labels: list[int]
+
+
+class TokenData:
+    """A tokenized data set: ``batch(indices)`` returns tensors with ``n_targets`` (what the loss is divided by)."""
+
+    def __init__(self, n: int, make_batch: Callable[[list[int]], dict[str, torch.Tensor]]):
+        self.n = n
+        self.make_batch = make_batch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.make_batch(indices)
 
 
 def pack_texts(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
@@ -29,14 +46,18 @@ def pack_texts(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
         stream.extend(bos + ids + [tokenizer.eos_token_id])
     n = len(stream) // seq_len
     if n == 0:
-        raise ValueError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len}")
+        raise UserError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len} (--seq-len)")
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def chat_example(tokenizer, messages: list[Message], max_len: int) -> Example:
-    """Render a conversation with the chat template; labels keep assistant tokens only (their end token included,
-    so the model learns to stop). Works with any template that renders a prefix of the conversation as a prefix of
-    its tokens: each assistant turn is located by rendering the conversation up to it."""
+def chat_example(tokenizer, messages: list[Message], max_len: int, stop_ids: Sequence[int] | None = None) -> Example:
+    """Render a conversation with the chat template; labels keep assistant tokens only, up to and including the turn
+    end (``tokenizer.stop_token_ids``: where generation stops), so the model learns to stop. What a template renders
+    after the turn end (a newline before the next turn) carries no loss, and a conversation that ends with an
+    assistant turn ends at its turn end — the token a reward model reads its score at, as in PPO's rollouts. Works
+    with any template that renders a prefix of the conversation as a prefix of its tokens: each assistant turn is
+    located by rendering the conversation up to it."""
+    stops = set(stop_token_ids(tokenizer) if stop_ids is None else stop_ids)
     ids: list[int] = []
     labels: list[int] = []
     for i, message in enumerate(messages):
@@ -45,13 +66,46 @@ def chat_example(tokenizer, messages: list[Message], max_len: int) -> Example:
         prefix = _encode(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _encode(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if upto[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
-            raise ValueError("the chat template does not render conversations prefix-consistently")
+            raise UserError("the tokenizer's chat template does not render conversations prefix-consistently "
+                            "(each turn must only append tokens); SFT labels cannot be located")
+        reply = upto[len(prefix):]
+        end = next((k + 1 for k, token in enumerate(reply) if token in stops), len(reply))
         labels.extend([IGNORE] * (len(prefix) - len(ids)))
-        labels.extend(upto[len(prefix):])
+        labels.extend(reply[:end] + [IGNORE] * (len(reply) - end))
         ids = upto
     full = _encode(tokenizer, messages, add_generation_prompt=False)
-    labels.extend([IGNORE] * (len(full) - len(ids)))
+    labels.extend([IGNORE] * (len(full) - len(labels)))
+    labelled = [k for k, label in enumerate(labels) if label != IGNORE]
+    if messages and messages[-1]["role"] == "assistant" and labelled:
+        # the conversation ends where its last reply does (at the turn end), not after the template's trailing text
+        full, labels = full[:labelled[-1] + 1], labels[:labelled[-1] + 1]
     return Example(full[:max_len], labels[:max_len])
+
+
+def reply_example(tokenizer, prompt: list[Message], reply: str, max_len: int) -> Example:
+    """A reply to a prompt conversation, rendered as reward training, PPO and evaluation all see it: ending at the
+    reply's turn end, the token its score is read at. A long one keeps its end (the reply and that token)."""
+    example = chat_example(tokenizer, prompt + [{"role": "assistant", "content": reply}], max_len=1 << 30)
+    return Example(example.input_ids[-max_len:], example.labels[-max_len:])
+
+
+def conversation_data(tokenizer, conversations: Sequence[list[Message]], max_len: int, pack: bool = True,
+                      seq_len: int = 0) -> TokenData:
+    """Conversations for supervised learning (SFT, PPO-ptx): one item per conversation that has an assistant reply;
+    a micro-batch is packed into rows of ``seq_len`` (:func:`pack_examples`: the same loss as padding, less
+    compute) or padded to its longest example. ``n_targets`` counts the assistant tokens."""
+    stops = stop_token_ids(tokenizer)
+    examples = [e for e in (chat_example(tokenizer, c, max_len, stops) for c in conversations)
+                if any(label != IGNORE for label in e.labels[1:])]
+
+    def batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        chosen = [examples[i] for i in indices]
+        out = (pack_examples(chosen, seq_len or max_len, tokenizer.pad_token_id) if pack
+               else pad_examples(chosen, tokenizer.pad_token_id))
+        out["n_targets"] = (out["labels"][:, 1:] != IGNORE).sum()
+        return out
+
+    return TokenData(len(examples), batch)
 
 
 def _encode(tokenizer, messages: list[Message], add_generation_prompt: bool) -> list[int]:
@@ -172,11 +226,16 @@ class BatchOrder:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n_examples, generator=g)
 
-    def indices(self, step: int, micro: int, rank: int) -> list[int]:
+    def positions(self, step: int, micro: int, rank: int) -> range:
+        """Where in the data stream this micro-batch of this rank lies (the same for the same example whatever the
+        number of processes: per-example seeds are derived from it)."""
         start = step * self.global_batch + micro * self.batch_size * self.world_size + rank * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def indices(self, step: int, micro: int, rank: int) -> list[int]:
         out = []
         epoch_cache: dict[int, torch.Tensor] = {}
-        for p in range(start, start + self.batch_size):
+        for p in self.positions(step, micro, rank):
             epoch, within = divmod(p, self.n_examples)
             if epoch not in epoch_cache:
                 epoch_cache[epoch] = self._permutation(epoch)

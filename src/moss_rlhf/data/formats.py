@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moss_rlhf.config import UserError
+
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data file is malformed. ``str(err)`` is one line: ``file:line: field: what was expected``."""
 
     def __init__(self, source: str, line: int | None, field: str | None, problem: str):

@@ -256,6 +256,14 @@ def judge_many(prompts: Sequence[str], responses: Sequence[str]) -> list[Judgeme
     return [judge(prompt, response) for prompt, response in zip(prompts, responses)]
 
 
+def gold_scores(conversations: Sequence[list[dict]], replies: Sequence[str]) -> list[float]:
+    """The judge as a text scorer (``moss_rlhf.scoring``): each conversation's last user message and its reply —
+    what the demo passes to RL's validation, to ``moss-rlhf evaluate --judge gold`` and to simulated annotators."""
+    prompts = [next((m["content"] for m in reversed(c) if m["role"] == "user"), c[-1]["content"])
+               for c in conversations]
+    return [float(j.score) for j in judge_many(prompts, replies)]
+
+
 def task_of(prompt: str) -> str | None:
     """The task of a world prompt ("generation", "translation", ...), or None if unrecognised."""
     parsed = parse_prompt(prompt)

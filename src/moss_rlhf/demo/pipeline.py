@@ -22,14 +22,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
 
 STAGES = ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report")
 LOOP_STAGES = ("pairs", "label", "reward", "ppo", "evaluate")  # repeated once per feedback round
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Config):
     out: str = option("demo_out", "pipeline directory: one subdirectory per stage, report.html at the top")
     quick: bool = option(False, "a ~3-minute version (smaller world, fewer steps) for tests and a first look")
     rounds: int = option(1, "feedback rounds: sample → label → reward model → PPO, repeated")
@@ -118,7 +118,7 @@ class Pipeline:
 
 def run(cfg: DemoConfig) -> dict:
     """``moss-rlhf demo``."""
-    from moss_rlhf.data.corpus import ensure_world
+    from moss_rlhf.demo.world import ensure_world
 
     pipe = Pipeline(cfg)
     if cfg.from_stage:
@@ -139,7 +139,7 @@ def run(cfg: DemoConfig) -> dict:
     # The held-out prompts are split once: PPO validates (and keeps its best checkpoint) on one part, the final
     # evaluation uses the other, so the reported win rate is not measured on prompts that chose the checkpoint.
     eval_prompts, validation_prompts = _split_heldout(cfg.eval_prompts or str(world / "eval_prompts.jsonl"),
-                                                      budget.eval_prompts, root / "eval")
+                                                      budget.eval_prompts, root / "eval", cfg.seed)
 
     pipe.run("tokenizer", lambda: _tokenizer_stage(cfg, root, world))
     policy = cfg.model or str(root / "pretrain" / "model")
@@ -166,13 +166,12 @@ def run(cfg: DemoConfig) -> dict:
         pipe.run("reward" + tag, lambda: _reward_stage(cfg, budget, sub("reward"), init_reward, preference_files,
                                                        uses_world))
         reward_model = str(sub("reward") / "model")
-        pipe.run("ppo" + tag, lambda: _ppo_stage(cfg, budget, sub("ppo"), world, policy, sft_model, reward_model,
-                                                 rl_prompts, validation_prompts))
+        pipe.run("ppo" + tag, lambda: _ppo_stage(cfg, budget, sub("ppo"), policy, sft_model, reward_model,
+                                                 rl_prompts, validation_prompts, uses_world))
         # the checkpoint PPO kept as best on its validation prompts (disjoint from the evaluation's), else the last
         policy = str(sub("ppo") / "best") if (sub("ppo") / "best" / "config.json").exists() else str(sub("ppo") / "model")
-        pipe.run("evaluate" + tag, lambda: _evaluate_stage(cfg, budget, root / "eval", world, policy, sft_model,
-                                                           eval_prompts, "gold" if uses_world else reward_model,
-                                                           round_index))
+        pipe.run("evaluate" + tag, lambda: _evaluate_stage(cfg, root / "eval", world, policy, sft_model,
+                                                           eval_prompts, uses_world, reward_model, round_index))
     pipe.run("report", lambda: _report_stage(root))
     total = time.perf_counter() - started
     print(f"demo: finished in {total / 60:.1f} min -> {root / 'report.html'}")
@@ -182,15 +181,19 @@ def run(cfg: DemoConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------- stages
 
 
-def _split_heldout(path: str, n_test: int, out_dir: Path) -> tuple[str, str]:
-    """The first ``n_test`` held-out prompts for the final evaluation, the rest for PPO's validation."""
+def _split_heldout(path: str, n_test: int, out_dir: Path, seed: int) -> tuple[str, str]:
+    """``n_test`` held-out prompts for the final evaluation (the pipeline's one held-out split), the rest for PPO's
+    validation."""
+    from moss_rlhf.data.splits import held_out_split
+
     lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     if len(lines) < n_test + 16:
         raise ConfigError(f"{path}: {len(lines)} held-out prompts; the demo needs at least {n_test + 16} "
                           f"({n_test} for evaluation, the rest for PPO's validation)")
+    validation_lines, test_lines = held_out_split(lines, n_test, seed, f"prompts in {path}")
     test, validation = out_dir / "test_prompts.jsonl", out_dir / "validation_prompts.jsonl"
-    atomic_write_text(test, "\n".join(lines[:n_test]) + "\n")
-    atomic_write_text(validation, "\n".join(lines[n_test:]) + "\n")
+    atomic_write_text(test, "\n".join(test_lines) + "\n")
+    atomic_write_text(validation, "\n".join(validation_lines) + "\n")
     return str(test), str(validation)
 
 
@@ -214,7 +217,7 @@ def _pretrain_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path) ->
         eval_data=[] if cfg.corpus else [str(world / "pretrain_eval.jsonl")], tokenizer=str(root / "tokenizer"),
         model="tiny", seq_len=128, batch_size=32, max_steps=budget.pretrain_steps, lr=3e-3, warmup_steps=20,
         eval_every=max(1, budget.pretrain_steps // 4), save_every=100, resume=True, seed=cfg.seed,
-        world=str(world), world_size=budget.world_size, device=cfg.device, log_every=10)
+        device=cfg.device, log_every=10)
     result = pretrain.run(pc)
     return {"summary": f"eval loss {result.eval_loss:.3f} (perplexity {_exp(result.eval_loss):.1f}) after "
                        f"{result.step} steps", "eval_loss": result.eval_loss}
@@ -226,8 +229,7 @@ def _sft_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path, base: s
     sc = sft.SFTConfig(out=str(root / "sft"), model=base, data=cfg.sft_data or [str(world / "sft.jsonl")],
                        max_steps=budget.sft_steps, batch_size=128, seq_len=256, max_len=256, lr=1e-3,
                        warmup_steps=10, eval_every=max(1, budget.sft_steps // 3), save_every=50, resume=True,
-                       seed=cfg.seed, world=str(world), world_size=budget.world_size, device=cfg.device,
-                       log_every=5)
+                       seed=cfg.seed, device=cfg.device, log_every=5)
     result = sft.run(sc)
     return {"summary": f"eval loss {result.eval_loss:.3f} after {result.step} steps", "eval_loss": result.eval_loss}
 
@@ -235,7 +237,7 @@ def _sft_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path, base: s
 def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompts: str, policy: str,
                  round_index: int) -> dict:
     from moss_rlhf.feedback.store import Store, create_project_from_models
-    from moss_rlhf.generation import SamplingConfig
+    from moss_rlhf.sampling import SamplingConfig
 
     subset = db.parent / f"pair-prompts-round{round_index}.jsonl"
     lines = [line for line in Path(prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -290,26 +292,22 @@ def _reward_stage(cfg: DemoConfig, budget: Budget, out: Path, init: str, prefere
     result = reward.run(rc)
     acc = result.eval_metrics.get("eval/accuracy", float("nan"))
     summary = f"held-out accuracy {acc:.3f} against the annotators' labels"
-    gold = _reward_gold_agreement(out / "model", preference_files, cfg) if uses_world else None
+    gold = _reward_gold_agreement(out / "model", out / "held_out.jsonl", cfg) if uses_world else None
     if gold is not None:
         summary += f", {gold:.3f} against the gold judge's ordering"
     return {"summary": summary, "accuracy": acc, "gold_accuracy": gold}
 
 
-def _reward_gold_agreement(model_dir: Path, preference_files: list[str], cfg: DemoConfig) -> float | None:
-    """How often the reward model orders held-out pairs as the gold judge does (pairs the judge scores equal are
-    left out). Uses the pairs the reward stage held out (its --eval-fraction split, same seed)."""
-    import torch
-
+def _reward_gold_agreement(model_dir: Path, held_out_file: Path, cfg: DemoConfig) -> float | None:
+    """How often the reward model orders the pairs the reward stage held out (its ``held_out.jsonl``) as the gold
+    judge does (pairs the judge scores equal are left out)."""
     from moss_rlhf.data.formats import load_preferences
     from moss_rlhf.demo.judge import judge
     from moss_rlhf.models import load_scorer, resolve_device
     from moss_rlhf.stages.reward import score_pairs
     from moss_rlhf.tokenizer import load_tokenizer
 
-    prefs = [p for path in preference_files for p in load_preferences(path)]
-    order = torch.randperm(len(prefs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    held_out = [prefs[i] for i in order[: max(1, int(len(prefs) * 0.1))]]
+    held_out = load_preferences(str(held_out_file))
     gold = [(judge(p.prompt[-1]["content"], p.chosen).score, judge(p.prompt[-1]["content"], p.rejected).score)
             for p in held_out]
     keep = [i for i, (a, b) in enumerate(gold) if a != b]
@@ -323,32 +321,35 @@ def _reward_gold_agreement(model_dir: Path, preference_files: list[str], cfg: De
     return sum(agree) / len(agree)
 
 
-def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, world: Path, policy: str, reference: str,
-               reward_model: str, prompts: str, eval_prompts: str) -> dict:
+def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference: str, reward_model: str,
+               prompts: str, eval_prompts: str, uses_world: bool) -> dict:
+    from moss_rlhf.demo.judge import gold_scores
     from moss_rlhf.stages import ppo
 
     pc = ppo.PPOConfig(out=str(out), policy=policy, reference=reference, reward_model=reward_model,
                        prompts=[prompts], eval_prompts=[eval_prompts], max_steps=budget.ppo_steps,
                        rollout_batch=64 if not cfg.quick else 32, mini_batch=32 if not cfg.quick else 16,
                        batch_size=16, lr=5e-5, eval_every=max(1, budget.ppo_steps // 8),
-                       save_every=max(1, budget.ppo_steps // 3), resume=True, seed=cfg.seed, world=str(world),
-                       world_size=budget.world_size, device=cfg.device, preset="ppo_max")
-    metrics = ppo.run(ppo.resolve_preset(pc))
-    keys = {k: metrics.get(k) for k in ("val/reward", "gold/score", "kl/per_token") if k in metrics}
+                       save_every=max(1, budget.ppo_steps // 3), resume=True, seed=cfg.seed, device=cfg.device,
+                       preset="ppo_max")
+    # the gold judge validates (and picks best/) on the world's prompts; it never reaches the training signal
+    metrics = ppo.run(ppo.resolve_preset(pc), scorers={"gold": gold_scores} if uses_world else None)
+    keys = {k: metrics.get(k) for k in ("val/reward", "val/gold", "kl/per_token") if k in metrics}
     text = ", ".join(f"{k} {v:.3f}" for k, v in keys.items() if isinstance(v, (int, float)))
     return {"summary": text or "done", **{k: v for k, v in keys.items()}}
 
 
-def _evaluate_stage(cfg: DemoConfig, budget: Budget, out_dir: Path, world: Path, policy: str, sft_model: str,
-                    eval_prompts: str, judge: str, round_index: int) -> dict:
+def _evaluate_stage(cfg: DemoConfig, out_dir: Path, world: Path, policy: str, sft_model: str, eval_prompts: str,
+                    uses_world: bool, reward_model: str, round_index: int) -> dict:
     from moss_rlhf import evaluate
 
     ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"PPO-max (round {round_index})",
-                                 name_b="SFT", prompts=eval_prompts, max_prompts=budget.eval_prompts,
-                                 judge=judge,
-                                 out=str(out_dir / f"ppo_round{round_index}_vs_sft.json"), world=str(world),
+                                 name_b="SFT", prompts=eval_prompts, max_prompts=0,
+                                 judge="gold" if uses_world else reward_model,
+                                 perplexity_data=str(world / "pretrain_eval.jsonl") if uses_world else "",
+                                 out=str(out_dir / f"ppo_round{round_index}_vs_sft.json"),
                                  temperature=1.0, top_p=1.0,  # as sampled for labelling and RL
-                                 world_size=budget.world_size, seed=cfg.seed, device=cfg.device)
+                                 seed=cfg.seed, device=cfg.device)
     report = evaluate.run(ec)
     win = report["win_rate"]
     names = {report["model_a"]["name"]: "ppo", report["model_b"]["name"]: "sft"}

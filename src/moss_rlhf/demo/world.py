@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moss_rlhf.config import option
+from moss_rlhf.config import Config, option
 from moss_rlhf.demo import corpus
 from moss_rlhf.demo.flaws import CLEAN_SHARE, FLAW_SHARES, flawed_response
 from moss_rlhf.demo.tasks import TASK_SHARES, TASKS, parse_prompt, reference_for, reference_response, sample_prompt
@@ -245,8 +245,20 @@ def write_world(out_dir: str | os.PathLike[str], seed: int = 0, size: str = "def
     return stats
 
 
+def ensure_world(world_dir: str | os.PathLike[str], seed: int = 0, size: str = "default") -> Path:
+    """The world's directory, generated if absent or written by another seed, size or world version."""
+    world_dir = Path(world_dir)
+    meta_path = world_dir / "world.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if (meta.get("version"), meta.get("seed"), meta.get("size")) == (WORLD_VERSION, seed, size):
+            return world_dir
+    write_world(world_dir, seed=seed, size=size)
+    return world_dir
+
+
 @dataclass
-class WorldConfig:
+class WorldConfig(Config):
     out: str = option("runs/world", "directory to write the world's files into")
     seed: int = option(0, "generation seed (same seed and world version: identical bytes)")
     size: str = option("default", "default (~2 MB corpus) or quick (~10× smaller)", choices=tuple(SIZES))

@@ -4,34 +4,20 @@ SQLite file path."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
 from moss_rlhf.feedback.export import ExportOptions
 from moss_rlhf.feedback.simulate import AnnotatorModel
-from moss_rlhf.feedback.store import TASK_TYPES, FeedbackError, Store
-from moss_rlhf.generation import SamplingConfig
+from moss_rlhf.feedback.store import TASK_TYPES, Store
+from moss_rlhf.sampling import SamplingConfig
 
 DB_HELP = ("database: a SQLAlchemy URL (sqlite:///feedback.db, postgresql+psycopg://user:pass@host/db) "
            "or a SQLite file path")
 DEFAULT_DB = "sqlite:///feedback.db"
-
-
-def _friendly(fn):
-    """Store refusals (an existing name, an unknown project) become one-line CLI errors."""
-
-    @functools.wraps(fn)
-    def wrapper(cfg):
-        try:
-            return fn(cfg)
-        except FeedbackError as e:
-            raise ConfigError(str(e)) from None
-
-    return wrapper
 
 
 def _guidelines(path: str) -> str:
@@ -65,7 +51,6 @@ class CreateConfig(SamplingConfig):
             raise ConfigError("give --name, --prompts and at least one --model")
 
 
-@_friendly
 def create(cfg: CreateConfig) -> int:
     from moss_rlhf.feedback.store import create_project_from_models
 
@@ -81,7 +66,7 @@ def create(cfg: CreateConfig) -> int:
 
 
 @dataclass
-class ImportConfig:
+class ImportConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     name: str = option("", "project name")
     file: str = option("", "JSONL of {\"prompt\" or \"messages\", \"responses\": [str, ...], \"gold\"?: index of the best}")
@@ -97,7 +82,6 @@ class ImportConfig:
             raise ConfigError("give --name and --file")
 
 
-@_friendly
 def import_(cfg: ImportConfig) -> int:
     from moss_rlhf.feedback.store import import_candidates
 
@@ -111,7 +95,7 @@ def import_(cfg: ImportConfig) -> int:
 
 
 @dataclass
-class AddAnnotatorConfig:
+class AddAnnotatorConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     name: str = option("", "the annotator's name (unique)")
     admin: bool = option(False, "may open the admin page")
@@ -121,7 +105,6 @@ class AddAnnotatorConfig:
             raise ConfigError("give --name")
 
 
-@_friendly
 def add_annotator(cfg: AddAnnotatorConfig) -> str:
     store = Store(cfg.db)
     annotator, token = store.add_annotator(cfg.name, cfg.admin)
@@ -131,7 +114,7 @@ def add_annotator(cfg: AddAnnotatorConfig) -> str:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; put TLS in front to go wider)")
     port: int = option(8000, "port")
@@ -140,7 +123,6 @@ class ServeConfig:
     secure_cookies: bool = option(False, "mark cookies Secure (behind HTTPS)")
 
 
-@_friendly
 def serve(cfg: ServeConfig) -> None:
     from moss_rlhf.feedback.app import serve as run_server
 
@@ -160,7 +142,6 @@ class SimulateConfig(AnnotatorModel):
     url: str = option("", "post over HTTP to this running server (e.g. http://127.0.0.1:8000) instead of the store")
 
 
-@_friendly
 def simulate(cfg: SimulateConfig):
     from moss_rlhf.feedback import simulate as sim
 
@@ -181,13 +162,12 @@ def simulate(cfg: SimulateConfig):
 
 
 @dataclass
-class AgreementConfig:
+class AgreementConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     project: str = option("", "project (name or id); default: the first")
     out: str = option("", "also write the report as JSON here")
 
 
-@_friendly
 def agreement(cfg: AgreementConfig) -> dict:
     from moss_rlhf.feedback.agreement import project_agreement
 
@@ -225,7 +205,6 @@ class ExportConfig(ExportOptions):
     raw_out: str = option("", "also dump every judgement (retracted ones flagged) as JSONL here")
 
 
-@_friendly
 def export(cfg: ExportConfig):
     from moss_rlhf.feedback.export import dump_judgements, export_preferences
 

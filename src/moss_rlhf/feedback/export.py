@@ -35,11 +35,11 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moss_rlhf.config import atomic_write_text, option
+from moss_rlhf.config import Config, atomic_write_text, option
 
 
 @dataclass
-class ExportOptions:
+class ExportOptions(Config):
     margin_slightly: float = option(0.5, "margin of a 'slightly better' vote")
     margin_much: float = option(1.0, "margin of a 'much better' vote")
     margin_default: float = option(0.5, "margin of a vote with no stated strength (plain A/B, rankings)")

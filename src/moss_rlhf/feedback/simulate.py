@@ -22,14 +22,14 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from moss_rlhf.config import option
+from moss_rlhf.config import Config, option
 from moss_rlhf.feedback.store import ItemView, Store, Submission
 
 Scorer = Callable[[list[dict], str], float]
 
 
 @dataclass
-class AnnotatorModel:
+class AnnotatorModel(Config):
     temperature: float = option(0.5, "Bradley–Terry temperature: P(A≻B) = σ((s_A − s_B)/T); 0 always picks the higher score")
     error_rate: float = option(0.0, "probability of flipping an answer after the noisy choice")
     much_above: float = option(0.85, "'much better' when the chosen side's Bradley–Terry probability is at least this")
@@ -38,14 +38,10 @@ class AnnotatorModel:
 
 
 def judge_scorer() -> Scorer:
-    """The demo world's gold judge as a scorer: ``judge(last user turn, response).score``."""
-    from moss_rlhf.demo.judge import judge
+    """The demo world's gold judge as a scorer of one (conversation, response)."""
+    from moss_rlhf.demo.judge import gold_scores
 
-    def score(messages: list[dict], response: str) -> float:
-        prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), messages[-1]["content"])
-        return float(judge(prompt, response).score)
-
-    return score
+    return lambda messages, response: gold_scores([messages], [response])[0]
 
 
 def _gumbel(rng: random.Random) -> float:

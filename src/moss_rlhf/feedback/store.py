@@ -34,6 +34,8 @@ from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Te
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
+from moss_rlhf.config import UserError
+
 T = TypeVar("T")
 
 TASK_TYPES = ("pairwise", "rating", "ranking")
@@ -43,7 +45,7 @@ RATING_MIN, RATING_MAX = 1, 7
 MAX_TEXT = 20_000  # characters of rationale or edited answer
 
 
-class FeedbackError(ValueError):
+class FeedbackError(UserError):
     """A request the store refuses; ``status`` is the matching HTTP status."""
 
     status = 400
@@ -873,11 +875,12 @@ def create_project_from_models(store: Store, name: str, prompts_path: str | Path
                                guideline_version: str = "1", guidelines: str = "", append: bool = False) -> int:
     """Create project ``name``: for every prompt in ``prompts_path`` sample ``k`` responses, candidate ``i`` from
     model ``model_paths[i % len(model_paths)]`` (so two models and k=2 compare the models head to head), with
-    :func:`moss_rlhf.generation.sample_texts` and ``sampling`` (a :class:`moss_rlhf.generation.SamplingConfig`).
+    :func:`moss_rlhf.sampling.sample_replies` and ``sampling`` (a :class:`moss_rlhf.sampling.SamplingConfig`).
     ``task_type`` "auto" is pairwise for k=2 and ranking for k>2. Returns the project id."""
     from moss_rlhf.data.formats import load_records, parse_prompt
-    from moss_rlhf.generation import SamplingConfig, sample_texts
     from moss_rlhf.models import load_causal_lm, resolve_device
+    from moss_rlhf.sampling import SamplingConfig, sample_replies
+    from moss_rlhf.sampling.builtin import BuiltinSampler
     from moss_rlhf.tokenizer import load_tokenizer
 
     if k < 2:
@@ -899,7 +902,8 @@ def create_project_from_models(store: Store, name: str, prompts_path: str | Path
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path).to(resolve_device(device))
         inputs = [p for p in prompts for _ in slots]
-        texts = sample_texts(model, tokenizer, inputs, sampling, batch_size=batch_size, seed=seed + m)
+        texts, _ = sample_replies(BuiltinSampler(model, tokenizer), tokenizer, inputs, sampling, seed=seed + m,
+                                  batch_size=batch_size)
         for n, text in enumerate(texts):
             responses[n // len(slots)][slots[n % len(slots)]] = {"text": text, "source": str(path)}
         del model

@@ -1,12 +1,13 @@
-"""``moss-rlhf generate``: sample replies from any saved model, batched, with a KV cache."""
+"""``moss-rlhf generate``: sample replies from any saved model, batched, through the assistant's sampler."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from moss_rlhf.config import ConfigError, atomic_write_text, option
-from moss_rlhf.generation import SamplingConfig, sample_texts
+from moss_rlhf.sampling import SamplingConfig
 
 
 @dataclass
@@ -27,21 +28,20 @@ class GenerateConfig(SamplingConfig):
 
 
 def run(cfg: GenerateConfig) -> list[dict]:
+    from moss_rlhf.assistant import Assistant
     from moss_rlhf.data.formats import load_prompts
-    from moss_rlhf.models import load_causal_lm, resolve_device
-    from moss_rlhf.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model).to(resolve_device(cfg.device))
+    assistant = Assistant.from_pretrained(cfg.model, device=cfg.device)
     conversations = [[{"role": "user", "content": p}] for p in cfg.prompt]
     if cfg.prompts_file:
         conversations += load_prompts(cfg.prompts_file)
     prompts = [c for c in conversations for _ in range(cfg.num_samples)]
-    inputs = prompts if cfg.chat else [c[-1]["content"] for c in prompts]
-    replies = sample_texts(model, tokenizer, inputs, cfg, batch_size=cfg.batch_size, seed=cfg.seed, chat=cfg.chat)
+    inputs = prompts if cfg.chat else [c[-1]["content"] for c in prompts]  # raw strings are continued as text
+    sampling = {k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__}
+    replies = [c.text for c in assistant.complete(inputs, seed=cfg.seed, batch_size=cfg.batch_size, **sampling)]
     rows = [{"prompt": c[-1]["content"], "response": r} for c, r in zip(prompts, replies)]
     if cfg.out:
-        atomic_write_text(__import__("pathlib").Path(cfg.out),
+        atomic_write_text(Path(cfg.out),
                           "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"generate: {len(rows)} replies -> {cfg.out}")
     else:

@@ -1,8 +1,8 @@
 """Self-supervised pretraining: the causal-LM objective on packed sequences (default), or the masked-LM objective
 (BERT's 80/10/10 masking of 15% of tokens) for encoder models.
 
-Reads text files (``{"text"}`` JSONL, ``.txt``, parquet, a ``datasets`` directory or hub id) or, by default, the demo
-world's corpus; trains a tokenizer if none is given; builds the model from a preset or loads a checkpoint; then runs
+Reads text files (``{"text"}`` JSONL, ``.txt``, parquet, a ``datasets`` directory or hub id); trains a tokenizer if
+none is given; builds the model from a preset or loads a checkpoint; then runs
 the shared loop (``training.train_lm``): AdamW, warm-up + cosine, accumulation, clipping, bf16, evaluation,
 checkpoints and exact resume.
 """
@@ -15,36 +15,40 @@ from pathlib import Path
 import torch
 
 from moss_rlhf import distributed
-from moss_rlhf.config import TrainConfig, option
-from moss_rlhf.data.collate import IGNORE
-from moss_rlhf.data.corpus import DEFAULT_WORLD_DIR, corpus_texts, world_file
+from moss_rlhf.checkpoint import seed_everything
+from moss_rlhf.config import ConfigError, TrainConfig, option
+from moss_rlhf.data.collate import IGNORE, TokenData
+from moss_rlhf.data.corpus import corpus_texts
 from moss_rlhf.data.formats import load_texts
-from moss_rlhf.losses import lm_loss_sum
-from moss_rlhf.runs import RunDir, seed_everything
-from moss_rlhf.training import LoopResult, TokenData, lm_evaluator, train_lm
+from moss_rlhf.data.splits import load_split
+from moss_rlhf.runs import RunDir
+from moss_rlhf.training import LoopResult, causal_loss, lm_evaluator, train_lm
 
 
 @dataclass
 class PretrainConfig(TrainConfig):
     out: str = option("runs/pretrain", "run directory")
-    data: list[str] = option([], "training text files or dataset ids; default: the demo world's corpus")
-    eval_data: list[str] = option([], "held-out text files; default: the demo world's held-out corpus, "
-                                      "or 2% of --data")
+    data: list[str] = option([], "training text files or dataset ids")
+    eval_data: list[str] = option([], "held-out text files; default: --eval-fraction of --data")
+    eval_fraction: float = option(0.02, "share of --data documents held out when no --eval-data is given",
+                                  above=0.0, below=1.0)
     model: str = option("tiny", "a size preset (tiny, small, base), a config.json path, or a model to continue "
                                 "(hub id or save_pretrained directory)")
     tokenizer: str = option("", "tokenizer to use (hub id or directory); default: the model's own, or train one")
-    vocab_size: int = option(4096, "vocabulary size when a tokenizer is trained")
+    vocab_size: int = option(4096, "vocabulary size when a tokenizer is trained", at_least=263)
     objective: str = option("clm", "clm (causal LM, decoder) or mlm (masked LM, encoder)", choices=("clm", "mlm"))
-    mlm_probability: float = option(0.15, "share of tokens masked for the mlm objective")
-    seq_len: int = option(128, "tokens per packed training sequence")
-    world: str = option(DEFAULT_WORLD_DIR, "directory of the demo world (written there if absent)")
-    world_size: str = option("default", "demo world size: default or quick", choices=("default", "quick"))
-    max_steps: int = option(300, "optimizer steps to run")
-    batch_size: int = option(32, "sequences per micro-batch per process")
-    lr: float = option(3e-3, "peak learning rate (AdamW)")
+    mlm_probability: float = option(0.15, "share of tokens masked for the mlm objective", above=0.0, below=1.0)
+    seq_len: int = option(128, "tokens per packed training sequence", at_least=2)
+    max_steps: int = option(300, "optimizer steps to run", at_least=1)
+    batch_size: int = option(32, "sequences per micro-batch per process", at_least=1)
+    lr: float = option(3e-3, "peak learning rate (AdamW)", above=0.0)
+
+    def check(self) -> None:
+        if not self.data:
+            raise ConfigError("give --data FILE (repeat for several): the text to pretrain on")
 
 
-def prepare_tokenizer(cfg: PretrainConfig, texts: list[str]):
+def prepare_tokenizer(cfg: PretrainConfig):
     from moss_rlhf.models import PRESETS
     from moss_rlhf.tokenizer import load_tokenizer, train_tokenizer
 
@@ -52,7 +56,7 @@ def prepare_tokenizer(cfg: PretrainConfig, texts: list[str]):
         return load_tokenizer(cfg.tokenizer)
     if cfg.model not in PRESETS and not cfg.model.endswith(".json"):
         return load_tokenizer(cfg.model)
-    return train_tokenizer(texts, cfg.vocab_size)
+    return train_tokenizer(corpus_texts(cfg.data), cfg.vocab_size)
 
 
 def prepare_model(cfg: PretrainConfig, tokenizer):
@@ -92,14 +96,6 @@ def masked_data(rows: torch.Tensor, tokenizer, probability: float, seed: int) ->
     return TokenData(len(rows), batch)
 
 
-def causal_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    # use_cache=False: with a cache, transformers ignores packed position_ids (SFT's packed rows) and lets the
-    # examples of a row attend to each other; a training forward has no use for a cache anyway
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                   position_ids=batch.get("position_ids"), use_cache=False).logits
-    return lm_loss_sum(logits, batch["labels"])[0]
-
-
 def masked_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     logits = model(input_ids=batch["input_ids"]).logits.float()
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
@@ -112,18 +108,11 @@ def run(cfg: PretrainConfig) -> LoopResult:
 
     dist = distributed.init(cfg.device)
     seed_everything(cfg.seed)
-    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume)
-    data = cfg.data or [world_file("pretrain.jsonl", cfg.world, cfg.seed, cfg.world_size)]
-    texts = [t for path in data for t in load_texts(path)]
-    if cfg.eval_data:
-        eval_texts = [t for path in cfg.eval_data for t in load_texts(path)]
-    elif not cfg.data:
-        eval_texts = load_texts(world_file("pretrain_eval.jsonl", cfg.world, cfg.seed, cfg.world_size))
-    else:
-        cut = max(1, len(texts) // 50)
-        texts, eval_texts = texts[cut:], texts[:cut]
+    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
+    texts, eval_texts = load_split(load_texts, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                   "documents in --data")
 
-    tokenizer = prepare_tokenizer(cfg, texts if not cfg.data else corpus_texts(cfg.data))
+    tokenizer = prepare_tokenizer(cfg)
     model = prepare_model(cfg, tokenizer)
     train_rows = pack_texts(tokenizer, texts, cfg.seq_len)
     eval_rows = pack_texts(tokenizer, eval_texts, cfg.seq_len)

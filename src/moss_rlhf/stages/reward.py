@@ -8,26 +8,31 @@ with the options MOSS-RLHF uses ("Secrets of RLHF in Large Language Models Part 
 reply (weight β) that keeps the backbone a language model. Ties and "both bad" are not pairs; the feedback export
 leaves them out.
 
-The result is a Hugging Face ``*ForSequenceClassification`` directory (scorer head included) that the PPO stage
-loads as reward model and as the critic's initialisation. The loop is the shared one (``training.train_lm``):
-accumulation, clipping, bf16, checkpoints, exact resume.
+Each reply is rendered as PPO's rollouts and evaluation see it (``collate.reply_example``: ending at the reply's turn
+end), and the score is read at that turn end. The result is a Hugging Face ``*ForSequenceClassification`` directory
+(scorer head included) that the PPO stage loads as reward model and as the critic's initialisation; the held-out
+pairs are written to ``OUT/held_out.jsonl``. The loop is the shared one (``training.train_lm``): accumulation,
+clipping, bf16, checkpoints, exact resume.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from moss_rlhf import distributed
-from moss_rlhf.config import ConfigError, TrainConfig, option
-from moss_rlhf.data.collate import Example, chat_example, pad_examples
+from moss_rlhf.checkpoint import seed_everything
+from moss_rlhf.config import ConfigError, TrainConfig, atomic_write_text, option
+from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, reply_example
 from moss_rlhf.data.formats import Preference, load_preferences
-from moss_rlhf.losses import bradley_terry_loss, lm_loss_sum
+from moss_rlhf.data.splits import load_split
+from moss_rlhf.losses import bradley_terry_loss
 from moss_rlhf.models import final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
-from moss_rlhf.runs import RunDir, seed_everything
+from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
-from moss_rlhf.training import LoopResult, TokenData, autocast, train_lm
+from moss_rlhf.training import LoopResult, autocast, train_lm
 
 
 @dataclass
@@ -38,32 +43,28 @@ class RewardConfig(TrainConfig):
     data: list[str] = option([], "preference files ({prompt, chosen, rejected[, margin]}, HH-RLHF, MOSS-RLHF JSON, "
                                  "or `moss-rlhf feedback export` output)")
     eval_data: list[str] = option([], "held-out preference files; default: --eval-fraction of --data")
-    eval_fraction: float = option(0.1, "share of --data held out when no --eval-data is given")
-    max_len: int = option(256, "longest prompt + reply in tokens (the prompt is cut from the left)")
+    eval_fraction: float = option(0.1, "share of --data held out when no --eval-data is given", above=0.0, below=1.0)
+    max_len: int = option(256, "longest prompt + reply in tokens (the prompt is cut from the left)", at_least=2)
     use_margin: bool = option(True, "subtract the pair's margin (annotator strength) inside the sigmoid")
-    label_smoothing: float = option(0.0, "Bradley–Terry label smoothing ε in [0, 0.5)")
-    lm_coef: float = option(0.0, "β: weight of the LM loss on the chosen reply (per token, averaged per pair)")
-    max_steps: int = option(200, "optimizer steps to run")
-    batch_size: int = option(16, "pairs per micro-batch per process")
-    lr: float = option(1e-4, "peak learning rate (AdamW)")
-    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
-    eval_every: int = option(50, "evaluate every N steps (0: only at the end)")
+    label_smoothing: float = option(0.0, "Bradley–Terry label smoothing ε in [0, 0.5)", at_least=0.0, below=0.5)
+    lm_coef: float = option(0.0, "β: weight of the LM loss on the chosen reply (mean over its tokens, per pair)",
+                            at_least=0.0)
+    max_steps: int = option(200, "optimizer steps to run", at_least=1)
+    batch_size: int = option(16, "pairs per micro-batch per process", at_least=1)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", above=0.0)
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay", at_least=0)
+    eval_every: int = option(50, "evaluate every N steps (0: only at the end)", at_least=0)
 
     def check(self) -> None:
         if not self.data:
             raise ConfigError("give --data PREFERENCES.jsonl (e.g. written by `moss-rlhf feedback export`)")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def pair_examples(tokenizer, pref: Preference, max_len: int) -> tuple[Example, Example]:
-    """Chosen and rejected conversations as token examples; labels mark the reply (for the LM loss). Long ones keep
-    their end — the reply, and the last token that the score is read from."""
-    out = []
-    for reply in (pref.chosen, pref.rejected):
-        ex = chat_example(tokenizer, pref.prompt + [{"role": "assistant", "content": reply}], max_len=1 << 30)
-        out.append(Example(ex.input_ids[-max_len:], ex.labels[-max_len:]))
-    return out[0], out[1]
+    """Chosen and rejected replies as token examples ending at their turn end (where the score is read); labels mark
+    the reply (for the LM loss). Long ones keep their end."""
+    return (reply_example(tokenizer, pref.prompt, pref.chosen, max_len),
+            reply_example(tokenizer, pref.prompt, pref.rejected, max_len))
 
 
 def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig) -> TokenData:
@@ -82,7 +83,8 @@ def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig) -> TokenDat
 
 
 class RewardLoss:
-    """Bradley–Terry loss (+ β·LM loss on the chosen reply), summed over the pairs of a batch."""
+    """Bradley–Terry loss (+ β × the chosen reply's mean token LM loss), summed over the pairs of a batch: each pair
+    contributes the same whatever else shares its micro-batch, so accumulation equals one big batch."""
 
     def __init__(self, cfg: RewardConfig, lm_head: torch.nn.Parameter | None):
         self.cfg = cfg
@@ -104,10 +106,14 @@ class RewardLoss:
         n = rewards.shape[0] // 2
         lm_sum = torch.zeros((), device=rewards.device)
         if self.lm_head is not None:
-            logits = hidden[:n] @ self.lm_head.T
-            token_sum, count = lm_loss_sum(logits, batch["labels"][:n])
-            per_pair = token_sum / count.clamp(min=1)  # mean over tokens, as one unit per pair
-            lm_sum = per_pair * n
+            targets = batch["labels"][:n, 1:]
+            counted = targets != IGNORE
+            # the projection at the reply's tokens only; each pair's token losses are averaged within the pair
+            token_loss = torch.nn.functional.cross_entropy((hidden[:n, :-1][counted] @ self.lm_head.T).float(),
+                                                           targets[counted], reduction="none")
+            rows = counted.nonzero()[:, 0]
+            per_pair = torch.zeros(n, device=rewards.device).index_add(0, rows, token_loss)
+            lm_sum = (per_pair / counted.sum(1).clamp(min=1)).sum()
         return rewards[:n], rewards[n:], lm_sum, n
 
 
@@ -157,14 +163,13 @@ def run(cfg: RewardConfig) -> LoopResult:
     """``moss-rlhf reward``."""
     dist = distributed.init(cfg.device)
     seed_everything(cfg.seed)
-    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume)
-    prefs = [p for path in cfg.data for p in load_preferences(path)]
-    if cfg.eval_data:
-        held_out = [p for path in cfg.eval_data for p in load_preferences(path)]
-    else:
-        order = torch.randperm(len(prefs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        cut = max(1, int(len(prefs) * cfg.eval_fraction))
-        held_out, prefs = [prefs[i] for i in order[:cut]], [prefs[i] for i in order[cut:]]
+    run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
+    prefs, held_out = load_split(load_preferences, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+                                 "preference pairs in --data")
+    if dist.is_main:
+        atomic_write_text(run_dir.path / "held_out.jsonl", "".join(
+            json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin},
+                       ensure_ascii=False) + "\n" for p in held_out))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_scorer(cfg.model, tokenizer)
     lm_head = None

@@ -1,0 +1,163 @@
+"""The built-in sampler: a batched loop over the transformers forward pass with a KV cache.
+
+Why our own loop rather than ``model.generate``: for the small models this project trains on CPUs, the per-token
+overhead of the generic ``generate`` (logits-processor lists, stopping criteria, cache bookkeeping) dominates the
+arithmetic; a plain loop over ``forward(past_key_values=...)`` does the same sampling with less work per token and
+returns exactly what RL needs (tokens, masks, sampling log-probs). Prompts are left-padded, positions count real
+tokens only, a finished row keeps emitting padding, and the repetition penalty sees only real tokens (never the
+padding, which may share its id with the end token).
+
+Every row draws its random numbers from a generator of its own (one uniform per token, inverted through the CDF),
+so a reply is a function of its prompt, its seed and the weights alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from moss_rlhf.sampling import Rollout, SamplingConfig, fresh_seeds
+
+
+class BuiltinSampler:
+    """Samples from ``model`` itself: :meth:`sync_weights` only points the sampler at the model to use, since there
+    is no second copy of the weights to update."""
+
+    def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None):
+        from moss_rlhf.tokenizer import stop_token_ids
+
+        if stop_ids is None or pad_id is None:
+            if tokenizer is None:
+                raise TypeError("BuiltinSampler needs a tokenizer, or both stop_ids and pad_id")
+        self.model = model
+        self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
+        self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
+
+    def sync_weights(self, model) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seeds: Sequence[int] | None = None,
+                 on_token=None) -> Rollout:
+        """Sample up to ``cfg.max_new_tokens`` for each prompt; a row stops at any stop token. ``on_token(step,
+        tokens[B])`` is called after each step (streaming; it may raise to end generation early)."""
+        from moss_rlhf.data.collate import left_pad
+
+        model = self.model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # sampling never wants dropout
+        try:
+            ids, mask = left_pad(prompts, self.pad_id)
+            seeds = list(seeds) if seeds is not None else fresh_seeds(len(prompts))
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            uniforms = torch.stack([torch.rand(cfg.max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                               dtype=torch.float64) for s in seeds]) if cfg.temperature > 0 else None
+            return _sample(model, ids.to(device), mask.to(device), cfg, self.stop_ids, self.pad_id,
+                           None if uniforms is None else uniforms.to(device), on_token)
+        finally:
+            model.train(was_training)
+
+
+def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, stop_ids: list[int],
+            pad_id: int, uniforms: torch.Tensor | None, on_token) -> Rollout:
+    from moss_rlhf.models import position_ids_of
+
+    device = prompt_ids.device
+    batch = prompt_ids.shape[0]
+    stop = torch.tensor(stop_ids, device=device, dtype=torch.long)
+    positions = position_ids_of(prompt_mask)
+    mask = prompt_mask.long()
+    cache_kw, extra = _forward_kwargs(model)
+    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    past, logits = _cache_of(out), out.logits[:, -1, :].float()
+    vocab = logits.shape[-1]
+    seen = None
+    if cfg.repetition_penalty != 1.0:
+        # presence of every real token, with one extra column that padding is written to (and then ignored)
+        seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, torch.where(prompt_mask.bool(), prompt_ids, vocab), True)
+    next_position = positions[:, -1:] + 1
+    tokens = torch.full((batch, cfg.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, cfg.max_new_tokens), dtype=torch.float32, device=device)
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    for t in range(cfg.max_new_tokens):
+        if torch.isnan(logits).any():
+            raise FloatingPointError("the model's logits are NaN: its weights are not finite (or its input "
+                                     "overflowed); nothing can be sampled from it")
+        scores = filter_logits(logits, cfg, None if seen is None else seen[:, :vocab])
+        if uniforms is not None:
+            choice = invert_cdf(scores.softmax(-1), uniforms[:, t])
+        else:
+            choice = scores.argmax(-1)
+        picked = torch.log_softmax(scores if cfg.temperature > 0 else logits, -1).gather(1, choice[:, None])[:, 0]
+        choice = torch.where(alive, choice, torch.full_like(choice, pad_id))
+        tokens[:, t] = choice
+        logprobs[:, t] = torch.where(alive, picked, 0.0)
+        if seen is not None:
+            seen.scatter_(1, torch.where(alive, choice, vocab)[:, None], True)
+        lengths += alive.long()
+        hit_stop = alive & torch.isin(choice, stop)
+        finished |= hit_stop
+        alive &= ~hit_stop
+        if on_token is not None:
+            on_token(t, choice)
+        if not alive.any() or t == cfg.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
+        out = model(input_ids=choice[:, None], attention_mask=mask, position_ids=next_position,
+                    use_cache=True, **{cache_kw: past})
+        past, logits = _cache_of(out), out.logits[:, -1, :].float()
+        next_position = next_position + 1
+    width = max(int(lengths.max()) if batch else 0, 1)
+    response_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    return Rollout(prompt_ids, prompt_mask.long(), tokens[:, :width], response_mask, finished,
+                   logprobs[:, :width])
+
+
+def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition penalty (on the tokens marked in the ``[B, V]`` boolean ``seen``), temperature, top-k and top-p
+    on ``[B, V]`` float logits."""
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_k and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # keep the token that crosses top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``probs [B, V]`` given one uniform in [0, 1) per row: the same distribution as
+    ``torch.multinomial``, ~10× faster on CPU (multinomial draws random numbers for the whole vocabulary), and
+    reproducible from the row's own random stream."""
+    cdf = probs.double().cumsum(-1)
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def _forward_kwargs(model) -> tuple[str, dict]:
+    """The KV-cache argument's name (``cache`` from transformers 5.2x, ``past_key_values`` before) and, where the
+    model supports it, ``logits_to_keep=1`` so the prompt's forward pass computes only the last position's logits.
+    Asked of the model under any wrapper (a LoRA model's own forward takes ``**kwargs``)."""
+    from moss_rlhf.models import accepts
+
+    cache_kw = "cache" if accepts(model, "cache") else "past_key_values"
+    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+    return cache_kw, extra
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -1,0 +1,91 @@
+"""Scores of replies from either source the pipeline knows, behind one call: a reward model (a
+``*ForSequenceClassification`` directory, read at the reply's turn end exactly as in reward training and PPO) or a
+Python function (a verifiable reward, a rule, the demo world's gold judge). RL's validation and ``moss-rlhf
+evaluate`` use them; nothing here knows the demo world — its judge arrives as ``moss_rlhf.demo.judge:gold_scores``.
+
+A text scorer is ``scorer(conversations, replies) -> list[float]``: one score per (prompt conversation, reply).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from moss_rlhf.config import ConfigError
+
+TextScorer = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
+
+
+def load_function(spec: str, flag: str) -> Callable:
+    """The function named ``package.module:function`` (importable from the current environment)."""
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
+        raise ConfigError(f"{flag}: expected package.module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{flag}: cannot import {module_name!r} ({e})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"{flag}: {module_name} has no function {name!r}")
+    return fn
+
+
+def reward_model_scorer(model, tokenizer, max_len: int = 512, batch_size: int = 32) -> TextScorer:
+    """A text scorer from a loaded reward model: each conversation + reply rendered as in reward training
+    (``collate.reply_example``: ending at the reply's turn end) and scored there."""
+    from moss_rlhf.data.collate import left_pad, reply_example
+    from moss_rlhf.models import sequence_scores
+
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(conversations: Sequence[list[dict]], replies: Sequence[str]) -> list[float]:
+        model.eval()
+        out: list[float] = []
+        for start in range(0, len(replies), batch_size):
+            encoded = [reply_example(tokenizer, c, r, max_len).input_ids
+                       for c, r in zip(conversations[start:start + batch_size], replies[start:start + batch_size])]
+            ids, mask = left_pad(encoded, tokenizer.pad_token_id)
+            out.extend(sequence_scores(model, ids.to(device), mask.to(device)).float().tolist())
+        return out
+
+    return score
+
+
+def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len: int = 512) -> TextScorer:
+    """A reward-model directory or a ``package.module:function`` scorer."""
+    if ":" in spec and not Path(spec).exists():
+        return load_function(spec, flag)
+    from moss_rlhf.models import check_model_path, load_scorer
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    check_model_path(spec, flag)
+    tokenizer = load_tokenizer(spec)
+    return reward_model_scorer(load_scorer(spec, tokenizer).to(device), tokenizer, max_len)
+
+
+@torch.no_grad()
+def validate(sampler, tokenizer, conversations: Sequence[list[dict]], sampling, *, seed: int, batch_size: int,
+             max_prompt_len: int, reward: Callable, scorers: dict[str, TextScorer] | None = None
+             ) -> tuple[dict[str, float], list[dict]]:
+    """Replies to held-out prompts, sampled with fixed per-prompt seeds (two validations differ only by the policy),
+    scored by ``reward(rollout) -> [B]`` (the training reward) and by each named scorer (``val/<name>``: e.g. the
+    demo's gold judge, which never reaches the training signal). Returns the mean metrics and one row per prompt."""
+    from moss_rlhf.sampling import sample_replies
+
+    texts, rollouts = sample_replies(sampler, tokenizer, conversations, sampling, seed, batch_size, max_prompt_len)
+    rewards = torch.cat([reward(r).float().cpu() for r in rollouts])
+    lengths = torch.cat([r.response_mask.sum(1).cpu() for r in rollouts]).tolist()
+    rows = [{"prompt": c[-1]["content"], "response": t, "reward": float(s), "length": n}
+            for c, t, s, n in zip(conversations, texts, rewards, lengths)]
+    metrics = {"val/reward": float(rewards.mean()), "val/length": sum(lengths) / max(len(lengths), 1)}
+    for name, scorer in (scorers or {}).items():
+        values = scorer(list(conversations), texts)
+        for row, value in zip(rows, values):
+            row[name] = value
+        metrics[f"val/{name}"] = sum(values) / max(len(values), 1)
+    return metrics, rows

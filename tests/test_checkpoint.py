@@ -1,0 +1,83 @@
+"""The one checkpointer: a restore puts back exactly what was saved (model weights, LoRA adapters, optimizer and
+schedule state, running statistics, RNG streams, plain values); only the last ``keep`` are kept; a save that fails
+half-way leaves the previous checkpoint as it was; restoring where there is none says so and returns None."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moss_rlhf.checkpoint import Checkpointer, seed_everything
+from moss_rlhf.config import TrainConfig
+from moss_rlhf.losses import RunningMoments
+from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
+from moss_rlhf.tokenizer import load_tokenizer
+from moss_rlhf.training import Trainee
+
+
+def _train_a_bit(trainee: Trainee, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 200, (2, 12), generator=g)
+    trainee.model(input_ids=ids, labels=ids).loss.backward()
+    trainee.step()
+    trainee.schedule.step()
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_restore_puts_back_exactly_what_was_saved(tmp_path, tiny_model_dir, lora_r, capsys):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+
+    def fresh():
+        model = apply_lora(load_causal_lm(str(tiny_model_dir)), LoraOptions(lora_r, 8))
+        trainee = Trainee.create(model, TrainConfig(lr=1e-2, warmup_steps=2, max_steps=10))
+        moments = RunningMoments()
+        objects = {"policy": model, "opt": trainee.optimizer, "schedule": trainee.schedule, "moments": moments}
+        return trainee, moments, Checkpointer(tmp_path / "ckpt", objects, tokenizer, keep=2, desc="test")
+
+    trainee, moments, checkpointer = fresh()
+    assert checkpointer.restore() is None and "holds no checkpoint yet" in capsys.readouterr().out
+    _train_a_bit(trainee, 0)
+    moments.update(torch.tensor([1.0, 2.0, 4.0]))
+    seed_everything(5)
+    checkpointer.save(1, best=0.25, first_stats={"reward/raw_mean": 0.5})
+    saved_lr = trainee.schedule.get_last_lr()
+    saved_moment = [s["exp_avg"].clone() for s in trainee.optimizer.state.values()]
+    expected_draws = (random.random(), torch.rand(3))
+    _train_a_bit(trainee, 1)  # the uninterrupted run goes on...
+    after_step_2 = {k: v.detach().clone() for k, v in trainee.model.state_dict().items()}
+
+    resumed, resumed_moments, resumed_checkpointer = fresh()  # ...a new process restores step 1
+    values = resumed_checkpointer.restore()
+    assert values == {"best": 0.25, "first_stats": {"reward/raw_mean": 0.5}, "step": 1}
+    draws = (random.random(), torch.rand(3))
+    assert draws[0] == expected_draws[0] and torch.equal(draws[1], expected_draws[1])  # the RNG streams continue
+    assert resumed_moments.state_dict() == moments.state_dict()
+    assert resumed.schedule.get_last_lr() == saved_lr and resumed.schedule.last_epoch == 1
+    for restored, saved in zip((s["exp_avg"] for s in resumed.optimizer.state.values()), saved_moment, strict=True):
+        assert torch.equal(restored, saved)
+    _train_a_bit(resumed, 1)  # and the same next step gives the same weights, bit for bit
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, after_step_2[key]), key
+
+
+def test_only_the_last_checkpoints_are_kept_and_a_failed_save_changes_nothing(tmp_path, tiny_model_dir,
+                                                                              monkeypatch):
+    model = load_causal_lm(str(tiny_model_dir))
+    moments = RunningMoments()
+    checkpointer = Checkpointer(tmp_path / "ckpt", {"model": model, "moments": moments}, keep=2)
+    for step in (1, 2, 3):
+        moments.update(torch.tensor([float(step)]))
+        checkpointer.save(step)
+    assert [p.name for p in sorted((tmp_path / "ckpt").glob("step-*"))] == ["step-00000002", "step-00000003"]
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*"))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)  # dies after the model is written, before state.pt
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.save(4)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*")) == before
+    assert checkpointer.latest().name == "step-00000003"

@@ -1,0 +1,74 @@
+"""Models: importing the package changes no global state of transformers; a load or save silences transformers'
+progress bars for its own duration only; dropout can be switched off everywhere it hides; model paths are checked
+with one clear line; a saved model is written atomically and loads in plain transformers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moss_rlhf.config import ConfigError
+from moss_rlhf.models import check_model_path, disable_dropout, load_causal_lm, quiet_transformers, save_model
+
+
+def test_importing_the_package_leaves_transformers_logging_alone():
+    code = ("import transformers.utils.logging as log; import moss_rlhf.models, moss_rlhf.stages.ppo, "
+            "moss_rlhf.cli; print(log.is_progress_bar_enabled(), log.get_verbosity())")
+    before = subprocess.run([sys.executable, "-c", code.replace("import moss_rlhf.models, moss_rlhf.stages.ppo, "
+                                                                "moss_rlhf.cli; ", "")],
+                            capture_output=True, text=True, check=True).stdout
+    after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert after == before and after.startswith("True")
+
+
+def test_quiet_transformers_restores_the_callers_settings():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    with quiet_transformers(notices=False):
+        assert not hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == hf_logging.ERROR
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
+
+
+def test_disable_dropout_makes_training_mode_deterministic(tiny_model_dir):
+    model = load_causal_lm(str(tiny_model_dir), attention_dropout=0.5).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is active
+    disable_dropout(model)
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert model.config.attention_dropout == 0.0
+
+
+def test_model_paths_are_checked_with_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="--policy: .* does not exist"):
+        check_model_path(str(tmp_path / "nope"), "--policy")
+    with pytest.raises(ConfigError, match="holds no config.json"):
+        check_model_path(str(tmp_path), "--policy")
+    check_model_path("org/some-model", "--policy")  # a hub id passes (loaded through the same code)
+
+
+def test_save_is_atomic_and_loads_in_plain_transformers(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = load_causal_lm(str(tiny_model_dir))
+    save_model(model, None, tmp_path / "model")
+    first = (tmp_path / "model" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(OSError):
+        save_model(model, None, tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == first  # the old model is intact
+    assert not list(tmp_path.glob(".model*"))  # and no temporary directory is left behind
+    monkeypatch.undo()
+    save_model(model, None, tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)

@@ -1,0 +1,100 @@
+"""Experience making: rewards from a reward model are read at each reply's turn end, in any chunking; without a
+critic the values are 0; the trainer's log-probs match the sampler's; the step statistics match their definitions
+over the rollout; the collapse checks fire on NaN; batch geometry is derived or refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moss_rlhf.config import ConfigError
+from moss_rlhf.data.collate import left_pad
+from moss_rlhf.models import load_causal_lm, load_scorer, sequence_scores
+from moss_rlhf.rollout import (RLModels, cat_field, collapse_signals, make_experience, plan_batches, reward_scores,
+                               rollout_stats)
+from moss_rlhf.sampling import SamplingConfig, encode_prompts
+from moss_rlhf.sampling.builtin import BuiltinSampler
+from moss_rlhf.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = load_causal_lm(str(tiny_model_dir)).eval()
+    reward_model = load_scorer(str(tiny_model_dir), tokenizer).eval()
+    torch.nn.init.normal_(reward_model.score.weight, std=0.2, generator=torch.Generator().manual_seed(0))
+    prompts = [[{"role": "user", "content": q}] for q in ("Where did Lin go?", "Bo?", "Where did Mei go with Tom?")]
+    sampler = BuiltinSampler(policy, tokenizer)
+    rollout = sampler.generate(encode_prompts(tokenizer, prompts), SamplingConfig(max_new_tokens=9), seeds=[1, 2, 3])
+    return tokenizer, policy, reward_model, prompts, rollout
+
+
+def test_reward_model_scores_are_read_at_each_replys_last_token_in_any_chunking(parts):
+    """The score of a rollout row is the reward model's score of that row alone (its last real token: the turn end
+    when the reply finished), whatever else shares its forward pass."""
+    tokenizer, policy, reward_model, prompts, rollout = parts
+    with torch.no_grad():
+        whole = reward_scores(reward_model, rollout, batch_size=3)
+        torch.testing.assert_close(reward_scores(reward_model, rollout, batch_size=1), whole, atol=1e-5, rtol=0)
+        for row in range(3):
+            ids = rollout.sequences[row][rollout.attention_mask[row].bool()].tolist()
+            alone = sequence_scores(reward_model, *left_pad([ids], tokenizer.pad_token_id))
+            torch.testing.assert_close(alone[0], whole[row], atol=1e-5, rtol=0)
+    assert reward_scores(None, rollout, 2, reward_fn=lambda r: r.response_mask.sum(1)).tolist() == \
+        rollout.response_mask.sum(1).float().tolist()
+
+
+def test_without_a_critic_values_are_zero_and_logprobs_match_the_sampler(parts):
+    tokenizer, policy, reward_model, prompts, rollout = parts
+    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout, micro_batch=2, temperature=1.0)
+    assert [c.sequences.shape[0] for c in chunks] == [2, 1]
+    assert torch.equal(cat_field(chunks, "old_values"), torch.zeros_like(cat_field(chunks, "old_logprobs")))
+    mask = cat_field(chunks, "response_mask").bool()
+    torch.testing.assert_close(cat_field(chunks, "old_logprobs")[mask], rollout.logprobs[mask], atol=2e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(cat_field(chunks, "scores"), reward_scores(reward_model, rollout, 3))
+
+
+def test_step_statistics_match_their_definitions(parts):
+    tokenizer, policy, reward_model, prompts, rollout = parts
+    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout, micro_batch=3, temperature=1.0)
+    raw = cat_field(chunks, "scores")
+    mask = cat_field(chunks, "response_mask")
+    kl = torch.full_like(mask, 0.25) * mask
+    stats = rollout_stats(chunks, raw, raw * 2, kl, kl_coef=0.1)
+    lengths = mask.sum(1)
+    logprobs = cat_field(chunks, "old_logprobs")
+    assert float(stats["response/length"]) == pytest.approx(float(lengths.mean()))
+    assert float(stats["kl/per_token"]) == pytest.approx(0.25)
+    assert float(stats["kl/per_sequence"]) == pytest.approx(float(0.25 * lengths.mean()))
+    assert float(stats["policy/perplexity"]) == pytest.approx(math.exp(-float((logprobs * mask).sum() / mask.sum())))
+    assert float(stats["reward/normalized_mean"]) == pytest.approx(2 * float(raw.mean()))
+    assert float(stats["response/truncated_share"]) == pytest.approx(float((~rollout.finished).float().mean()))
+    assert float(stats["rollout/logprob_abs_diff"]) < 1e-5
+
+
+def test_collapse_checks_fire_on_each_signal_and_on_nan():
+    class Limits:
+        collapse_kl, collapse_perplexity, collapse_length_share, collapse_reward_sigmas = 0.5, 1.1, 0.8, 6.0
+
+    first = {"reward/raw_mean": 0.0, "reward/raw_std": 1.0}
+    calm = {"kl/per_token": 0.1, "policy/perplexity": 3.0, "response/truncated_share": 0.1, "reward/raw_p95": 1.0}
+    assert collapse_signals(calm, Limits, first) == []
+    for key, value in (("kl/per_token", 0.9), ("policy/perplexity", 1.01), ("response/truncated_share", 0.95),
+                       ("reward/raw_p95", 7.0)):
+        assert len(collapse_signals({**calm, key: value}, Limits, first)) == 1, key
+        assert len(collapse_signals({**calm, key: float("nan")}, Limits, first)) == 1, key
+
+
+def test_batch_geometry():
+    class Cfg:
+        rollout_batch, mini_batch, batch_size, ppo_epochs, max_steps = 32, 16, 4, 2, 10
+
+    plan = plan_batches(Cfg, world_size=2)
+    assert (plan.rollout_per_process, plan.mini_per_process, plan.micro_per_mini, plan.updates_per_step) == \
+        (16, 8, 2, 4)
+    assert "rollout batch 32 = 2 process(es) × 16" in plan.describe(Cfg)
+    with pytest.raises(ConfigError, match=r"--mini-batch \(16\) must be a multiple of --batch-size \(4\) × 3"):
+        plan_batches(Cfg, world_size=3)

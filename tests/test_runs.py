@@ -1,0 +1,56 @@
+"""Run directories: the resolved config is saved; metrics go to JSON lines (and TensorBoard); a fresh run refuses a
+directory that holds an earlier run unless told to overwrite it (then only the run's own files go); a resume
+forgets metric rows logged after its checkpoint; curves are plotted to a PNG."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from moss_rlhf.config import ConfigError, TrainConfig
+from moss_rlhf.runs import RunDir, plot_curves, read_metrics
+
+
+def test_config_and_metrics_are_written(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "run"), lr=0.02)
+    run = RunDir(cfg.out, cfg)
+    for step in (1, 2, 3):
+        run.log(step, {"train/loss": 3.0 / step, "eval/loss": float("nan")})
+    run.close()
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 0.02
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["train/loss"] == 1.0
+    assert list((tmp_path / "run" / "tb").iterdir())  # TensorBoard event files
+    assert plot_curves(tmp_path / "run").name == "curves.png"
+
+
+def test_a_reused_directory_needs_resume_or_overwrite(tmp_path):
+    """Otherwise a later --resume would continue the older run's checkpoint and the two runs' curves would mix."""
+    out = tmp_path / "run"
+    cfg = TrainConfig(out=str(out))
+    first = RunDir(out, cfg)
+    first.log(1, {"train/loss": 1.0})
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds an earlier run .*--resume.*--overwrite"):
+        RunDir(out, cfg)
+    RunDir(out, cfg, resume=True).log(2, {"train/loss": 0.5})  # a resume continues it
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    RunDir(out, cfg, overwrite=True)
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not the run's are left alone
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        RunDir(tmp_path / "file", cfg)
+
+
+def test_resume_forgets_rows_after_the_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run = RunDir(out, TrainConfig(out=str(out)))
+    for step in range(1, 6):
+        run.log(step, {"train/loss": float(step)})
+    resumed = RunDir(out, TrainConfig(out=str(out)), resume=True)
+    resumed.truncate_metrics(3)
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    resumed.truncate_metrics(0)  # resumed before the first checkpoint: every row will be logged again
+    assert read_metrics(out) == []
