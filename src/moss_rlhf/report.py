@@ -265,8 +265,8 @@ def evaluation_sections(evaluations: list[tuple[Path, dict]], n_samples: int) ->
                                   f"{t['mean_score_b']:.2f}"] for task, t in ev["by_task"].items()]))
         note = f"{ev.get('n_prompts', '?')} held-out prompts judged by {judge} ({path.name})."
         if ev.get("kl"):
-            note += f" KL({a} ‖ {b}) on {a}'s replies: {ev['kl']['per_sequence']:.3f} per reply, " \
-                    f"{ev['kl']['per_token']:.4f} per token."
+            note += f" KL({a} ‖ {b}) at temperature {ev['kl'].get('temperature', 1.0):g} on {a}'s replies: " \
+                    f"{ev['kl']['per_sequence']:.3f} per reply, {ev['kl']['per_token']:.4f} per token."
         sections.append(Section(f"Evaluation: {a} vs {b}", note=note, tables=tables,
                                 figures=[Figure("win rate", win_rate_png(ev))],
                                 samples=ev.get("samples", [])[:n_samples], sample_names=(a, b)))
