@@ -81,3 +81,83 @@ def test_only_the_last_checkpoints_are_kept_and_a_failed_save_changes_nothing(tm
         checkpointer.save(4)
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "ckpt").rglob("*")) == before
     assert checkpointer.latest().name == "step-00000003"
+
+
+@pytest.mark.parametrize("damage", ["truncate weights", "delete state", "flip a byte"])
+def test_a_damaged_checkpoint_is_passed_over_for_the_one_before(tmp_path, tiny_model_dir, capsys, damage):
+    model = load_causal_lm(str(tiny_model_dir))
+    moments = RunningMoments()
+    checkpointer = Checkpointer(tmp_path / "ckpt", {"model": model, "moments": moments}, keep=3, desc="test")
+    for step in (1, 2):
+        moments.update(torch.tensor([float(step)]))
+        checkpointer.save(step, marker=step)
+    latest = tmp_path / "ckpt" / "step-00000002"
+    weights = latest / "model" / "model.safetensors"
+    if damage == "truncate weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "delete state":
+        (latest / "state.pt").unlink()
+    else:
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    fresh = RunningMoments()
+    values = Checkpointer(tmp_path / "ckpt", {"model": load_causal_lm(str(tiny_model_dir)), "moments": fresh},
+                          desc="test").restore()
+    assert values["step"] == 1 and values["marker"] == 1 and fresh.count == 1
+    assert "step-00000002 is damaged" in capsys.readouterr().out
+    (tmp_path / "ckpt" / "step-00000001" / "state.pt").unlink()
+    from moss_rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no intact checkpoint"):
+        Checkpointer(tmp_path / "ckpt", {"moments": RunningMoments()}).restore()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what", ["checkpoint", "model"])
+def test_a_kill_inside_a_write_leaves_the_previous_or_the_new_copy(tmp_path, tiny_model_dir, what):
+    """A process that does nothing but write (checkpoints, or the final model directory over and over) is killed at
+    random moments, so the kills land inside writes: every time, what is on disk is complete and loads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from moss_rlhf.files import recover_directory
+
+    script = textwrap.dedent(f"""
+        import torch
+        from moss_rlhf.checkpoint import Checkpointer
+        from moss_rlhf.models import load_causal_lm, save_model
+        model = load_causal_lm({str(tiny_model_dir)!r})
+        checkpointer = Checkpointer({str(tmp_path / 'ckpt')!r}, {{"model": model}}, keep=2)
+        step = 0
+        while True:
+            step += 1
+            with torch.no_grad():
+                model.lm_head.weight.fill_(float(step))
+            if {what!r} == "checkpoint":
+                checkpointer.save(step, step=step)
+            else:
+                save_model(model, None, {str(tmp_path / 'model')!r})
+        """)
+    rng = random.Random(7)
+    for _ in range(4):
+        proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
+        time.sleep(rng.uniform(3.5, 5.0))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if what == "checkpoint":
+            checkpointer = Checkpointer(tmp_path / "ckpt", {"model": load_causal_lm(str(tiny_model_dir))})
+            visible = sorted((tmp_path / "ckpt").glob("step-*"))
+            assert not visible or checkpointer.latest() == visible[-1]  # a published checkpoint is a whole one
+            values = checkpointer.restore()
+            if values is not None:  # and it holds the weights of its own step
+                assert float(checkpointer.objects["model"].lm_head.weight[0, 0]) == values["step"]
+        else:
+            recover_directory(tmp_path / "model")
+            if (tmp_path / "model").exists():
+                loaded = load_causal_lm(str(tmp_path / "model"))
+                assert torch.all(loaded.lm_head.weight == loaded.lm_head.weight[0, 0])

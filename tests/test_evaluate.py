@@ -169,13 +169,23 @@ def test_kl_is_the_divergence_at_the_sampling_temperature(trained_model_dir, tin
 
 
 def test_reward_model_judge(tiny_model_dir, prompts_file, tmp_path):
-    """A reward model freshly made from an LM has a zero head: every reply scores 0, so everything ties."""
-    report = run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "rm.json", judge=str(tiny_model_dir),
+    """A reward model judges by its score at each reply's turn end; a causal LM is refused as a judge (its fresh zero
+    head would score every reply 0 and report a 50% tie)."""
+    from moss_rlhf.config import ConfigError
+    from moss_rlhf.models import load_scorer, save_model
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    scorer = load_scorer(str(tiny_model_dir), tokenizer)
+    torch.nn.init.normal_(scorer.score.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    save_model(scorer, tokenizer, tmp_path / "rm")
+    report = run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "rm.json", judge=str(tmp_path / "rm"),
                          temperature=1.0))
-    assert report["judge"] == str(tiny_model_dir)
+    assert report["judge"] == str(tmp_path / "rm")
     assert report["perplexity_data"] is None  # user prompts, a reward model, no perplexity file: skipped
-    assert all(s["score_a"] == 0.0 for s in report["samples"])
-    assert report["win_rate"]["ties"] == 6
+    assert len({round(s["score_a"], 5) for s in report["samples"]}) > 3  # the replies are told apart
+    with pytest.raises(ConfigError, match="is not a reward model"):
+        run(_config(tiny_model_dir, tiny_model_dir, prompts_file, tmp_path / "lm.json", judge=str(tiny_model_dir)))
 
 
 def test_gold_judge_scores_are_on_its_scale(tiny_model_dir, prompts_file, eval_corpus_file, tmp_path):

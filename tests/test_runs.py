@@ -1,8 +1,11 @@
 """Run directories: the resolved config is saved; metrics go to JSON lines (and TensorBoard); a fresh run refuses a
 directory that holds an earlier run unless told to overwrite it (then only the run's own files go); a resume
-forgets metric rows logged after its checkpoint; curves are plotted to a PNG."""
+forgets metric rows logged after its checkpoint, and refuses a changed trajectory unless the change is named (and
+then records it); one run at a time holds a directory; curves are plotted to a PNG."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import yaml
@@ -54,3 +57,57 @@ def test_resume_forgets_rows_after_the_checkpoint(tmp_path):
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
     resumed.truncate_metrics(0)  # resumed before the first checkpoint: every row will be logged again
     assert read_metrics(out) == []
+
+
+def test_a_resume_refuses_a_changed_trajectory_unless_overridden(tmp_path):
+    from moss_rlhf.stages.sft import SFTConfig
+
+    out = tmp_path / "run"
+    cfg = SFTConfig(out=str(out), data=["a.jsonl"], lr=0.001)
+    RunDir(out, cfg).close()
+    (out / "checkpoints" / "step-00000001").mkdir(parents=True)
+    changed = SFTConfig(out=str(out), data=["a.jsonl"], lr=0.002, batch_size=3, resume=True, eval_every=7,
+                        progress=False)
+    with pytest.raises(ConfigError, match=r"--batch-size 64 → 3; --lr 0.001 → 0.002.*--resume-override "
+                                          r"batch_size,lr"):
+        RunDir(out, changed, resume=True)
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.001  # the saved config still tells the truth
+    accepted = SFTConfig(**{**changed.__dict__, "resume_override": ["lr", "batch_size"]})
+    RunDir(out, accepted, resume=True).close()  # eval_every and progress may change freely
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.002
+    record = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
+    assert record[-1]["overrides"] == {"batch_size": [64, 3], "lr": [0.001, 0.002]}
+
+
+def test_one_run_at_a_time_per_directory(tmp_path):
+    """A second process on the same --out stops at once, naming the holder; the same process may go on (the demo
+    runs its stages one after another)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from moss_rlhf.config import TrainConfig
+        from moss_rlhf.runs import RunDir
+        RunDir({str(out)!r}, TrainConfig())
+        print("locked", flush=True)
+        time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=rf"is in use by process {holder.pid} on "):
+            RunDir(out, TrainConfig(), resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    first = RunDir(out, TrainConfig(), resume=True)  # the holder is gone: its lock went with it
+    RunDir(out, TrainConfig(), resume=True).close()  # this process already holds it, and still does
+    probe = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        from moss_rlhf.config import TrainConfig
+        from moss_rlhf.runs import RunDir
+        RunDir({str(out)!r}, TrainConfig(), resume=True)
+        """)], capture_output=True, text=True)
+    assert "is in use by process" in probe.stderr
+    first.close()

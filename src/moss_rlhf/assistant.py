@@ -73,6 +73,9 @@ class Assistant:
 
     def __init__(self, model, tokenizer, device: torch.device | str = "cpu",
                  sampling: SamplingConfig | None = None):
+        from moss_rlhf.models import check_vocabulary
+
+        check_vocabulary(model, tokenizer)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)

@@ -4,17 +4,21 @@ and ``save(step)`` / ``restore()`` do the rest.
 Layout of a checkpoint::
 
     checkpoints/step-00000200/
-        <name>/      each tracked model, save_pretrained (readable by transformers; LoRA: merged weights)
-        state.pt     state_dict() of every other tracked object (optimizers, schedules, running statistics, KL
-                     controllers), LoRA adapter weights, the RNG states, the step and the loop's plain values
+        <name>/        each tracked model, save_pretrained (readable by transformers; LoRA: merged weights)
+        state.pt       state_dict() of every other tracked object (optimizers, schedules, running statistics, KL
+                       controllers), LoRA adapter weights, the RNG states, the step and the loop's plain values
+        manifest.json  the SHA-256 of every file above
 
-A checkpoint is written into a temporary directory and renamed into place, so a run killed at any moment leaves
-either the previous checkpoint or the new one, never half of one; only the last ``keep`` are kept. ``restore()``
-loads the newest into the very objects that were saved, so the loop continues exactly where it stopped.
+A checkpoint is written into a temporary directory, fsynced and renamed into place (``files.atomic_directory``), so
+a run killed at any moment leaves either the previous checkpoint or the new one, never half of one; only the last
+``keep`` are kept. ``restore()`` loads the newest checkpoint whose files match its manifest into the very objects
+that were saved, so the loop continues exactly where it stopped; a damaged one (a disk error, a file truncated by
+hand) is passed over with a warning for the one before it.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -22,7 +26,8 @@ from typing import Any
 
 import torch
 
-from moss_rlhf.config import ConfigError, atomic_directory
+from moss_rlhf.config import ConfigError
+from moss_rlhf.files import atomic_directory, checksums
 
 
 class Checkpointer:
@@ -39,8 +44,8 @@ class Checkpointer:
         self.desc = desc
 
     def latest(self) -> Path | None:
-        found = sorted(self.root.glob("step-*"))
-        return found[-1] if found else None
+        """The newest intact checkpoint (its files match its manifest), or None."""
+        return next((c for c in reversed(sorted(self.root.glob("step-*"))) if intact(c)), None)
 
     def save(self, step: int, **values: Any) -> Path | None:
         """Write ``checkpoints/step-N`` with every tracked object and ``values`` (plain Python data)."""
@@ -58,6 +63,7 @@ class Checkpointer:
                 else:
                     state["objects"][name] = obj.state_dict()
             torch.save(state, tmp / "state.pt")
+            (tmp / MANIFEST).write_text(json.dumps(checksums(tmp), indent=0, sort_keys=True), encoding="utf-8")
         for old in sorted(self.root.glob("step-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -67,7 +73,15 @@ class Checkpointer:
         None (with a note) when there is none yet."""
         from moss_rlhf.models import load_trainable_state, load_weights
 
+        found = sorted(self.root.glob("step-*"))
         checkpoint = self.latest()
+        for damaged in (c for c in found if checkpoint is None or c > checkpoint):
+            if self.is_main:
+                print(f"{self.desc}: warning: {damaged} is damaged (its files do not match its manifest); "
+                      f"resuming from the checkpoint before it")
+        if checkpoint is None and found:
+            raise ConfigError(f"{self.root}: no intact checkpoint ({', '.join(c.name for c in found)} are damaged); "
+                              f"--overwrite starts afresh")
         if checkpoint is None:
             if self.is_main:
                 print(f"{self.desc}: --resume given but {self.root} holds no checkpoint yet; starting from step 0")
@@ -88,6 +102,20 @@ class Checkpointer:
         if self.is_main:
             print(f"{self.desc}: resumed from {checkpoint} at step {state['step']}")
         return {**state["values"], "step": state["step"]}
+
+
+MANIFEST = "manifest.json"
+
+
+def intact(checkpoint: Path) -> bool:
+    """Whether every file of ``checkpoint`` is there with the checksum its manifest recorded (and nothing else)."""
+    try:
+        recorded = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    found = checksums(checkpoint)
+    found.pop(MANIFEST, None)
+    return found == recorded
 
 
 def seed_everything(seed: int) -> None:

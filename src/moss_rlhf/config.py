@@ -10,12 +10,9 @@ values only and never touches the file system: a stage checks its paths when it 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import math
 import os
-import shutil
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from moss_rlhf.files import atomic_write_text
 
 C = TypeVar("C")
 
@@ -36,9 +35,15 @@ class ConfigError(UserError):
     """A configuration value or file is invalid; the message says which and why."""
 
 
+class NonFiniteError(UserError):
+    """A loss, gradient, reward, advantage, logit or weight is NaN or infinite: the run stops (or, with
+    ``--on-nonfinite skip``, skips the step) and nothing non-finite is ever saved."""
+
+
 def option(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with its ``--help`` text (mutable defaults are wrapped in a factory). Optional bounds, checked
-    by :func:`validate`: ``at_least``/``at_most`` (inclusive), ``above``/``below`` (exclusive); ``choices``."""
+    by :func:`validate`: ``at_least``/``at_most`` (inclusive), ``above``/``below`` (exclusive); ``choices``;
+    ``free_on_resume``: the option may change when a run resumes (it does not change the run's trajectory)."""
     if isinstance(default, (list, dict)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata={"help": help, **kwargs})
@@ -57,7 +62,8 @@ class Config:
 class TrainConfig(Config):
     """Knobs shared by every training loop (pretrain, sft, reward, ppo)."""
 
-    out: str = option("runs/run", "run directory: config.yaml, metrics.jsonl, TensorBoard logs, checkpoints, final model")
+    out: str = option("runs/run", "run directory: config.yaml, metrics.jsonl, TensorBoard logs, checkpoints, "
+                                  "final model", free_on_resume=True)
     seed: int = option(0, "random seed (data order, initialisation, sampling)")
     max_steps: int = option(200, "optimizer steps to run", at_least=1)
     batch_size: int = option(8, "sequences per micro-batch per process", at_least=1)
@@ -70,15 +76,22 @@ class TrainConfig(Config):
     min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio", at_least=0.0, at_most=1.0)
     max_grad_norm: float = option(1.0, "global gradient-norm clip (0 disables)", at_least=0.0)
     precision: str = option("fp32", "autocast precision: fp32 or bf16", choices=("fp32", "bf16"))
-    eval_every: int = option(50, "evaluate every N steps (0 disables)", at_least=0)
-    eval_batches: int = option(8, "batches per evaluation", at_least=1)
-    save_every: int = option(100, "checkpoint every N steps (0: only at the end)", at_least=0)
-    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", at_least=1)
-    resume: bool = option(False, "continue from the last checkpoint in --out")
-    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run's checkpoints (deletes them)")
-    log_every: int = option(10, "write metrics every N steps", at_least=1)
-    device: str = option("auto", "cpu, cuda, cuda:1, ... or auto")
-    progress: bool = option(True, "show a progress bar")
+    eval_every: int = option(50, "evaluate every N steps (0 disables)", at_least=0, free_on_resume=True)
+    eval_batches: int = option(8, "batches per evaluation", at_least=1, free_on_resume=True)
+    save_every: int = option(100, "checkpoint every N steps (0: only at the end)", at_least=0, free_on_resume=True)
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep", at_least=1, free_on_resume=True)
+    resume: bool = option(False, "continue from the last intact checkpoint in --out", free_on_resume=True)
+    resume_override: list[str] = option([], "with --resume: options that may differ from the run's saved config "
+                                            "(e.g. max_steps); any other change is refused", free_on_resume=True)
+    overwrite: bool = option(False, "start afresh in an --out that holds an earlier run's checkpoints (deletes them)",
+                             free_on_resume=True)
+    on_nonfinite: str = option("stop", "a NaN/Inf loss or gradient norm: stop (nothing of that step is applied or "
+                                       "saved) or skip the step", choices=("stop", "skip"), free_on_resume=True)
+    max_skipped_steps: int = option(10, "with --on-nonfinite skip: stop after this many skipped steps", at_least=0,
+                                    free_on_resume=True)
+    log_every: int = option(10, "write metrics every N steps", at_least=1, free_on_resume=True)
+    device: str = option("auto", "cpu, cuda, cuda:1, ... or auto", free_on_resume=True)
+    progress: bool = option(True, "show a progress bar", free_on_resume=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -130,7 +143,8 @@ def coerce_values(cls: type, values: dict[str, Any], source: str = "config") -> 
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(known)}")
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: "
+                          f"{', '.join(known)}")
     return {name: _coerce(v, _field_type(cls, known[name]), name, source) for name, v in values.items()}
 
 
@@ -195,42 +209,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (temp file + rename)."""
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike):
-    """Write a directory atomically: yields a temporary sibling to fill; on success it takes ``path``'s place (an
-    existing directory is swapped out, then removed), on failure it is deleted and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ def init(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device != "auto":
+        from moss_rlhf.models import resolve_device
+
+        resolve_device(device)  # a named device must exist
     use_cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda:")
     if use_cuda:
         dev = torch.device(device if device.startswith("cuda:") else f"cuda:{local_rank}")

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, option
+from moss_rlhf.files import atomic_write_text
 
 
 @dataclass
@@ -49,11 +50,13 @@ class Inspection:
 
 def load_for_inspection(path: str, device: str = "auto"):
     """Model (eager attention, eval mode) and tokenizer."""
-    from moss_rlhf.models import load_causal_lm, resolve_device
+    from moss_rlhf.models import check_vocabulary, load_causal_lm, resolve_device
     from moss_rlhf.tokenizer import load_tokenizer
 
     model = load_causal_lm(path, attn_implementation="eager")
-    return model.to(resolve_device(device)).eval(), load_tokenizer(path)
+    tokenizer = load_tokenizer(path)
+    check_vocabulary(model, tokenizer)
+    return model.to(resolve_device(device)).eval(), tokenizer
 
 
 def _byte_level_alphabet() -> dict[str, int]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from moss_rlhf.config import ConfigError, atomic_directory
+from moss_rlhf.config import ConfigError, NonFiniteError
+from moss_rlhf.files import atomic_directory
 from moss_rlhf.losses import last_token_index
 
 # Llama-architecture presets. Vocabulary size comes from the tokenizer.
@@ -41,16 +42,27 @@ class LoraOptions:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU if there is one; a named device must exist (no silent fall-back to the CPU)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device (cpu, cuda, cuda:1, ... or auto)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+    return device
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
 def check_model_path(path: str, flag: str = "--model") -> None:
-    """Fail early, in one line, on a model directory that does not exist (a hub id such as ``org/name`` passes)."""
+    """Fail early, in one line, on a model directory that does not exist (a hub id such as ``org/name`` passes),
+    and on a size preset given where a trained model belongs."""
+    if path in PRESETS and not Path(path).exists():
+        raise ConfigError(f"{flag}: {path!r} is a size preset (for `moss-rlhf pretrain --model`), not a saved model; "
+                          f"give a directory written by an earlier stage (e.g. runs/pretrain/model)")
     if Path(path).exists():
         if Path(path).is_dir() and not (Path(path) / "config.json").exists():
             raise ConfigError(f"{flag}: {path} holds no config.json; expected a model saved with save_pretrained "
@@ -111,32 +123,77 @@ def quiet_transformers(notices: bool = True):
             hf_logging.enable_progress_bar()
 
 
+@contextlib.contextmanager
+def reading(path: str, flag: str, what: str = "model"):
+    """Turn the errors of loading a user's model or tokenizer (a hub id that cannot be reached, a truncated or
+    garbage weights file, an unknown architecture) into one line naming the flag and the path."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"{flag}: cannot load the {what} {path}: {reason[:300]}") from None
+
+
+def refuse_nonfinite(model, path: str, flag: str) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"{flag}: {path} holds NaN or Inf weights ({', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}); nothing can be trained or sampled from it")
+
+
 def load_causal_lm(name_or_path: str, dtype: torch.dtype | None = None, flag: str = "--model", **kwargs):
-    """A causal LM from a save_pretrained directory or hub id (``kwargs`` go to ``from_pretrained``)."""
+    """A causal LM from a save_pretrained directory or hub id (``kwargs`` go to ``from_pretrained``); its weights
+    must be finite."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name_or_path, flag)
-    with quiet_transformers():
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+    with reading(name_or_path, flag), quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or torch.float32, **kwargs)
+    refuse_nonfinite(model, name_or_path, flag)
+    return model
 
 
-def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = None, flag: str = "--model"):
+def load_scorer(name_or_path: str, tokenizer=None, dtype: torch.dtype | None = None, flag: str = "--model",
+                trained: bool = False):
     """A sequence scorer with one output (reward model or critic). From an LM checkpoint, the head starts at zero so
-    the first rewards are 0 and the Bradley–Terry loss starts at log 2; from a reward checkpoint, the head is loaded."""
+    the first rewards are 0 and the Bradley–Terry loss starts at log 2 — refused with ``trained``, where a reward
+    model or a judge is expected (a zero head scores every reply 0); from a reward checkpoint, the head is loaded."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     check_model_path(name_or_path, flag)
-    config = AutoConfig.from_pretrained(name_or_path)
+    with reading(name_or_path, flag):
+        config = AutoConfig.from_pretrained(name_or_path)
     is_scorer = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    if trained and not is_scorer:
+        raise ConfigError(f"{flag}: {name_or_path} is not a reward model (a {', '.join(config.architectures or [])} "
+                          f"without a trained score head); train one with `moss-rlhf reward`")
     config.num_labels = 1
     if config.pad_token_id is None and tokenizer is not None:
         config.pad_token_id = tokenizer.pad_token_id
-    with quiet_transformers(notices=False):  # the new score head is "newly initialised" on purpose: no alarm
+    with reading(name_or_path, flag), quiet_transformers(notices=False):  # a new head is new on purpose: no alarm
         model = AutoModelForSequenceClassification.from_pretrained(name_or_path, config=config,
                                                                    dtype=dtype or torch.float32)
     if not is_scorer:
         torch.nn.init.zeros_(score_head(model).weight)
+    refuse_nonfinite(model, name_or_path, flag)
     return model
+
+
+def check_vocabulary(model, tokenizer, flag: str = "--tokenizer") -> None:
+    """Refuse a tokenizer that does not belong to the model: ids beyond its embedding, or another end token."""
+    embeddings = base_model(model).get_input_embeddings().num_embeddings
+    if len(tokenizer) > embeddings:
+        raise ConfigError(f"{flag}: the tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                          f"{embeddings}: they do not belong together")
+    eos = getattr(base_model(model).config, "eos_token_id", None)
+    if eos is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in (
+            eos if isinstance(eos, list) else [eos]):
+        raise ConfigError(f"{flag}: the tokenizer's end token is id {tokenizer.eos_token_id}, the model's is {eos}: "
+                          f"they do not belong together")
 
 
 def score_head(model) -> torch.nn.Linear:
@@ -240,6 +297,10 @@ def save_model(model, tokenizer, path: str | Path) -> None:
     directory or the new one, never half of one); LoRA adapters are merged first so the result loads in plain
     transformers."""
     model = unwrap(model)
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensor(s) hold NaN or Inf "
+                             f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     if hasattr(model, "merge_and_unload"):  # a copy: the training model keeps its adapters
         model = copy.deepcopy(model).merge_and_unload()
     with atomic_directory(path) as tmp, quiet_transformers():

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, option
+from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.formats import DataError
 
 STAGES = ("pretrain", "sft", "reward", "ppo", "eval")

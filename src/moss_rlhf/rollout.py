@@ -26,9 +26,9 @@ import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.config import ConfigError
-from moss_rlhf.losses import entropy_from_logits, masked_sum, token_logprobs
-from moss_rlhf.models import (LoraOptions, accepts, apply_lora, disable_dropout, load_causal_lm, load_scorer,
-                              position_ids_of, sequence_scores, token_scores, unwrap)
+from moss_rlhf.losses import RunningMoments, entropy_from_logits, gae, masked_sum, per_token_rewards, token_logprobs
+from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, disable_dropout, load_causal_lm,
+                              load_scorer, position_ids_of, sequence_scores, token_scores, unwrap)
 from moss_rlhf.sampling import Rollout
 
 # A reward computed in Python instead of a reward model (tests, rule-based rewards): rollout -> score per row [B].
@@ -61,10 +61,11 @@ def load_rl_models(policy: str, reference: str, reward_model: str | None, critic
     else:
         reference_model = load_causal_lm(reference, flag="--reference").requires_grad_(False)
     models = RLModels(policy_model, reference_model,
-                      load_scorer(reward_model, tokenizer, flag="--reward-model").requires_grad_(False)
+                      load_scorer(reward_model, tokenizer, flag="--reward-model", trained=True).requires_grad_(False)
                       if reward_model else None,
                       load_scorer(critic, tokenizer, flag="--critic") if critic else None)
     for model in models.all():
+        check_vocabulary(model, tokenizer)
         disable_dropout(model)
         model.to(device).eval()
     return models
@@ -208,6 +209,20 @@ def reward_scores(reward_model, rollout: Rollout, batch_size: int, reward_fn: Re
                       for i in range(0, len(seq), batch_size)])
 
 
+def nonfinite_rollout(chunks: list[Experience]) -> str | None:
+    """"3 rewards, 1 value are NaN or infinite" over every process's rollout (rewards, and at response tokens the
+    log-probs and values), or None when all are finite — before anything reaches the running reward statistics."""
+    mask = cat_field(chunks, "response_mask").bool()
+    counts = distributed.all_reduce_sum(torch.stack([
+        (~torch.isfinite(cat_field(chunks, "scores"))).sum(),
+        (~torch.isfinite(cat_field(chunks, "old_logprobs")) & mask).sum(),
+        (~torch.isfinite(cat_field(chunks, "ref_logprobs")) & mask).sum(),
+        (~torch.isfinite(cat_field(chunks, "old_values")) & mask).sum()]).double())
+    names = ("rewards", "policy log-probs", "reference log-probs", "values")
+    bad = [f"{int(n)} {name}" for n, name in zip(counts.tolist(), names) if n]
+    return f"{', '.join(bad)} are NaN or infinite" if bad else None
+
+
 def cat_field(chunks: list[Experience], name: str) -> torch.Tensor:
     return torch.cat([getattr(c, name) for c in chunks])
 
@@ -219,6 +234,38 @@ def engine_mismatch(chunks: list[Experience]) -> torch.Tensor:
     mask = cat_field(chunks, "response_mask").bool()
     diff = torch.where(mask, cat_field(chunks, "old_logprobs") - cat_field(chunks, "sample_logprobs"), 0.0)
     return torch.stack([diff.abs().sum(), diff.sum(), mask.sum()]).double()
+
+
+@torch.no_grad()
+def assign_advantages(chunks: list[Experience], cfg, moments: RunningMoments, kl_coef: float) -> dict:
+    """PPO-max's reward shaping, GAE and whitening for the whole rollout, written into each chunk; returns the
+    step's statistics. ``cfg`` holds the switches (reward_norm, reward_clip, kl_estimator, kl_clamp, gamma, lam,
+    whiten_advantages, advantage_clip, use_critic)."""
+    raw = cat_field(chunks, "scores")
+    if cfg.reward_norm:
+        moments.update(raw)  # synced across processes: every rank normalises with the same moments
+        scores = moments.normalize(raw, clip=cfg.reward_clip or None)
+    else:
+        scores = raw.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip else raw
+    mask, logprobs = cat_field(chunks, "response_mask"), cat_field(chunks, "old_logprobs")
+    rewards, kl = per_token_rewards(scores, logprobs, cat_field(chunks, "ref_logprobs"), mask, kl_coef,
+                                    cfg.kl_estimator, cfg.kl_clamp)
+    values = cat_field(chunks, "old_values")
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = distributed.global_whiten(advantages, mask)
+    if cfg.advantage_clip:
+        advantages = torch.where(mask.bool(), advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip), 0.0)
+    start = 0
+    for chunk in chunks:
+        rows = slice(start, start + chunk.sequences.shape[0])
+        chunk.advantages, chunk.returns = advantages[rows], returns[rows]
+        start = rows.stop
+
+    stats = rollout_stats(chunks, raw, scores, kl, kl_coef)
+    if cfg.use_critic:
+        stats["critic/explained_variance"] = distributed.global_explained_variance(values, returns, mask)
+    return stats
 
 
 def rollout_stats(chunks: list[Experience], raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,

@@ -10,26 +10,38 @@ Layout of a run directory::
     model/                the final model (save_pretrained, written atomically)
     curves.png            the loss curves
 
-A run directory holds one run: starting afresh (no ``--resume``) where an earlier run left checkpoints or metrics is
-refused unless ``--overwrite`` says to delete them — otherwise a later ``--resume`` would continue the older run's
-checkpoint, and the curves of two runs would mix.
+A run directory holds one run:
+
+- starting afresh (no ``--resume``) where an earlier run left checkpoints or metrics is refused unless
+  ``--overwrite`` says to delete them — otherwise a later ``--resume`` would continue the older run's checkpoint,
+  and the curves of two runs would mix;
+- a resume that changes what determines the trajectory (``--lr``, ``--batch-size``, ``--data``, ``--seed``...) is
+  refused unless ``--resume-override`` names the options; accepted changes are recorded in ``resumes.jsonl``;
+- one run at a time: the main process holds an exclusive lock on ``.lock`` (released when it ends, however it ends);
+  a second run on the same directory stops with a message naming the holder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import json
 import math
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from moss_rlhf.config import ConfigError, save_yaml
+import yaml
+
+from moss_rlhf.config import ConfigError, save_yaml, to_dict
+from moss_rlhf.files import atomic_write_text, recover_directory
 
 # what a run writes into its directory (and --overwrite deletes; nothing else there is touched)
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tb", "model", "best", "best.json", "samples", "curves.png",
-                 "held_out.jsonl")
+                 "held_out.jsonl", "resumes.jsonl")
 
 
 class RunDir:
@@ -42,18 +54,43 @@ class RunDir:
         self._tb = None
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--out {self.path} is a file, not a directory")
-        earlier = [name for name in ("checkpoints", "metrics.jsonl") if (self.path / name).exists()]
-        if earlier and not resume and not overwrite:
-            raise ConfigError(f"--out {self.path} holds an earlier run ({', '.join(earlier)}): pass --resume to "
-                              f"continue it, or --overwrite to delete it and start afresh")
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _lock(self.path)
+        try:
+            earlier, changes = self._check(cfg, resume, overwrite)
+        except BaseException:
+            if is_main:
+                _unlock(self.path)
+            raise
         if not is_main:
             return
         if earlier and not resume:  # --overwrite
             for name in RUN_ARTIFACTS:
                 target = self.path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        for name in ("model", "best"):
+            recover_directory(self.path / name)
+        if changes:
+            with (self.path / "resumes.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                     "overrides": {k: list(v) for k, v in changes.items()}}) + "\n")
         save_yaml(cfg, self.path / "config.yaml")
+
+    def _check(self, cfg: Any, resume: bool, overwrite: bool) -> tuple[list[str], dict]:
+        """What an earlier run left here, and what a resume would change; refuses a start that would mix runs."""
+        earlier = [name for name in ("checkpoints", "metrics.jsonl") if (self.path / name).exists()]
+        if earlier and not resume and not overwrite:
+            raise ConfigError(f"--out {self.path} holds an earlier run ({', '.join(earlier)}): pass --resume to "
+                              f"continue it, or --overwrite to delete it and start afresh")
+        changes = _resume_changes(self.path, cfg) if resume and (self.path / "checkpoints").exists() else {}
+        refused = sorted(set(changes) - set(getattr(cfg, "resume_override", [])))
+        if refused:
+            shown = "; ".join(f"--{k.replace('_', '-')} {changes[k][0]!r} → {changes[k][1]!r}" for k in refused)
+            raise ConfigError(f"--resume: {shown}: the checkpoints in {self.path} belong to a run with the saved "
+                              f"values; pass --resume-override {','.join(refused)} to change them anyway, or "
+                              f"--overwrite to start afresh")
+        return earlier, changes
 
     @property
     def checkpoints(self) -> Path:
@@ -98,14 +135,63 @@ class RunDir:
             return
         rows = read_metrics(self.path)
         kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= after_step)
-        tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text(kept, encoding="utf-8")
-        os.replace(tmp, self.metrics_path)
+        atomic_write_text(self.metrics_path, kept)
 
     def close(self) -> None:
         if self._tb:
             self._tb.close()
             self._tb = None
+        if self.is_main:
+            _unlock(self.path)
+
+# ---------------------------------------------------------------------------------------------------- one run at a time
+
+_HELD: dict[str, list[int]] = {}  # run directories this process holds -> [lock file descriptor, holders]
+
+
+def _lock(path: Path) -> None:
+    """Take the run directory's exclusive lock (this process may take it again: stages run one after another)."""
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 300).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"--out {path} is in use by {holder}; wait for that run to end or choose another --out") \
+            from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%H:%M:%S')})".encode())
+    _HELD[key] = [fd, 1]
+
+
+def _unlock(path: Path) -> None:
+    held = _HELD.get(str(path.resolve()))
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[str(path.resolve())]
+        fcntl.flock(held[0], fcntl.LOCK_UN)
+        os.close(held[0])
+
+
+def _resume_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Options whose value differs from the run's saved config.yaml, except those marked ``free_on_resume``
+    (logging, checkpointing, the device...): the ones that would change the trajectory of the run."""
+    saved_file = path / "config.yaml"
+    if not saved_file.exists() or not dataclasses.is_dataclass(cfg):
+        return {}
+    saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
+    current = yaml.safe_load(yaml.safe_dump(to_dict(cfg)))  # the same YAML round trip as the saved values
+    free = {f.name for cls in type(cfg).__mro__ if dataclasses.is_dataclass(cls) for f in dataclasses.fields(cls)
+            if f.metadata.get("free_on_resume")}  # as marked where the option is first declared
+    return {name: (saved[name], value) for name, value in current.items()
+            if name not in free and name in saved and saved[name] != value}
+
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
     path = Path(run) / "metrics.jsonl"

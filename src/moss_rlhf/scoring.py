@@ -60,12 +60,14 @@ def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len:
     """A reward-model directory or a ``package.module:function`` scorer."""
     if ":" in spec and not Path(spec).exists():
         return load_function(spec, flag)
-    from moss_rlhf.models import check_model_path, load_scorer
+    from moss_rlhf.models import check_model_path, check_vocabulary, load_scorer
     from moss_rlhf.tokenizer import load_tokenizer
 
     check_model_path(spec, flag)
     tokenizer = load_tokenizer(spec)
-    return reward_model_scorer(load_scorer(spec, tokenizer).to(device), tokenizer, max_len)
+    model = load_scorer(spec, tokenizer, flag=flag, trained=True)
+    check_vocabulary(model, tokenizer, flag)
+    return reward_model_scorer(model.to(device), tokenizer, max_len)
 
 
 @torch.no_grad()

@@ -82,12 +82,19 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency:
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, flag: str = "--tokenizer"):
     """Load any Hugging Face tokenizer (hub id or local path) and make it usable by every stage: it gets a pad
-    token (its eos) and a chat template if it has none."""
+    token (its eos) and a chat template if it has none. ``flag`` names the option it came from in errors."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    from moss_rlhf.models import check_model_path, reading
+
+    if not Path(name_or_path).exists():
+        check_model_path(name_or_path, flag)  # a missing directory, or a hub id
+    with reading(name_or_path, flag, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"{flag}: {name_or_path} has no end-of-sequence token, so no reply could ever end")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):

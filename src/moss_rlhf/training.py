@@ -22,7 +22,7 @@ import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.checkpoint import Checkpointer
-from moss_rlhf.config import ConfigError, TrainConfig
+from moss_rlhf.config import ConfigError, NonFiniteError, TrainConfig
 from moss_rlhf.data.collate import BatchOrder, TokenData
 from moss_rlhf.losses import lm_loss_sum
 from moss_rlhf.models import accepts, base_model, final_hidden_states, save_model
@@ -97,10 +97,13 @@ class Trainee:
         return cls(model, model, optimizer, build_schedule(optimizer, cfg),
                    cfg.max_grad_norm if max_grad_norm is None else max_grad_norm)
 
-    def step(self) -> float:
-        """Clip the gradient norm, step the optimizer, clear the gradients; returns the norm before clipping."""
+    def step(self, finite_loss: bool = True) -> float:
+        """Clip the gradient norm and step the optimizer, then clear the gradients; returns the norm before
+        clipping. With a non-finite loss or gradient norm nothing is applied: the weights and the optimizer's state
+        stay as they were (the caller stops or skips, see :func:`nonfinite_step`)."""
         grad_norm = clip_gradients(self.model, self.max_grad_norm)
-        self.optimizer.step()
+        if finite_loss and math.isfinite(grad_norm):
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
@@ -123,9 +126,9 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
                           f"--batch-size × {cfg.grad_accum} --grad-accum × {dist.world_size} processes)")
     checkpoints = Checkpointer(run.checkpoints, {"model": model, "optimizer": optimizer, "schedule": schedule},
                                tokenizer, cfg.keep_checkpoints, dist.is_main, desc)
-    step = 0
+    restored = (checkpoints.restore() if cfg.resume else None) or {}
+    step, skipped = restored.get("step", 0), restored.get("skipped", 0)
     if cfg.resume:
-        step = (checkpoints.restore() or {"step": 0})["step"]
         run.truncate_metrics(step)
     trainee.module = distributed.wrap_ddp(model, dist)
 
@@ -146,11 +149,13 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
                 batch_loss = loss_fn(trainee.module, mb)
                 (batch_loss * scale).backward()
             loss_sum += batch_loss.detach().float()
-        grad_norm = trainee.step()
+        train_loss = float(distributed.all_reduce_sum(loss_sum) / n_targets)
+        grad_norm = trainee.step(math.isfinite(train_loss))
+        skipped += skip_or_stop(cfg, desc, step + 1, skipped,
+                                nonfinite({"loss": train_loss, "gradient norm": grad_norm}))
         schedule.step()
         step += 1
 
-        train_loss = float(distributed.all_reduce_sum(loss_sum) / n_targets)
         step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches) * dist.world_size
         tokens_seen += step_tokens
         tok_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
@@ -158,7 +163,8 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         metrics = {}
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
-                            "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step)})
+                            "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step),
+                            "train/skipped_steps": skipped})
         if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             eval_metrics = evaluate(trainee.module)
             last_eval = eval_metrics
@@ -168,15 +174,35 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         if metrics:
             run.log(step, metrics)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoints.save(step, data_position=step * order.global_batch)
+            checkpoints.save(step, data_position=step * order.global_batch, skipped=skipped)
     progress.close()
-    checkpoints.save(step, data_position=step * order.global_batch)
+    checkpoints.save(step, data_position=step * order.global_batch, skipped=skipped)
     if dist.is_main:
         save_model(model, tokenizer, run.model_path)
         plot_curves(run.path, title=desc)
     distributed.barrier()
     run.close()
     return LoopResult(step, train_loss, eval_loss, tokens_seen / max(time.perf_counter() - started, 1e-9), last_eval)
+
+
+def nonfinite(values: dict[str, float]) -> str | None:
+    """``"loss nan, gradient norm inf"`` for the values that are NaN or infinite; None when all are finite."""
+    bad = [f"{name} {value}" for name, value in values.items() if not math.isfinite(value)]
+    return ", ".join(bad) or None
+
+
+def skip_or_stop(cfg: TrainConfig, desc: str, step: int, skipped: int, problem: str | None) -> int:
+    """After a step with a ``problem`` (see :func:`nonfinite`; nothing of the step was applied): 1 under
+    ``--on-nonfinite skip``, or a :class:`NonFiniteError` under ``stop`` and once more than ``--max-skipped-steps``
+    were skipped; 0 when there was no problem. Every process sees the same (globally reduced) values, so all decide
+    alike."""
+    if problem is None:
+        return 0
+    if cfg.on_nonfinite == "stop" or skipped + 1 > cfg.max_skipped_steps:
+        raise NonFiniteError(f"{desc}: step {step}: {problem}; nothing of this step was applied and no non-finite "
+                             f"weight was saved (try a lower --lr, or --on-nonfinite skip)")
+    print(f"{desc}: step {step}: {problem}: step skipped ({skipped + 1} of at most {cfg.max_skipped_steps})")
+    return 1
 
 
 def lm_batches(tokenizer, paths: list[str], max_len: int, batch_size: int, dist: distributed.Dist,

@@ -19,8 +19,8 @@ PG_ENV = "MOSS_RLHF_TEST_POSTGRES_URL"
 
 
 @contextmanager
-def postgres_store():
-    """A Store in a schema of its own (dropped afterwards), so tests never see each other's rows."""
+def postgres_url():
+    """The test server's URL, pointed at a schema of its own (dropped afterwards)."""
     url = os.environ.get(PG_ENV)
     if not url:
         pytest.skip(f"{PG_ENV} is not set (eval \"$(bash .ci/start-postgres.sh)\" starts a server)")
@@ -31,14 +31,23 @@ def postgres_store():
     with admin.begin() as c:
         c.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
     sep = "&" if "?" in url else "?"
-    store = Store(url + sep + urlencode({"options": f"-csearch_path={schema}"}))
     try:
-        yield store
+        yield url + sep + urlencode({"options": f"-csearch_path={schema}"})
     finally:
-        store.close()
         with admin.begin() as c:
             c.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@contextmanager
+def postgres_store():
+    """A Store in a schema of its own, so tests never see each other's rows."""
+    with postgres_url() as url:
+        store = Store(url)
+        try:
+            yield store
+        finally:
+            store.close()
 
 
 def _free_socket() -> socket.socket:

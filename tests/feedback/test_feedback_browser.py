@@ -1,5 +1,6 @@
 """The labelling page in headless Chromium: sign in, label items with the keyboard only (pairwise with strength
-and rationale, a partial ranking, ratings, an undo), find the rows in the database, check XSS payloads stay inert
+and rationale, a partial ranking, ratings, an undo, an edit box opened and left unchanged), find the rows in the
+database, check XSS payloads stay inert
 text, and save screenshots of the labelling and admin pages to test-artifacts/."""
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             _ready(page, "Tell me one fact")
             assert page.inner_text(".progress-text").startswith("4 of 16")
 
+            # 5. a tie, then E (the edit box opens filled with a response), Esc, Enter: nobody edited, none stored
+            page.keyboard.press("3")
+            page.keyboard.press("e")
+            page.keyboard.press("Escape")
+            page.keyboard.press("Enter")
+            _ready(page, "Tell me one fact")
+            assert page.inner_text(".progress-text").startswith("5 of 16")
+
             # Help overlay toggles with ?
             page.keyboard.press("?")
             assert page.is_visible("#help")
@@ -160,7 +169,7 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
 
     rows = {r.item_id: r for r in store.judgements(annotator_id=me.id)}
     items = {i.id: i for i in store.items()}
-    first, xss, ranked, rated = sorted(rows)[:4]
+    first, xss, ranked, rated, tie = sorted(rows)[:5]
     text = {c.id: c.text for i in items.values() for c in i.candidates}
     assert rows[first].choice == "B" and rows[first].strength == "much" and text[rows[first].preferred_candidate_id] == shown_b
     assert rows[first].rationale == "The second one gives concrete light and watering advice."
@@ -168,6 +177,7 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
     assert [text[c] for c in rows[ranked].ranking] == [ranking_order[2], ranking_order[0]]
     assert {text[c]: r for c, r in rows[rated].ratings.items()} == {rating_order[0]: 7, rating_order[1]: 1}
     assert rows[rated].edited == rating_order[0] + " Well spotted!"
+    assert rows[tie].choice == "tie" and rows[tie].edited == ""
     assert all(r.time_ms and r.time_ms > 0 for r in rows.values())
     everything = store.judgements(annotator_id=me.id, include_retracted=True)
-    assert len(everything) == 5 and sum(r.retracted for r in everything) == 1
+    assert len(everything) == 6 and sum(r.retracted for r in everything) == 1

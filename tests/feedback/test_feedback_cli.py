@@ -80,7 +80,7 @@ def test_create_samples_from_saved_models(tmp_path, capsys, tiny_model_dir):
     assert main(["feedback", "create", "--db", db, "--name", "gen", "--prompts", str(prompts),
                  "--model", str(tiny_model_dir), "--model", str(tiny_model_dir), "--k", "3",
                  "--max-new-tokens", "6", "--device", "cpu"]) == 0
-    assert "3 items with 3 responses each" in capsys.readouterr().out
+    assert "has 3 items of up to 3 responses" in capsys.readouterr().out
     from moss_rlhf.feedback.store import Store
 
     store = Store(db)
@@ -96,6 +96,9 @@ def test_serve_binds_loopback_and_needs_tokens(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     db = str(tmp_path / "fb.db")
+    assert main(["feedback", "serve", "--db", db]) == 2  # a typo in --db must not start on a new empty database
+    assert main(["feedback", "import", "--db", db, "--name", "p", "--file", str(_world_candidates(tmp_path / "c.jsonl"))
+                 ]) == 0
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "moss_rlhf.cli", "feedback", "serve", "--db", db, "--port",
                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
@@ -117,3 +120,35 @@ def test_serve_binds_loopback_and_needs_tokens(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_database_passwords_are_never_printed(tmp_path, capsys):
+    """`feedback import/create/serve` name their database; a PostgreSQL URL's password never appears."""
+    from fbtools import postgres_url
+    from sqlalchemy.engine import make_url
+
+    cands = _world_candidates(tmp_path / "cands.jsonl", n=3)
+    assert main(["feedback", "export", "--db", "postgresql+psycopg://ann:hunter2@127.0.0.1:9/none", "--out",
+                 str(tmp_path / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "ann:***@127.0.0.1:9" in err
+    with postgres_url() as url:
+        password = make_url(url).password
+        assert main(["feedback", "import", "--db", url, "--name", "p", "--file", str(cands)]) == 0
+        out = capsys.readouterr().out
+        assert password and password not in out and "***" in out
+
+
+def test_revoke_token_replaces_the_token(tmp_path, capsys):
+    db = str(tmp_path / "fb.db")
+    assert main(["feedback", "add-annotator", "--db", db, "--name", "ann"]) == 0
+    old = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["feedback", "revoke-token", "--db", db, "--name", "ann"]) == 0
+    new = capsys.readouterr().out.strip().splitlines()[-1]
+    from moss_rlhf.feedback.store import Store
+
+    store = Store(db)
+    assert store.authenticate(old) is None and store.authenticate(new).name == "ann"
+    store.close()
+    assert main(["feedback", "revoke-token", "--db", db, "--name", "nobody"]) == 2
+    assert "no annotator named 'nobody'" in capsys.readouterr().err

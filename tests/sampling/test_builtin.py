@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from moss_rlhf.config import NonFiniteError
 from moss_rlhf.models import load_causal_lm
 from moss_rlhf.rollout import response_logprobs
 from moss_rlhf.sampling import SamplingConfig, prompt_seeds
@@ -121,7 +122,7 @@ def test_repetition_penalty_never_counts_padding():
 def test_nan_logits_raise():
     model = EndFavouringModel(8, 1, 2)
     model.logits[4] = float("nan")
-    with pytest.raises(FloatingPointError, match="NaN"):
+    with pytest.raises(NonFiniteError, match="NaN"):
         BuiltinSampler(model, stop_ids=[1], pad_id=0).generate([[5, 6]], SamplingConfig(4))
 
 

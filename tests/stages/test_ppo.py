@@ -303,3 +303,28 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     one, two = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("single", "double"))
     for key in one:  # ... and identically on both setups
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def nan_on_step_two(rollout):
+    """A reward function that breaks once: NaN for every reply of the second rollout."""
+    nan_on_step_two.calls += 1
+    scores = even_token_share(rollout)
+    return torch.full_like(scores, float("nan")) if nan_on_step_two.calls == 2 else scores
+
+
+def test_a_nan_reward_stops_the_run_or_is_skipped(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from moss_rlhf.config import NonFiniteError
+
+    nan_on_step_two.calls = 0
+    with pytest.raises(NonFiniteError, match=r"ppo: step 2: 16 rewards are NaN or infinite"):
+        ppo.run(config(tiny, tmp_path / "stop", max_steps=3), reward_fn=nan_on_step_two)
+    assert not (tmp_path / "stop" / "model").exists()
+    nan_on_step_two.calls = 0
+    metrics = ppo.run(config(tiny, tmp_path / "skip", max_steps=3, on_nonfinite="skip"), reward_fn=nan_on_step_two)
+    rows = read_metrics(tmp_path / "skip")
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1] == {"step": 2, "ppo/skipped_steps": 1.0}
+    assert all(v == v for v in metrics.values())  # the last step's metrics are finite: the NaN never got in
+    weights = load_file(str(tmp_path / "skip" / "model" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())

@@ -163,3 +163,17 @@ def test_masked_lm_objective_learns(tmp_path, corpus_file, eval_corpus_file, tok
         trained = masked_loss(AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model"), batch) / n
         fresh = masked_loss(build_masked_lm("tiny", tokenizer, seed=0), batch) / n
     assert trained < 0.8 * fresh
+
+
+def test_a_nonfinite_loss_stops_the_run_and_nothing_nonfinite_is_saved(tmp_path, corpus_file, eval_corpus_file,
+                                                                        tokenizer_dir):
+    from safetensors.torch import load_file
+
+    from moss_rlhf.config import NonFiniteError
+
+    cfg = small_config(tmp_path, corpus_file, eval_corpus_file, tokenizer_dir, lr=1e3, warmup_steps=0, save_every=1)
+    with pytest.raises(NonFiniteError, match=r"pretrain: step \d+: .*nothing of this step was applied"):
+        pretrain.run(cfg)
+    assert not (tmp_path / "run" / "model").exists()
+    saved = list((tmp_path / "run" / "checkpoints").glob("step-*/model/model.safetensors"))
+    assert saved and all(torch.isfinite(t).all() for f in saved for t in load_file(str(f)).values())

@@ -151,3 +151,12 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
         for key in ("train/loss", "eval/loss", "eval/accuracy", "eval/reward_gap"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_a_nonfinite_loss_stops_reward_training(tmp_path, tiny_model_dir):
+    from moss_rlhf.config import NonFiniteError
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60))
+    with pytest.raises(NonFiniteError, match="reward: step"):
+        reward.run(config(tmp_path, tiny_model_dir, data, lr=1e3, warmup_steps=0, max_steps=20, eval_every=0))
+    assert not (tmp_path / "rm" / "model").exists()

@@ -123,3 +123,18 @@ def test_lora_trains_adapters_and_exports_a_plain_model(tmp_path, tiny_model_dir
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     changed = [n for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters()) if not torch.equal(a, b)]
     assert changed and all("proj" in n for n in changed)  # only the adapted linear layers moved
+
+
+def test_skipping_nonfinite_steps_stops_after_the_allowed_number(tmp_path, tiny_model_dir, conversations_file):
+    """--on-nonfinite skip: a step whose gradient norm is NaN/Inf is not applied and is counted; more than
+    --max-skipped-steps of them stop the run (an lr of 1000 makes every step after the first non-finite)."""
+    from moss_rlhf.config import NonFiniteError
+
+    cfg = SFTConfig(out=str(tmp_path / "sft"), model=str(tiny_model_dir), data=[str(conversations_file)], lr=1e3,
+                    warmup_steps=0, max_steps=20, batch_size=8, max_len=64, seq_len=64, on_nonfinite="skip",
+                    max_skipped_steps=3, eval_every=0, save_every=0, log_every=1, progress=False, device="cpu")
+    with pytest.raises(NonFiniteError, match="step skipped|nothing of this step"):
+        sft.run(cfg)
+    rows = read_metrics(cfg.out)
+    assert max(r["train/skipped_steps"] for r in rows) == 3  # three skipped and logged, the fourth stopped
+    assert not (tmp_path / "sft" / "model").exists()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -304,6 +305,18 @@ def _turns(value: list, where: tuple[str, int | None], key: str) -> list[Message
 
 
 def parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
+    """A preference record of any of the three layouts. A pair must say something: its margin is finite and its two
+    replies differ (a pair of one text twice carries no preference, only noise)."""
+    pref = _parse_preference(row, where)
+    if not math.isfinite(pref.margin):
+        raise DataError(where[0], where[1], "margin", f"expected a finite number, got {pref.margin}")
+    if pref.chosen.strip() == pref.rejected.strip():
+        raise DataError(where[0], where[1], "rejected", "is the same reply as chosen: a pair needs two different "
+                                                         "replies")
+    return pref
+
+
+def _parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
     chosen_raw = _field(row, "chosen", where, (str, list))
     rejected_raw = _field(row, "rejected", where, (str, list))
     margin = row.get("margin", 0.0)

@@ -22,7 +22,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, option
+from moss_rlhf.files import atomic_write_text
 
 STAGES = ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report")
 LOOP_STAGES = ("pairs", "label", "reward", "ppo", "evaluate")  # repeated once per feedback round
@@ -252,14 +253,16 @@ def _pairs_stage(cfg: DemoConfig, budget: Budget, db: Path, project: str, prompt
             # are never deleted; this attempt labels a project of its own
             attempt += 1
             project = f"round-{round_index}-attempt-{attempt}"
-        create_project_from_models(store, project, subset, [policy], k=cfg.responses_per_prompt,
-                                   annotators_per_item=cfg.annotators,  # an odd count always has a majority
-                                   sampling=SamplingConfig(max_new_tokens=48, temperature=1.0), seed=cfg.seed + round_index,
-                                   device=cfg.device, batch_size=64)
+        created = create_project_from_models(store, project, subset, [policy], k=cfg.responses_per_prompt,
+                                             annotators_per_item=cfg.annotators,  # an odd count: always a majority
+                                             sampling=SamplingConfig(max_new_tokens=48, temperature=1.0),
+                                             seed=cfg.seed + round_index, device=cfg.device, batch_size=64)
     finally:
         store.close()
     return {"summary": f"{len(chosen)} prompts × {cfg.responses_per_prompt} replies from "
-                       f"{Path(policy).parent.name} (feedback project {project!r})", "project": project}
+                       f"{Path(policy).parent.name} (feedback project {project!r}): {created.duplicates_removed} "
+                       f"repeated replies removed, {created.items_dropped} prompts without two different replies "
+                       f"dropped", "project": project}
 
 
 def _label_stage(cfg: DemoConfig, db: Path, project: str, out: Path, round_index: int) -> dict:

@@ -1,7 +1,8 @@
 """The labelling web app: FastAPI, server-rendered Jinja2 pages (autoescaped), a small vanilla script, no build step.
 
-Pages (session cookie holding the annotator's token: HttpOnly, SameSite=Strict, Secure with ``secure_cookies``;
-every form post carries a CSRF token derived from it):
+Pages (a session cookie — a random session id, never the annotator's token; HttpOnly, SameSite=Strict, Secure with
+``secure_cookies``; logging out ends the session on the server; every form post carries a CSRF token derived from
+it; failed sign-ins are rate-limited per client address):
 
 - ``GET /login``, ``POST /login``: sign in with the token from ``moss-rlhf feedback add-annotator``;
 - ``GET /label``: the next item — conversation, responses side by side in a randomised (recorded) order, the answer
@@ -11,8 +12,10 @@ every form post carries a CSRF token derived from it):
 JSON API (``Authorization: Bearer TOKEN``, or the session cookie plus an ``X-CSRF-Token`` header on posts):
 ``GET /api/next``, ``POST /api/judgements``, ``POST /api/undo``, ``GET /api/progress``, ``GET /api/admin/summary``.
 
-No valid token: 401; an annotator on an admin route: 403; a body over ``max_body_bytes``: 413. Every store call goes
-through :class:`moss_rlhf.feedback.store.Store` — the same functions the simulated annotators use.
+No valid token: 401; an annotator on an admin route: 403; a body over ``max_body_bytes``: 413; a malformed request
+(an id out of range, JSON nested too deeply, a NUL character, fields of another task type): 4xx with a message,
+never 500. Every store call goes through :class:`moss_rlhf.feedback.store.Store` — the same functions the simulated
+annotators use. ``project`` limits the app — labelling and the admin pages — to one project.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import hmac
 import json
 import secrets
 import string
+import threading
+import time
 import uuid
+from collections import defaultdict, deque
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +38,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from moss_rlhf.feedback.agreement import project_agreement
-from moss_rlhf.feedback.store import AnnotatorInfo, FeedbackError, InvalidSubmission, ItemView, Store, Submission
+from moss_rlhf.feedback.store import (MAX_ID, AnnotatorInfo, FeedbackError, InvalidSubmission, ItemView, NotFound,
+                                      Store, Submission, check_text)
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "mrf_session"
@@ -53,6 +60,38 @@ class AuthError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+class BadRequest(FeedbackError):
+    """The request itself is malformed (not JSON, nested too deeply, an undo body of the wrong shape)."""
+
+    status = 400
+
+
+class LoginLimiter:
+    """At most ``attempts`` failed sign-ins per client address in a sliding ``window`` of seconds. Tokens are 192
+    random bits, so this is defence in depth: it keeps a brute-force attempt from costing the server anything."""
+
+    def __init__(self, attempts: int = 10, window: float = 300.0):
+        self.attempts, self.window = attempts, window
+        self.failures: dict[str, deque] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def _recent(self, client: str) -> deque:
+        times = self.failures[client]
+        while times and times[0] < time.monotonic() - self.window:
+            times.popleft()
+        return times
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until the client may try again (0: now)."""
+        with self.lock:
+            times = self._recent(client)
+            return int(times[0] + self.window - time.monotonic()) + 1 if len(times) >= self.attempts else 0
+
+    def failed(self, client: str) -> None:
+        with self.lock:
+            self._recent(client).append(time.monotonic())
 
 
 class BodyLimit:
@@ -114,9 +153,10 @@ async def _plain(send, status: int, text: str) -> None:
 
 
 def create_app(store: Store, project: str | int | None = None, max_body_bytes: int = 64 * 1024,
-               secure_cookies: bool = False) -> FastAPI:
+               secure_cookies: bool = False, login_attempts: int = 10) -> FastAPI:
     """The labelling app over ``store``; ``project`` limits it to one project (name or id)."""
     project_id = store.require_project(project)
+    limiter = LoginLimiter(login_attempts)
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     app = FastAPI(title="moss-rlhf feedback", docs_url=None, redoc_url=None, openapi_url=None)
@@ -142,7 +182,8 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
         via_cookie = token is None
         if via_cookie:
             token = request.cookies.get(SESSION_COOKIE)
-        annotator = await run_in_threadpool(store.authenticate, token) if token else None
+        check = store.session_annotator if via_cookie else store.authenticate
+        annotator = await run_in_threadpool(check, token) if token else None
         if annotator is None:
             raise AuthError(401, "sign in with your annotator token")
         if admin and not annotator.is_admin:
@@ -176,6 +217,29 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     async def _feedback_error(request: Request, exc: FeedbackError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
+    def item_param(item: int | None) -> int | None:
+        if item is not None and not 0 <= item <= MAX_ID:
+            raise InvalidSubmission(f"item: out of range (0..{MAX_ID})")
+        return item
+
+    def project_param(name: str | None) -> str | int | None:
+        """The admin pages' ``?project=``: any project, unless the app serves only one."""
+        if name is not None:
+            check_text(name, "project")
+        if project_id is not None:
+            if name not in (None, "") and store.project_id(name) != project_id:
+                raise NotFound("this server serves one project only")
+            return project_id
+        return name
+
+    async def json_body(request: Request) -> Any:
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON") from None
+        except RecursionError:
+            raise BadRequest("body is JSON nested too deeply") from None
+
     # ------------------------------------------------------------------------------------------------ pages
 
     @app.get("/healthz")
@@ -192,6 +256,12 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
 
     @app.post("/login")
     async def login(request: Request):
+        client = request.client.host if request.client else "?"
+        wait = limiter.retry_after(client)
+        if wait:
+            response = login_page(request, 429, f"Too many failed sign-ins; try again in {wait} s.")
+            response.headers["Retry-After"] = str(wait)
+            return response
         form = await request.form()
         nonce = str(form.get("login_nonce", ""))
         if not nonce or not hmac.compare_digest(nonce.encode(), request.cookies.get(LOGIN_COOKIE, "").encode()):
@@ -199,9 +269,11 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
         token = str(form.get("token", "")).strip()
         annotator = await run_in_threadpool(store.authenticate, token) if token else None
         if annotator is None:
+            limiter.failed(client)
             return login_page(request, 401, "That token is not valid.")
+        session = await run_in_threadpool(store.open_session, annotator.id)
         response = RedirectResponse("/admin" if annotator.is_admin else "/label", status_code=303)
-        response.set_cookie(SESSION_COOKIE, token, httponly=True, samesite="strict", secure=secure_cookies,
+        response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="strict", secure=secure_cookies,
                             max_age=12 * 3600, path="/")
         response.delete_cookie(LOGIN_COOKIE)
         return response
@@ -209,7 +281,9 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.post("/logout")
     async def logout(request: Request):
         form = await request.form()
-        await who(request, csrf=str(form.get("csrf", "")))
+        _, token = await who(request, csrf=str(form.get("csrf", "")))
+        if request.cookies.get(SESSION_COOKIE) == token:
+            await run_in_threadpool(store.close_session, token)  # the session ends on the server, not just here
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
@@ -226,7 +300,7 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.get("/label")
     async def label_page(request: Request, item: int | None = None):
         annotator, token = await who(request)
-        view = await run_in_threadpool(store.next_item, annotator.id, project_id, item)
+        view = await run_in_threadpool(store.next_item, annotator.id, project_id, item_param(item))
         progress = await run_in_threadpool(store.progress, annotator.id, project_id)
         return render("label.html", **label_context(annotator, token, view, progress))
 
@@ -239,6 +313,7 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
             await run_in_threadpool(store.submit, annotator.id, sub)
         except FeedbackError as e:
             item_id = _int(form.get("item_id"))
+            item_id = item_id if item_id is not None and 0 <= item_id <= MAX_ID else None
             view = await run_in_threadpool(store.next_item, annotator.id, project_id, item_id)
             progress = await run_in_threadpool(store.progress, annotator.id, project_id)
             return render("label.html", e.status, **label_context(annotator, token, view, progress, str(e)))
@@ -254,7 +329,7 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.get("/admin")
     async def admin_page(request: Request, project: str | None = None):
         annotator, token = await who(request, admin=True)
-        summary = await run_in_threadpool(_summary, store, project if project is not None else project_id)
+        summary = await run_in_threadpool(_summary, store, project_param(project), project_id)
         return render("admin.html", user=annotator, csrf=csrf_for(token), **summary)
 
     # ------------------------------------------------------------------------------------------------ JSON API
@@ -262,7 +337,7 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.get("/api/next")
     async def api_next(request: Request, item: int | None = None):
         annotator, _ = await who(request)
-        view = await run_in_threadpool(store.next_item, annotator.id, project_id, item)
+        view = await run_in_threadpool(store.next_item, annotator.id, project_id, item_param(item))
         progress = await run_in_threadpool(store.progress, annotator.id, project_id)
         body: dict[str, Any] = {"item": None, "progress": {"done": progress.done, "total": progress.total}}
         if view is not None:
@@ -277,25 +352,28 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.post("/api/judgements")
     async def api_submit(request: Request):
         annotator, _ = await who(request)
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return JSONResponse({"error": "body is not valid JSON"}, status_code=400)
-        sub = Submission.from_json(data)
+        sub = Submission.from_json(await json_body(request))
         result = await run_in_threadpool(store.submit, annotator.id, sub)
         return JSONResponse({"created": result.created, "judgement": result.judgement.to_json()},
                             status_code=201 if result.created else 200)
 
     @app.post("/api/undo")
     async def api_undo(request: Request):
+        """No body (or ``{}``): undo the latest judgement; ``{"judgement_id": N}``: that one. Anything else is
+        refused — a malformed request must never undo the wrong judgement."""
         annotator, _ = await who(request)
         judgement_id = None
-        if request.headers.get("content-type", "").startswith("application/json"):
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return JSONResponse({"error": "body is not valid JSON"}, status_code=400)
-            judgement_id = _int(data.get("judgement_id")) if isinstance(data, dict) else None
+        if (await request.body()).strip():
+            if not request.headers.get("content-type", "").startswith("application/json"):
+                raise BadRequest("send the undo as JSON ({\"judgement_id\": N}) or with no body")
+            data = await json_body(request)
+            if not isinstance(data, dict) or set(data) - {"judgement_id"}:
+                raise BadRequest("expected {} or {\"judgement_id\": N}")
+            if "judgement_id" in data:
+                value = data["judgement_id"]
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
+                    raise BadRequest("judgement_id: expected a judgement id (an integer)")
+                judgement_id = value
         undone = await run_in_threadpool(store.retract, annotator.id, judgement_id)
         return {"retracted": undone.to_json() if undone else None}
 
@@ -308,7 +386,7 @@ def create_app(store: Store, project: str | int | None = None, max_body_bytes: i
     @app.get("/api/admin/summary")
     async def api_admin_summary(request: Request, project: str | None = None):
         await who(request, admin=True)
-        summary = await run_in_threadpool(_summary, store, project if project is not None else project_id)
+        summary = await run_in_threadpool(_summary, store, project_param(project), project_id)
         return {"project": summary["project"], "projects": summary["projects"],
                 "annotators": summary["annotators"], "agreement": summary["agreement"].to_json()}
 
@@ -355,9 +433,10 @@ def _submission_from_form(form) -> Submission:
         guideline_version=str(form.get("guideline_version", "")) or None)
 
 
-def _summary(store: Store, project: str | int | None) -> dict:
-    """What the admin page shows: per-annotator progress and the agreement report, for one project."""
-    projects = store.projects()
+def _summary(store: Store, project: str | int | None, only: int | None = None) -> dict:
+    """What the admin page shows: per-annotator progress and the agreement report, for one project (of the one
+    project ``only`` when the app serves one)."""
+    projects = [p for p in store.projects() if only is None or p["id"] == only]
     project_id = store.project_id(project)
     if project_id is None and projects:
         project_id = projects[0]["id"]

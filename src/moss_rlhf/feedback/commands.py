@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from moss_rlhf.config import Config, ConfigError, atomic_write_text, option
+from moss_rlhf.config import Config, ConfigError, option
+from moss_rlhf.files import atomic_write_text
 from moss_rlhf.feedback.export import ExportOptions
 from moss_rlhf.feedback.simulate import AnnotatorModel
 from moss_rlhf.feedback.store import TASK_TYPES, Store
@@ -57,12 +58,15 @@ def create(cfg: CreateConfig) -> int:
     store = Store(cfg.db)
     sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                               top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty)
-    pid = create_project_from_models(store, cfg.name, cfg.prompts, cfg.model, cfg.k, cfg.annotators_per_item,
-                                     sampling, cfg.seed, cfg.device, cfg.batch_size, cfg.task_type,
-                                     cfg.guideline_version, _guidelines(cfg.guidelines), cfg.append)
-    n = sum(1 for _ in store.items(pid))
-    print(f"feedback create: project {cfg.name!r} (id {pid}) has {n} items with {cfg.k} responses each -> {store.url}")
-    return pid
+    created = create_project_from_models(store, cfg.name, cfg.prompts, cfg.model, cfg.k, cfg.annotators_per_item,
+                                         sampling, cfg.seed, cfg.device, cfg.batch_size, cfg.task_type,
+                                         cfg.guideline_version, _guidelines(cfg.guidelines), cfg.append)
+    print(f"feedback create: project {cfg.name!r} (id {created.project_id}) has {created.items} items of up to "
+          f"{cfg.k} responses -> {store.display_url}")
+    if created.duplicates_removed:
+        print(f"feedback create: {created.duplicates_removed} repeated replies removed; {created.items_dropped} "
+              f"prompts dropped (fewer than two different replies)")
+    return created.project_id
 
 
 @dataclass
@@ -90,7 +94,8 @@ def import_(cfg: ImportConfig) -> int:
                             _guidelines(cfg.guidelines), cfg.append)
     items = store.items(pid)
     gold = sum(1 for i in items if i.gold is not None)
-    print(f"feedback import: project {cfg.name!r} (id {pid}) has {len(items)} items ({gold} gold) -> {store.url}")
+    print(f"feedback import: project {cfg.name!r} (id {pid}) has {len(items)} items ({gold} gold) -> "
+          f"{store.display_url}")
     return pid
 
 
@@ -114,6 +119,24 @@ def add_annotator(cfg: AddAnnotatorConfig) -> str:
 
 
 @dataclass
+class RevokeTokenConfig(Config):
+    db: str = option(DEFAULT_DB, DB_HELP)
+    name: str = option("", "the annotator whose token is replaced (their sessions end too)")
+
+    def check(self) -> None:
+        if not self.name:
+            raise ConfigError("give --name")
+
+
+def revoke_token(cfg: RevokeTokenConfig) -> str:
+    store = Store(cfg.db, create=False)
+    token = store.rotate_token(cfg.name)
+    print(f"{cfg.name!r}: the old token no longer works and every session is ended. New token (shown once):\n"
+          f"{token}")
+    return token
+
+
+@dataclass
 class ServeConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; put TLS in front to go wider)")
@@ -126,8 +149,8 @@ class ServeConfig(Config):
 def serve(cfg: ServeConfig) -> None:
     from moss_rlhf.feedback.app import serve as run_server
 
-    store = Store(cfg.db)
-    print(f"feedback serve: http://{cfg.host}:{cfg.port}/  (database {store.url})")
+    store = Store(cfg.db, create=False)
+    print(f"feedback serve: http://{cfg.host}:{cfg.port}/  (database {store.display_url})")
     run_server(store, cfg.host, cfg.port, cfg.project or None, cfg.max_body_kib * 1024, cfg.secure_cookies)
 
 
@@ -145,7 +168,7 @@ class SimulateConfig(AnnotatorModel):
 def simulate(cfg: SimulateConfig):
     from moss_rlhf.feedback import simulate as sim
 
-    store = Store(cfg.db)
+    store = Store(cfg.db, create=False)
     model = AnnotatorModel(temperature=cfg.temperature, error_rate=cfg.error_rate, much_above=cfg.much_above,
                            seconds_base=cfg.seconds_base, ms_per_char=cfg.ms_per_char)
     names = cfg.names or [f"sim-{n + 1}" for n in range(cfg.annotators)]
@@ -171,7 +194,7 @@ class AgreementConfig(Config):
 def agreement(cfg: AgreementConfig) -> dict:
     from moss_rlhf.feedback.agreement import project_agreement
 
-    store = Store(cfg.db)
+    store = Store(cfg.db, create=False)
     pid = store.require_project(cfg.project or None)
     if pid is None:
         projects = store.projects()
@@ -208,13 +231,13 @@ class ExportConfig(ExportOptions):
 def export(cfg: ExportConfig):
     from moss_rlhf.feedback.export import dump_judgements, export_preferences
 
-    store = Store(cfg.db)
+    store = Store(cfg.db, create=False)
     opts = ExportOptions(**{k: getattr(cfg, k) for k in ExportOptions.__dataclass_fields__})
     summary = export_preferences(store, cfg.project or None, cfg.out, opts, cfg.ties_out or None)
     agreement = "n/a" if summary.mean_agreement is None else f"{summary.mean_agreement:.2f}"
     print(f"feedback export: {summary.pairs} pairs from {summary.judgements} judgements on {summary.items} items "
           f"-> {cfg.out} (mean agreement {agreement}; {summary.ties} tie/both-bad, {summary.undecided} undecided, "
-          f"{summary.below_agreement} below --min-agreement)")
+          f"{summary.below_agreement} below --min-agreement, {summary.identical} of identical replies left out)")
     if cfg.raw_out:
         n = dump_judgements(store, cfg.project or None, cfg.raw_out)
         print(f"feedback export: {n} judgement rows -> {cfg.raw_out}")
@@ -225,6 +248,8 @@ COMMANDS = {
     "create": ("sample k responses per prompt from saved models into a new labelling project", CreateConfig, create),
     "import": ("import prompts with candidate responses (JSONL) into a new labelling project", ImportConfig, import_),
     "add-annotator": ("add an annotator (or --admin) and print their token once", AddAnnotatorConfig, add_annotator),
+    "revoke-token": ("replace an annotator's token (the old one stops working, sessions end)", RevokeTokenConfig,
+                     revoke_token),
     "serve": ("run the labelling web app (binds 127.0.0.1 by default)", ServeConfig, serve),
     "simulate": ("label with simulated annotators (the demo world's judge plus Bradley–Terry noise)", SimulateConfig,
                  simulate),

@@ -35,7 +35,9 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moss_rlhf.config import Config, atomic_write_text, option
+from moss_rlhf.config import Config, option
+from moss_rlhf.feedback.store import FeedbackError
+from moss_rlhf.files import atomic_write_text
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ExportSummary:
     ties: int = 0
     undecided: int = 0
     below_agreement: int = 0
+    identical: int = 0  # pairs whose two replies are the same text (no preference in them) left out
     edits: int = 0
     mean_agreement: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
@@ -103,7 +106,8 @@ def _votes(judgement, item, opts: ExportOptions) -> list[tuple[int, int, str, st
 
 def item_pairs(item, judgements, opts: ExportOptions | None = None) -> tuple[list[dict], list[dict], Counter]:
     """Aggregate one item's active judgements: (preference rows, tie/both-bad rows, counts: "undecided",
-    "below_agreement" pairs left out, "edits" pairs added)."""
+    "below_agreement" and "identical" pairs left out, "edits" pairs added). Two replies of the same text never make
+    a pair: it would teach nothing and count as half in a reward model's accuracy."""
     opts = opts or ExportOptions()
     margin_of = {"much": opts.margin_much, "slightly": opts.margin_slightly, None: opts.margin_default}
     by_position = {c.position: c for c in item.candidates}
@@ -125,6 +129,9 @@ def item_pairs(item, judgements, opts: ExportOptions | None = None) -> tuple[lis
             counts["below_agreement"] += 1
             continue
         ca, cb = by_position[a], by_position[b]
+        if ca.text.strip() == cb.text.strip():
+            counts["identical"] += 1
+            continue
         if outcome in ("tie", "both_bad"):
             ties.append({"prompt": item.messages, "response_a": ca.text, "response_b": cb.text, "label": outcome,
                          "agreement": agreement, "votes": len(votes), "item_id": item.id})
@@ -159,6 +166,9 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
     project_id = store.require_project(project)
     items = [i for i in store.items(project_id) if opts.include_gold or i.gold is None]
     judgements = store.judgements(project_id)
+    if not judgements:
+        raise FeedbackError(f"{'project ' + repr(project) if project else 'the database'} has no judgements: "
+                            f"nothing to export")
     by_item = defaultdict(list)
     for j in judgements:
         by_item[j.item_id].append(j)
@@ -170,6 +180,7 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
         all_ties += ties
         summary.undecided += counts["undecided"]
         summary.below_agreement += counts["below_agreement"]
+        summary.identical += counts["identical"]
         summary.edits += counts["edits"]
     summary.pairs, summary.ties = len(all_pairs), len(all_ties)
     voted = [p["agreement"] for p in all_pairs if not str(p["chosen_source"]).startswith("edit:")]

@@ -18,20 +18,23 @@ both label through :meth:`Store.next_item`, :meth:`Store.submit` and :meth:`Stor
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import secrets
 import statistics
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, create_engine,
-                        event, exists, func, or_, select)
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+                        event, exists, func, inspect, or_, select)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from moss_rlhf.config import UserError
@@ -43,6 +46,8 @@ CHOICES = ("A", "B", "tie", "both_bad")
 STRENGTHS = ("slightly", "much")
 RATING_MIN, RATING_MAX = 1, 7
 MAX_TEXT = 20_000  # characters of rationale or edited answer
+MAX_ID = 2 ** 31 - 1  # ids are 32-bit integers in every database
+SESSION_HOURS = 12
 
 
 class FeedbackError(UserError):
@@ -85,6 +90,53 @@ def database_url(db: str) -> str:
     if "://" in db:
         return db
     return "sqlite:///" + str(Path(db).expanduser().resolve())
+
+
+def masked(url: str) -> str:
+    """The URL with its password replaced by ``***``: how a database is named in every message and log line."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("@")[-1]
+
+
+def check_text(value: str, name: str) -> str:
+    """Text stored in the database: no NUL characters (PostgreSQL refuses them; nobody types them)."""
+    if "\x00" in value:
+        raise InvalidSubmission(f"{name}: contains a NUL character")
+    return value
+
+
+# Letters of other scripts that look like Latin ones (after case folding), and the Latin look-alikes of "l" and "o":
+# two annotator names with the same skeleton would be told apart by nobody reading the admin page.
+_LOOKALIKES = str.maketrans({
+    "а": "a", "в": "b", "е": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c", "т": "t", "у": "y",
+    "х": "x", "і": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ӏ": "l", "ԛ": "q", "ԝ": "w", "ү": "y", "һ": "h",
+    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t", "υ": "u",
+    "χ": "x", "ζ": "z", "1": "l", "|": "l", "0": "o"})
+_SCRIPT_FAMILIES = ({"CJK", "HIRAGANA", "KATAKANA"}, {"HANGUL", "CJK"})  # scripts written together in one name
+
+
+def name_skeleton(name: str) -> str:
+    """What a name looks like: NFKC, capital I as l, case-folded, look-alike letters mapped to Latin ones."""
+    return " ".join(unicodedata.normalize("NFKC", name).replace("I", "l").casefold().translate(_LOOKALIKES).split())
+
+
+def check_annotator_name(name: str) -> str:
+    """A name people can read and tell apart: no control, zero-width or bidi characters, one script."""
+    name = unicodedata.normalize("NFC", name.strip())
+    if not name:
+        raise FeedbackError("an annotator needs a name")
+    if len(name) > 100:
+        raise FeedbackError("an annotator name is at most 100 characters")
+    for ch in name:
+        if unicodedata.category(ch)[0] == "C" or unicodedata.category(ch) in ("Zl", "Zp"):
+            raise FeedbackError(f"annotator name {name!r}: contains an invisible or control character "
+                                f"(U+{ord(ch):04X})")
+    scripts = {unicodedata.name(ch, "?").split()[0] for ch in name if ch.isalpha()}
+    if len(scripts) > 1 and not any(scripts <= family for family in _SCRIPT_FAMILIES):
+        raise FeedbackError(f"annotator name {name!r}: mixes scripts ({', '.join(sorted(scripts))})")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -168,6 +220,19 @@ class Judgement(Base):
     time_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
     guideline_version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LoginSession(Base):
+    """A signed-in browser: the cookie holds a random session token (only its SHA-256 is stored), never the
+    annotator's permanent token; logging out revokes it."""
+
+    __tablename__ = "sessions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Retraction(Base):
@@ -258,10 +323,12 @@ class Submission:
             raise InvalidSubmission(f"unknown field(s): {', '.join(unknown)}")
 
         def integer(value, name):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value.strip()) < 20:
+                value = int(value)
             if isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value <= MAX_ID:
+                    raise InvalidSubmission(f"{name}: out of range (0..{MAX_ID})")
                 return value
-            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-                return int(value)
             raise InvalidSubmission(f"{name}: expected an integer")
 
         def text(value, name):
@@ -269,7 +336,7 @@ class Submission:
                 return None
             if not isinstance(value, str):
                 raise InvalidSubmission(f"{name}: expected a string")
-            return value
+            return check_text(value, name)
 
         if "item_id" not in data:
             raise InvalidSubmission("item_id: missing")
@@ -353,6 +420,11 @@ class AnnotatorProgress:
     last_active: str | None
 
 
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
 def _iso(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -375,22 +447,37 @@ def _transient(error: Exception) -> bool:
 
 
 class Store:
-    """Opens (and creates) the feedback database at ``db`` (a SQLAlchemy URL or a SQLite file path)."""
+    """Opens the feedback database at ``db`` (a SQLAlchemy URL or a SQLite file path); with ``create`` (the
+    commands that make projects) an absent one is created, otherwise it must exist: a typo in ``--db`` is an
+    error, not a new empty database."""
 
-    def __init__(self, db: str = "sqlite:///feedback.db", echo: bool = False):
+    def __init__(self, db: str = "sqlite:///feedback.db", echo: bool = False, create: bool = True):
         self.url = database_url(db)
+        self.display_url = masked(self.url)
         self.is_sqlite = self.url.startswith("sqlite")
-        if self.is_sqlite:
-            if self.url in ("sqlite://", "sqlite:///:memory:"):
-                raise ValueError("an in-memory SQLite database cannot be shared by the web server's threads; "
-                                 "give a file path")
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(self.url, echo=echo, pool_size=8, max_overflow=24,
-                                        connect_args={"timeout": 60, "check_same_thread": False})
-            _configure_sqlite(self.engine)
-        else:
-            self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=30, pool_pre_ping=True)
-        Base.metadata.create_all(self.engine)
+        try:
+            if self.is_sqlite:
+                if self.url in ("sqlite://", "sqlite:///:memory:"):
+                    raise FeedbackError("an in-memory SQLite database cannot be shared by the web server's threads; "
+                                        "give a file path")
+                path = Path(self.url.removeprefix("sqlite:///"))
+                if not create and not path.is_file():
+                    raise FeedbackError(f"--db {db}: no feedback database there (`moss-rlhf feedback create` or "
+                                        f"`import` makes one)")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.engine = create_engine(self.url, echo=echo, pool_size=8, max_overflow=24,
+                                            connect_args={"timeout": 60, "check_same_thread": False})
+                _configure_sqlite(self.engine)
+            else:
+                self.engine = create_engine(self.url, echo=echo, pool_size=10, max_overflow=30, pool_pre_ping=True)
+            if not create and not inspect(self.engine).has_table("projects"):
+                raise FeedbackError(f"--db {self.display_url}: holds no feedback tables (`moss-rlhf feedback "
+                                    f"create` or `import` makes them)")
+            Base.metadata.create_all(self.engine)
+        except (OperationalError, DatabaseError, ArgumentError) as e:
+            reason = next((line.strip() for line in str(getattr(e, "orig", None) or e).splitlines() if line.strip()),
+                          type(e).__name__)
+            raise FeedbackError(f"--db {self.display_url}: cannot open the database: {reason}") from None
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         # Reads need no write lock: on SQLite they begin a plain (deferred) transaction and run beside the writer.
         self._read = sessionmaker(self.engine.execution_options(read_only=True), expire_on_commit=False)
@@ -414,15 +501,16 @@ class Store:
     # ------------------------------------------------------------------------------------------------ annotators
 
     def add_annotator(self, name: str, admin: bool = False) -> tuple[AnnotatorInfo, str]:
-        """Create an annotator; returns it with its token (shown once — only its SHA-256 is stored)."""
-        name = name.strip()
-        if not name:
-            raise FeedbackError("an annotator needs a name")
+        """Create an annotator; returns it with its token (shown once — only its SHA-256 is stored). A name that
+        looks like an existing one (look-alike letters, another case) is refused."""
+        name = check_annotator_name(name)
         token = secrets.token_urlsafe(24)
 
         def work(s: Session):
-            if s.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
-                raise FeedbackError(f"an annotator named {name!r} already exists")
+            for other in s.scalars(select(Annotator.name)):
+                if name_skeleton(other) == name_skeleton(name):
+                    raise FeedbackError(f"an annotator named {other!r} already exists"
+                                        + ("" if other == name else f" (and {name!r} looks the same)"))
             a = Annotator(name=name, token_hash=hash_token(token), is_admin=admin)
             s.add(a)
             s.flush()
@@ -431,11 +519,55 @@ class Store:
         return self._tx(work), token
 
     def authenticate(self, token: str | None) -> AnnotatorInfo | None:
+        """The annotator whose permanent token this is (API bearer tokens, the login form)."""
         if not token or len(token) > 256:
             return None
         with self._read() as s:
             a = s.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
             return AnnotatorInfo(a.id, a.name, a.is_admin) if a else None
+
+    def rotate_token(self, name: str) -> str:
+        """A new token for the annotator ``name`` (the old one stops working) and every session of theirs ended;
+        returns the new token (shown once)."""
+        token = secrets.token_urlsafe(24)
+
+        def work(s: Session):
+            a = s.scalar(select(Annotator).where(Annotator.name == name))
+            if a is None:
+                raise NotFound(f"no annotator named {name!r}")
+            a.token_hash = hash_token(token)
+            for session in s.scalars(select(LoginSession).where(LoginSession.annotator_id == a.id)):
+                session.revoked = True
+
+        self._tx(work)
+        return token
+
+    def open_session(self, annotator_id: int) -> str:
+        """A new browser session for the annotator; returns its token (the cookie's value)."""
+        token = secrets.token_urlsafe(32)
+        self._tx(lambda s: s.add(LoginSession(token_hash=hash_token(token), annotator_id=annotator_id,
+                                              expires_at=_now() + timedelta(hours=SESSION_HOURS))))
+        return token
+
+    def session_annotator(self, token: str | None) -> AnnotatorInfo | None:
+        """The annotator of a live (not revoked, not expired) session token."""
+        if not token or len(token) > 256:
+            return None
+        with self._read() as s:
+            row = s.execute(select(LoginSession, Annotator).join(Annotator, Annotator.id == LoginSession.annotator_id)
+                            .where(LoginSession.token_hash == hash_token(token))).first()
+        if row is None or row[0].revoked or _aware(row[0].expires_at) < _now():
+            return None
+        return AnnotatorInfo(row[1].id, row[1].name, row[1].is_admin)
+
+    def close_session(self, token: str) -> None:
+        """Log out: the session token stops working at once."""
+
+        def work(s: Session):
+            for session in s.scalars(select(LoginSession).where(LoginSession.token_hash == hash_token(token))):
+                session.revoked = True
+
+        self._tx(work)
 
     def annotators(self) -> list[AnnotatorInfo]:
         with self._read() as s:
@@ -449,6 +581,10 @@ class Store:
             raise FeedbackError(f"task_type must be one of {', '.join(TASK_TYPES)}, got {task_type!r}")
         if annotators_per_item < 1:
             raise FeedbackError("annotators_per_item must be at least 1")
+        if not name.strip() or len(name) > 200 or "\x00" in name:
+            raise FeedbackError("a project name is 1 to 200 characters (no NUL)")
+        if len(guideline_version) > 64 or "\x00" in guideline_version + guidelines:
+            raise FeedbackError("a guideline version is at most 64 characters (no NUL in it or the guidelines)")
 
         def work(s: Session):
             if s.scalar(select(Project.id).where(Project.name == name)) is not None:
@@ -513,11 +649,15 @@ class Store:
                 gold = spec.get("gold")
                 if gold is not None and not (isinstance(gold, int) and 0 <= gold < len(responses)):
                     raise FeedbackError(f"item {number}: gold must be the index of one of the responses")
+                texts = [m.get("content", "") for m in spec["messages"]] + [
+                    r if isinstance(r, str) else r["text"] for r in responses]
+                if any("\x00" in t for t in texts):
+                    raise FeedbackError(f"item {number}: a text contains a NUL character")
                 item = Item(project_id=project.id, messages=spec["messages"], task_type=task_type, gold=gold,
                             meta=spec.get("meta") or {})
                 for position, r in enumerate(responses):
                     text, source = (r, "") if isinstance(r, str) else (r["text"], r.get("source", ""))
-                    item.candidates.append(Candidate(position=position, text=text, source=source))
+                    item.candidates.append(Candidate(position=position, text=text, source=source[:500]))
                 s.add(item)
                 s.flush()
                 ids.append(item.id)
@@ -553,6 +693,9 @@ class Store:
             return s.scalar(q.order_by(Assignment.id).limit(1))
 
         def work(s: Session):
+            # one claim at a time per annotator: concurrent requests of the same annotator (two tabs, a double
+            # reload) queue on this row lock, and the second finds the first one's claim as its open assignment
+            s.execute(select(Annotator.id).where(Annotator.id == annotator_id).with_for_update())
             assignment = open_assignment(s, item_id) if item_id is not None else None
             assignment = assignment or open_assignment(s)
             for _ in range(50):
@@ -617,6 +760,7 @@ class Store:
         for name in ("rationale", "edited"):
             if len(getattr(sub, name) or "") > MAX_TEXT:
                 raise InvalidSubmission(f"{name}: longer than {MAX_TEXT} characters")
+            check_text(getattr(sub, name) or "", name)
         if sub.time_ms is not None and not 0 <= sub.time_ms < 2 ** 31:
             raise InvalidSubmission("time_ms: out of range")
         if sub.choice is not None and sub.choice not in CHOICES:
@@ -647,11 +791,17 @@ class Store:
                 raise AlreadyJudged(f"you have already judged item {sub.item_id} (undo it first to change it)")
             item = s.get(Item, sub.item_id)
             project = item.project
+            if sub.guideline_version is not None and sub.guideline_version != project.guideline_version:
+                raise InvalidSubmission(f"guideline_version: the project's guidelines are now version "
+                                        f"{project.guideline_version!r}; reload the page")
             fields = _validated(sub, item, assignment)
+            # an "edit" that is one of the responses word for word is no edit (the box starts filled with one)
+            edited = sub.edited or ""
+            if edited.strip() in {c.text.strip() for c in item.candidates}:
+                edited = ""
             judgement = Judgement(submission_id=sub.submission_id, annotator_id=annotator_id, item_id=item.id,
-                                  task_type=item.task_type, guideline_version=sub.guideline_version or
-                                  project.guideline_version, rationale=sub.rationale or "", edited=sub.edited or "",
-                                  time_ms=sub.time_ms, **fields)
+                                  task_type=item.task_type, guideline_version=project.guideline_version,
+                                  rationale=sub.rationale or "", edited=edited, time_ms=sub.time_ms, **fields)
             try:
                 with s.begin_nested():
                     s.add(judgement)
@@ -742,11 +892,20 @@ def _claimable(annotator_id: int, project_id: int | None):
 
 
 def _validated(sub: Submission, item: Item, assignment: Assignment) -> dict:
-    """Check an answer against its item; returns the judgement's answer columns."""
+    """Check an answer against its item; returns the judgement's answer columns. The order recorded is the one the
+    server showed (a client may echo it, not change it), and only the answer fields of the item's task type may be
+    given (a rating with a ``choice`` beside it would contradict itself, and export would believe the choice)."""
     ids = [c.id for c in item.candidates]
-    shown = sub.shown_order if sub.shown_order is not None else list(assignment.shown_order)
+    shown = list(assignment.shown_order)
+    if sub.shown_order is not None and list(sub.shown_order) != shown:
+        raise InvalidSubmission("shown_order: differs from the order you were shown; reload the page")
     if sorted(shown) != sorted(ids):
         raise InvalidSubmission("shown_order: must list each of the item's candidate ids once")
+    allowed = {"pairwise": {"choice", "strength"}, "rating": {"ratings"}, "ranking": {"ranking"}}[item.task_type]
+    foreign = [name for name in ("choice", "strength", "ratings", "ranking")
+               if getattr(sub, name) not in (None, {}, []) and name not in allowed]
+    if foreign:
+        raise InvalidSubmission(f"{', '.join(foreign)}: not an answer to a {item.task_type} item")
     out: dict[str, Any] = {"shown_order": list(shown), "choice": None, "strength": None,
                            "preferred_candidate_id": None, "ratings": None, "ranking": None}
     if sub.choice is not None:
@@ -848,6 +1007,8 @@ def import_candidates(store: Store, name: str, jsonl_path: str | Path, annotator
     specs = []
     for source, line, row in iter_rows(jsonl_path):
         where = (source, line)
+        if "\\u0000" in json.dumps(row):
+            raise DataError(source, line, None, "contains a NUL character (\\u0000), which no database text holds")
         messages = parse_prompt({k: row[k] for k in ("prompt", "messages") if k in row}, where)
         responses = row.get("responses")
         if not isinstance(responses, list) or not responses or not all(isinstance(r, str) for r in responses):
@@ -869,14 +1030,25 @@ def import_candidates(store: Store, name: str, jsonl_path: str | Path, annotator
     return project_id
 
 
+@dataclass(frozen=True)
+class CreatedProject:
+    project_id: int
+    items: int
+    duplicates_removed: int  # candidates whose text repeated another candidate of the same item
+    items_dropped: int       # prompts left with fewer than two different replies
+
+
 def create_project_from_models(store: Store, name: str, prompts_path: str | Path, model_paths: Sequence[str],
                                k: int = 2, annotators_per_item: int = 1, sampling=None, seed: int = 0,
                                device: str = "auto", batch_size: int = 32, task_type: str = "auto",
-                               guideline_version: str = "1", guidelines: str = "", append: bool = False) -> int:
+                               guideline_version: str = "1", guidelines: str = "",
+                               append: bool = False) -> CreatedProject:
     """Create project ``name``: for every prompt in ``prompts_path`` sample ``k`` responses, candidate ``i`` from
     model ``model_paths[i % len(model_paths)]`` (so two models and k=2 compare the models head to head), with
     :func:`moss_rlhf.sampling.sample_replies` and ``sampling`` (a :class:`moss_rlhf.sampling.SamplingConfig`).
-    ``task_type`` "auto" is pairwise for k=2 and ranking for k>2. Returns the project id."""
+    ``task_type`` "auto" is pairwise for k=2 and ranking for k>2. A reply sampled twice for one prompt is kept once
+    (two equal texts carry no preference), and a prompt left with fewer than two different replies (or, for
+    pairwise items, not two) is dropped; the result says how many."""
     from moss_rlhf.data.formats import load_records, parse_prompt
     from moss_rlhf.models import load_causal_lm, resolve_device
     from moss_rlhf.sampling import SamplingConfig, sample_replies
@@ -905,9 +1077,22 @@ def create_project_from_models(store: Store, name: str, prompts_path: str | Path
         texts, _ = sample_replies(BuiltinSampler(model, tokenizer), tokenizer, inputs, sampling, seed=seed + m,
                                   batch_size=batch_size)
         for n, text in enumerate(texts):
-            responses[n // len(slots)][slots[n % len(slots)]] = {"text": text, "source": str(path)}
+            # a NUL a model may sample is no text anyone wrote, and no database stores it
+            responses[n // len(slots)][slots[n % len(slots)]] = {"text": text.replace("\x00", ""),
+                                                                 "source": str(path)}
         del model
+    specs, removed, dropped = [], 0, 0
+    for prompt, replies, meta in zip(prompts, responses, metas):
+        distinct, seen = [], set()
+        for reply in replies:
+            if reply["text"].strip() not in seen:
+                seen.add(reply["text"].strip())
+                distinct.append(reply)
+        removed += len(replies) - len(distinct)
+        if len(distinct) < 2 or (kind == "pairwise" and len(distinct) != 2):
+            dropped += 1
+            continue
+        specs.append({"messages": prompt, "responses": distinct, "task_type": kind, "meta": meta})
     project_id = _new_project(store, name, kind, annotators_per_item, guideline_version, guidelines, append)
-    store.add_items(project_id, [{"messages": p, "responses": r, "task_type": kind, "meta": meta}
-                                 for p, r, meta in zip(prompts, responses, metas)])
-    return project_id
+    store.add_items(project_id, specs)
+    return CreatedProject(project_id, len(specs), removed, dropped)

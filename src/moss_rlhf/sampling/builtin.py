@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moss_rlhf.config import NonFiniteError, UserError
 from moss_rlhf.sampling import Rollout, SamplingConfig, fresh_seeds
 
 
@@ -27,9 +28,12 @@ class BuiltinSampler:
     def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None):
         from moss_rlhf.tokenizer import stop_token_ids
 
-        if stop_ids is None or pad_id is None:
-            if tokenizer is None:
-                raise TypeError("BuiltinSampler needs a tokenizer, or both stop_ids and pad_id")
+        if tokenizer is not None:
+            from moss_rlhf.models import check_vocabulary
+
+            check_vocabulary(model, tokenizer)
+        elif stop_ids is None or pad_id is None:
+            raise TypeError("BuiltinSampler needs a tokenizer, or both stop_ids and pad_id")
         self.model = model
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
         self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
@@ -45,6 +49,11 @@ class BuiltinSampler:
         from moss_rlhf.data.collate import left_pad
 
         model = self.model
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        longest = max((len(p) for p in prompts), default=0)
+        if context and longest + cfg.max_new_tokens > context:
+            raise UserError(f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the "
+                            f"model's context of {context} tokens")
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()  # sampling never wants dropout
@@ -87,8 +96,8 @@ def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sam
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for t in range(cfg.max_new_tokens):
         if torch.isnan(logits).any():
-            raise FloatingPointError("the model's logits are NaN: its weights are not finite (or its input "
-                                     "overflowed); nothing can be sampled from it")
+            raise NonFiniteError("the model's logits are NaN (its weights are not finite, or its input "
+                                 "overflowed): nothing can be sampled from it")
         scores = filter_logits(logits, cfg, None if seen is None else seen[:, :vocab])
         if uniforms is not None:
             choice = invert_cdf(scores.softmax(-1), uniforms[:, t])

@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from moss_rlhf.config import ConfigError, atomic_write_text, option
+from moss_rlhf.config import ConfigError, option
+from moss_rlhf.files import atomic_write_text
 from moss_rlhf.sampling import SamplingConfig
 
 

@@ -9,9 +9,9 @@ all four. Every PPO step, top to bottom:
 
   1. rollout: the sampler samples responses to ``rollout_batch`` prompts (per-prompt seeds), and all models score
      them once, log-probs at the sampling temperature (``rollout.make_experience``);
-  2. rewards: reward-model score (normalised by running moments and clipped) on the last token, minus
-     ``kl_coef × KL(policy ‖ reference)`` on every token; GAE(γ, λ) gives advantages and returns (without a critic
-     the values are 0 and the advantages are the reward-to-go); advantages are whitened over the global batch;
+  2. rewards (``rollout.assign_advantages``): reward-model score (normalised by running moments, clipped) on the
+     last token, minus ``kl_coef × KL(policy ‖ reference)`` on every token; GAE(γ, λ) gives advantages and returns
+     (without a critic the values are 0: the reward-to-go); advantages are whitened over the global batch;
   3. update: ``ppo_epochs`` passes over the batch in mini-batches; on each, a policy step (clipped surrogate,
      + entropy bonus, + PPO-ptx LM loss) and a critic step (clipped value loss), each model's gradient norm clipped
      on its own; for the first ``critic_warmup_steps`` steps only the critic learns; then the sampler syncs weights;
@@ -19,9 +19,8 @@ all four. Every PPO step, top to bottom:
      held-out prompts (with the caller's scorers, e.g. the demo's gold judge), keep the best policy in ``best/``,
      checkpoint atomically (exact resume).
 
-Every trick is a switch; ``--preset ppo_max`` (the default) and ``--preset vanilla`` set them together, and any
-switch given explicitly wins over the preset (the preset only fills switches left unset).
-"""
+Every trick is a switch; ``--preset ppo_max`` (the default) and ``--preset vanilla`` set them together, and a
+switch given explicitly wins over the preset. A NaN/Inf reward or update is never applied (``--on-nonfinite``)."""
 
 from __future__ import annotations
 
@@ -35,22 +34,23 @@ import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.checkpoint import Checkpointer, seed_everything
-from moss_rlhf.config import ConfigError, TrainConfig, atomic_write_text, option
+from moss_rlhf.config import ConfigError, TrainConfig, option
+from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.collate import BatchOrder
 from moss_rlhf.data.formats import load_prompts
 from moss_rlhf.data.splits import load_split
 from moss_rlhf.losses import (AdaptiveKLController, FixedKLController, RunningMoments, clipped_policy_loss,
-                              clipped_value_loss, gae, masked_mean, masked_sum, per_token_rewards)
+                              clipped_value_loss, masked_mean, masked_sum)
 from moss_rlhf.models import LoraOptions, save_model
-from moss_rlhf.rollout import (BatchPlan, Experience, RewardFn, cat_field, collapse_signals, critic_values,
-                               load_rl_models, make_experience, plan_batches, response_logprobs, reward_scores,
-                               rollout_stats)
+from moss_rlhf.rollout import (BatchPlan, Experience, RewardFn, assign_advantages, collapse_signals, critic_values,
+                               load_rl_models, make_experience, nonfinite_rollout, plan_batches, response_logprobs,
+                               reward_scores)
 from moss_rlhf.runs import Progress, RunDir, plot_curves
 from moss_rlhf.sampling import SamplingConfig, encode_prompts, prompt_seeds
 from moss_rlhf.sampling.builtin import BuiltinSampler
 from moss_rlhf.scoring import TextScorer, validate
 from moss_rlhf.tokenizer import load_tokenizer
-from moss_rlhf.training import Trainee, autocast, lm_backward, lm_batches
+from moss_rlhf.training import Trainee, autocast, lm_backward, lm_batches, nonfinite, skip_or_stop
 
 # Switches a preset decides; left at None on the command line they come from --preset.
 PRESETS: dict[str, dict] = {
@@ -138,15 +138,16 @@ class PPOConfig(TrainConfig):
     save_every: int = option(20, "checkpoint every N steps (0: only at the end)", at_least=0)
     best_metric: str = option("auto", "what picks best/: 'reward' (the reward model on the held-out prompts), the "
                                       "name of a validation scorer the caller passes (the demo: 'gold'), or 'auto' "
-                                      "(the first such scorer, else reward)")
-    collapse_kl: float = option(0.5, "warn when KL per token to the reference exceeds this", above=0.0)
+                                      "(the first such scorer, else reward)", free_on_resume=True)
+    collapse_kl: float = option(0.5, "warn when KL per token to the reference exceeds this", above=0.0,
+                                free_on_resume=True)
     collapse_perplexity: float = option(1.1, "warn when the policy's perplexity of its replies falls below this",
-                                        at_least=1.0)
+                                        at_least=1.0, free_on_resume=True)
     collapse_length_share: float = option(0.8, "warn when this share of replies hits --max-new-tokens", above=0.0,
-                                          at_most=1.0)
+                                          at_most=1.0, free_on_resume=True)
     collapse_reward_sigmas: float = option(6.0, "warn when the raw reward p95 exceeds the first step's mean by this "
-                                                "many of its standard deviations", above=0.0)
-    stop_on_collapse: bool = option(False, "stop the run at the first collapse warning")
+                                                "many of its standard deviations", above=0.0, free_on_resume=True)
+    stop_on_collapse: bool = option(False, "stop the run at the first collapse warning", free_on_resume=True)
 
     def check(self) -> None:
         if not self.prompts:
@@ -171,36 +172,6 @@ def resolve_preset(cfg: PPOConfig) -> PPOConfig:
     """The config with every unset (None) switch taken from ``cfg.preset``; explicit values are kept."""
     fills = {k: v for k, v in PRESETS[cfg.preset].items() if getattr(cfg, k) is None}
     return dataclasses.replace(cfg, **fills)
-
-
-@torch.no_grad()
-def assign_advantages(chunks: list[Experience], cfg: PPOConfig, moments: RunningMoments, kl_coef: float) -> dict:
-    """Reward shaping, GAE and whitening for the whole rollout, written into each chunk; returns the step's stats."""
-    raw = cat_field(chunks, "scores")
-    if cfg.reward_norm:
-        moments.update(raw)  # synced across processes: every rank normalises with the same moments
-        scores = moments.normalize(raw, clip=cfg.reward_clip or None)
-    else:
-        scores = raw.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip else raw
-    mask, logprobs = cat_field(chunks, "response_mask"), cat_field(chunks, "old_logprobs")
-    rewards, kl = per_token_rewards(scores, logprobs, cat_field(chunks, "ref_logprobs"), mask, kl_coef,
-                                    cfg.kl_estimator, cfg.kl_clamp)
-    values = cat_field(chunks, "old_values")
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = distributed.global_whiten(advantages, mask)
-    if cfg.advantage_clip:
-        advantages = torch.where(mask.bool(), advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip), 0.0)
-    start = 0
-    for chunk in chunks:
-        rows = slice(start, start + chunk.sequences.shape[0])
-        chunk.advantages, chunk.returns = advantages[rows], returns[rows]
-        start = rows.stop
-
-    stats = rollout_stats(chunks, raw, scores, kl, kl_coef)
-    if cfg.use_critic:
-        stats["critic/explained_variance"] = distributed.global_explained_variance(values, returns, mask)
-    return stats
 
 
 # ------------------------------------------------------------------------------------------------------------- update
@@ -315,7 +286,7 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         raise ConfigError(f"{len(prompts)} training prompts in {', '.join(cfg.prompts)} are fewer than one "
                           f"--rollout-batch ({cfg.rollout_batch})")
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, "--tokenizer" if cfg.tokenizer else "--policy")
     critic_source = cfg.critic or (cfg.reward_model if cfg.critic_from_reward and reward_fn is None else cfg.policy)
     models = load_rl_models(cfg.policy, cfg.reference or cfg.policy, None if reward_fn else cfg.reward_model,
                             critic_source if cfg.use_critic else None, tokenizer,
@@ -350,6 +321,7 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None,
               f"{'a Python function' if reward_fn else cfg.reward_model}; {'a' if critic else 'no'} critic")
     progress = Progress(cfg.max_steps, step, "ppo", enabled=cfg.progress and dist.is_main)
     metrics: dict[str, float] = {}
+    skipped = state.get("skipped", 0)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         # 1. rollout: seeds from each prompt's place in the data stream, so a resumed run, or one on more
@@ -362,18 +334,26 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None,
             chunks = make_experience(models, rollout, cfg.batch_size, cfg.temperature, reward_fn,
                                      cfg.score_batch_size)
         t_score = time.perf_counter()
-        # 2. rewards, advantages
-        stats = assign_advantages(chunks, cfg, moments, kl_ctl.value)
-        # 3. update
+        # 2. rewards, advantages: a NaN reward is caught before it reaches the running moments
+        problem = nonfinite_rollout(chunks)
+        stats = {} if problem else assign_advantages(chunks, cfg, moments, kl_ctl.value)
+        # 3. update (an update with a non-finite gradient norm is not applied)
         train_policy = step >= cfg.critic_warmup_steps
-        with autocast(dist.device, cfg.precision):
-            update = ppo_update(cfg, plan, chunks, policy if train_policy else None, critic, ptx, step)
+        update = {}
+        if problem is None:
+            with autocast(dist.device, cfg.precision):
+                update = ppo_update(cfg, plan, chunks, policy if train_policy else None, critic, ptx, step)
+            problem = nonfinite({k: v for k, v in update.items() if k.endswith(("grad_norm", "/loss"))})
+        skipped += skip_or_stop(cfg, "ppo", step + 1, skipped, problem)
         for trainee in (policy if train_policy else None, critic):
             if trainee is not None:
                 trainee.schedule.step()
         sampler.sync_weights(models.policy)
-        kl_ctl.update(float(stats["kl/per_sequence"]), cfg.rollout_batch)
         step += 1
+        if problem:
+            run_dir.log(step, {"ppo/skipped_steps": skipped})
+            continue
+        kl_ctl.update(float(stats["kl/per_sequence"]), cfg.rollout_batch)
         t_update = time.perf_counter()
         # 4. monitor
         metrics = {k: float(v) for k, v in {**stats, **update}.items()}
@@ -402,13 +382,13 @@ def run(cfg: PPOConfig, reward_fn: RewardFn | None = None,
         if warnings and dist.is_main:
             print(f"ppo: step {step}: collapse warning: {'; '.join(warnings)}")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoints.save(step, best=best, first_stats=first_stats)
+            checkpoints.save(step, best=best, first_stats=first_stats, skipped=skipped)
         if warnings and cfg.stop_on_collapse:
             if dist.is_main:
                 print(f"ppo: stopping at step {step} (--stop-on-collapse)")
             break
     progress.close()
-    checkpoints.save(step, best=best, first_stats=first_stats)
+    checkpoints.save(step, best=best, first_stats=first_stats, skipped=skipped)
     if dist.is_main:
         save_model(models.policy, tokenizer, run_dir.model_path)
         plot_curves(run_dir.path, PLOT_KEYS, title=f"ppo ({cfg.preset})")

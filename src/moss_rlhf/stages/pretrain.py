@@ -21,6 +21,7 @@ from moss_rlhf.data.collate import IGNORE, TokenData
 from moss_rlhf.data.corpus import corpus_texts
 from moss_rlhf.data.formats import load_texts
 from moss_rlhf.data.splits import load_split
+from moss_rlhf.models import check_vocabulary
 from moss_rlhf.runs import RunDir
 from moss_rlhf.training import LoopResult, causal_loss, lm_evaluator, train_lm
 
@@ -55,7 +56,7 @@ def prepare_tokenizer(cfg: PretrainConfig):
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if cfg.model not in PRESETS and not cfg.model.endswith(".json"):
-        return load_tokenizer(cfg.model)
+        return load_tokenizer(cfg.model, "--model")
     return train_tokenizer(corpus_texts(cfg.data), cfg.vocab_size)
 
 
@@ -114,6 +115,8 @@ def run(cfg: PretrainConfig) -> LoopResult:
 
     tokenizer = prepare_tokenizer(cfg)
     model = prepare_model(cfg, tokenizer)
+    if cfg.objective == "clm":
+        check_vocabulary(model, tokenizer)
     train_rows = pack_texts(tokenizer, texts, cfg.seq_len)
     eval_rows = pack_texts(tokenizer, eval_texts, cfg.seq_len)
     if cfg.objective == "mlm":

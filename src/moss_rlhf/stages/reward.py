@@ -24,12 +24,13 @@ import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.checkpoint import seed_everything
-from moss_rlhf.config import ConfigError, TrainConfig, atomic_write_text, option
+from moss_rlhf.config import ConfigError, TrainConfig, option
+from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, reply_example
 from moss_rlhf.data.formats import Preference, load_preferences
 from moss_rlhf.data.splits import load_split
 from moss_rlhf.losses import bradley_terry_loss
-from moss_rlhf.models import final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
+from moss_rlhf.models import check_vocabulary, final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import LoopResult, autocast, train_lm
@@ -170,8 +171,9 @@ def run(cfg: RewardConfig) -> LoopResult:
         atomic_write_text(run_dir.path / "held_out.jsonl", "".join(
             json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin},
                        ensure_ascii=False) + "\n" for p in held_out))
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model")
     model = load_scorer(cfg.model, tokenizer)
+    check_vocabulary(model, tokenizer)
     lm_head = None
     if cfg.lm_coef > 0:
         lm = load_causal_lm(cfg.model)

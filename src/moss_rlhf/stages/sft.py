@@ -17,7 +17,7 @@ from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import conversation_data
 from moss_rlhf.data.formats import load_conversations
 from moss_rlhf.data.splits import load_split
-from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
+from moss_rlhf.models import LoraOptions, apply_lora, check_vocabulary, load_causal_lm
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import LoopResult, lm_evaluator, target_loss, train_lm
@@ -56,8 +56,10 @@ def run(cfg: SFTConfig) -> LoopResult:
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
     conversations, held_out = load_split(load_conversations, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                          "conversations in --data")
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    model = apply_lora(load_causal_lm(cfg.model), LoraOptions(cfg.lora_r, cfg.lora_alpha))
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model")
+    model = load_causal_lm(cfg.model)
+    check_vocabulary(model, tokenizer)
+    model = apply_lora(model, LoraOptions(cfg.lora_r, cfg.lora_alpha))
     train, evaluation = (conversation_data(tokenizer, data, cfg.max_len, cfg.pack, cfg.seq_len)
                          for data in (conversations, held_out))
     if dist.is_main:

@@ -116,10 +116,14 @@
     const el = cards[index] && cards[index].querySelector(".response-text");
     return el ? el.textContent : "";
   }
+  function prefillEdit() {
+    // the preferred response, to be edited; the server records an edit only when the text was changed
+    if (!edited.value) { edited.value = preferredText(); edited.dataset.prefill = edited.value; }
+  }
   function openEdit() {
     if (!editBox || !edited) return;
     editBox.open = true;
-    if (!edited.value) edited.value = preferredText();
+    prefillEdit();
     edited.focus();
   }
 
@@ -129,6 +133,7 @@
       if (why) { event.preventDefault(); say(why); return; }
       if (submitting) { event.preventDefault(); return; }
       submitting = true;
+      if (edited && edited.value.trim() === (edited.dataset.prefill || "").trim()) edited.value = "";  // unchanged
       document.getElementById("time_ms").value = String(Math.round(performance.now() - started));
       const button = document.getElementById("submit-btn");
       if (button) button.disabled = true;
@@ -141,7 +146,7 @@
         if (card) { focus = cards.indexOf(card); refreshRating(); }
       }
     });
-    if (editBox) editBox.addEventListener("toggle", () => { if (editBox.open && !edited.value) edited.value = preferredText(); });
+    if (editBox) editBox.addEventListener("toggle", () => { if (editBox.open) prefillEdit(); });
     if (task === "pairwise") refreshPairwise();
     if (task === "rating") refreshRating();
     if (task === "ranking") { readRanking(); refreshRanking(); }
