@@ -100,7 +100,7 @@ class Trainee:
     def step(self, finite_loss: bool = True) -> float:
         """Clip the gradient norm and step the optimizer, then clear the gradients; returns the norm before
         clipping. With a non-finite loss or gradient norm nothing is applied: the weights and the optimizer's state
-        stay as they were (the caller stops or skips, see :func:`nonfinite_step`)."""
+        stay as they were (the caller stops or skips, see :func:`skip_or_stop`)."""
         grad_norm = clip_gradients(self.model, self.max_grad_norm)
         if finite_loss and math.isfinite(grad_norm):
             self.optimizer.step()

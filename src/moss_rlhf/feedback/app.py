@@ -87,6 +87,8 @@ class LoginLimiter:
         """Seconds until the client may try again (0: now)."""
         with self.lock:
             times = self._recent(client)
+            if not times:
+                del self.failures[client]  # forget addresses with no recent failure: the table stays small
             return int(times[0] + self.window - time.monotonic()) + 1 if len(times) >= self.attempts else 0
 
     def failed(self, client: str) -> None:
