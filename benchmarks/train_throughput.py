@@ -17,8 +17,8 @@ One run prints, side by side (ratios, since the machine is shared and noisy):
    TRL with ``padding_free=True`` (the batch flattened into one row with ``position_ids``). All four compute the same
    loss (first-step losses printed). The figure that counts is **non-pad tokens/s** — conversation tokens trained
    per second, the same tokens for every variant; positions computed per second (padding included) show the layout.
-   TRL runs in ``benchmarks/.venv-trl`` (see ``_trl_env.py``) in a subprocess; the variants alternate, round after
-   round, so that a busy moment on the machine hits them all.
+   TRL runs in ``benchmarks/.venv-trl-1.16.0`` (see ``_trl_env.py``) in a subprocess; the variants alternate, round
+   after round, so that a busy moment on the machine hits them all.
 
 A timed window starts after warm-up steps. Our step boundaries are the moments the loop asks for the next batch;
 TRL's are its ``on_step_end`` callbacks — both cover whole steps (data, forward, backward, clipping, optimizer).

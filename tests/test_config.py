@@ -68,7 +68,7 @@ def test_validation_never_touches_the_file_system(tmp_path, monkeypatch):
     from pathlib import Path
 
     from moss_rlhf.evaluate import EvaluateConfig
-    from moss_rlhf.stages.ppo import PPOConfig
+    from moss_rlhf.stages.rl import RLConfig
 
     def refuse(*args, **kwargs):
         raise AssertionError("validation touched the file system")
@@ -78,7 +78,7 @@ def test_validation_never_touches_the_file_system(tmp_path, monkeypatch):
     monkeypatch.setattr(os.path, "exists", refuse)
     monkeypatch.setattr(builtins, "open", refuse)
     EvaluateConfig(model_a="/nowhere/a", model_b="/nowhere/b", prompts="/nowhere/p.jsonl", judge="/nowhere/rm")
-    PPOConfig(policy="/nowhere", prompts=["/nowhere/p.jsonl"])
+    RLConfig(policy="/nowhere", prompts=["/nowhere/p.jsonl"])
     for name, (_, cls, _) in _commands().items():
         classes = cls.values() if isinstance(cls, dict) else [(None, cls, None)]
         for _, config_cls, _ in classes:

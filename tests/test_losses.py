@@ -219,59 +219,6 @@ def test_per_token_rewards():
     assert L.last_token_index(mask).tolist() == [5, 3, -1, 5]
 
 
-# ----------------------------------------------------------------------------- GAE
-
-
-def _gae_ref(rewards, values, mask, gamma, lam):
-    advs, rets = [], []
-    for r_row, v_row, m_row in zip(rewards, values, mask):
-        idx = [t for t, m in enumerate(m_row) if m]
-        adv = [0.0] * len(r_row)
-        last, next_v = 0.0, 0.0
-        for t in reversed(idx):
-            delta = r_row[t] + gamma * next_v - v_row[t]
-            last = delta + gamma * lam * last
-            adv[t] = last
-            next_v = v_row[t]
-        advs.append(adv)
-        rets.append([a + v if m else 0.0 for a, v, m in zip(adv, v_row, m_row)])
-    return advs, rets
-
-
-@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.9, 0.0), (0.5, 0.5)])
-def test_gae_matches_reference(gamma, lam):
-    rng = random.Random(int(gamma * 100 + lam * 10))
-    B, T = 5, 9
-    lengths, offsets = [9, 1, 4, 0, 6], [0, 3, 5, 0, 2]
-    mask = _padded_mask(lengths, T, offsets)
-    rewards = torch.tensor([[rng.gauss(0, 1) for _ in range(T)] for _ in range(B)], dtype=torch.float64)
-    values = torch.tensor([[rng.gauss(0, 1) for _ in range(T)] for _ in range(B)], dtype=torch.float64)
-    adv, ret = L.gae(rewards, values, mask, gamma, lam)
-    adv_ref, ret_ref = _gae_ref(rewards.tolist(), values.tolist(), mask.tolist(), gamma, lam)
-    for b in range(B):
-        assert adv[b].tolist() == pytest.approx(adv_ref[b])
-        assert ret[b].tolist() == pytest.approx(ret_ref[b])
-    # padding content is irrelevant
-    noisy = torch.where(mask.bool(), rewards, torch.tensor(float("nan"), dtype=torch.float64))
-    adv2, _ = L.gae(noisy, values.masked_fill(~mask.bool(), 1e9), mask, gamma, lam)
-    torch.testing.assert_close(adv2, adv)
-
-
-def test_gae_closed_form_and_holes():
-    # gamma = lam = 1, V = 0: advantage is the reward-to-go
-    r = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
-    adv, ret = L.gae(r, torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 1.0, 1.0)
-    assert adv.tolist() == [[6.0, 5.0, 3.0, 0.0]] and ret.tolist() == adv.tolist()
-    # lam = 0: one-step TD error, value after the last token is 0
-    v = torch.tensor([[0.5, 1.0, 2.0, 7.0]])
-    adv, ret = L.gae(r, v, torch.tensor([[1.0, 1.0, 1.0, 0.0]]), 0.9, 0.0)
-    assert adv[0].tolist() == pytest.approx([1 + 0.9 * 1.0 - 0.5, 2 + 0.9 * 2.0 - 1.0, 3 - 2.0, 0.0])
-    # a hole in the mask is bridged (the counted tokens form one sequence)
-    holed = torch.tensor([[1.0, 0.0, 1.0, 1.0]])
-    adv_h, _ = L.gae(torch.tensor([[1.0, 99.0, 2.0, 3.0]]), torch.zeros(1, 4), holed, 1.0, 1.0)
-    assert adv_h.tolist() == [[6.0, 0.0, 5.0, 3.0]]
-
-
 # ----------------------------------------------------------------------------- PPO losses
 
 
@@ -423,3 +370,44 @@ def test_kl_controllers():
     assert f2.value == 0.05
     with pytest.raises(ValueError):
         L.AdaptiveKLController(0.1, 0.0, 100)
+
+
+def test_asymmetric_clip_lets_unlikely_good_tokens_rise_further():
+    """DAPO clip-higher: with eps_high > eps the ratio of a positive-advantage token is clipped at 1 + eps_high."""
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[1.25, 1.25, 0.7]])).requires_grad_()
+    adv = torch.tensor([[1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    symmetric, _ = L.clipped_policy_loss(logprobs, old, adv, mask, 0.2, reduction="none")
+    higher, stats = L.clipped_policy_loss(logprobs, old, adv, mask, 0.2, reduction="none", clip_eps_high=0.28)
+    # token 0: A > 0, r = 1.25 — clipped at 1.2 symmetrically, not at 1.28
+    assert symmetric[0, 0].item() == pytest.approx(-1.2) and higher[0, 0].item() == pytest.approx(-1.25)
+    # token 1: A < 0, r = 1.25 — the unclipped branch (-A r) is the max either way
+    assert symmetric[0, 1].item() == higher[0, 1].item() == pytest.approx(1.25)
+    # token 2: A < 0, r = 0.7 below 1 - eps: clipped at 0.8 in both (the low side is eps)
+    assert symmetric[0, 2].item() == higher[0, 2].item() == pytest.approx(0.8)
+    higher.sum().backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-1.25, 1.25, 0.0])
+
+
+@pytest.mark.parametrize("mode", L.AGGREGATIONS)
+def test_loss_aggregation_matches_reference_and_accumulates(mode):
+    g = torch.Generator().manual_seed(5)
+    per_token = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    lengths = [6, 1, 3, 4]
+    mask = _padded_mask(lengths, 6)
+    rows = [[float(per_token[b, t]) for t in range(n)] for b, n in enumerate(lengths)]
+    if mode == "token_mean":
+        expected = sum(sum(r) for r in rows) / sum(lengths)
+    elif mode == "seq_mean_token_mean":
+        expected = sum(sum(r) / len(r) for r in rows) / len(rows)
+    else:
+        expected = sum(sum(r) for r in rows) / (len(rows) * 6)
+    denominator = L.aggregation_denominator(mode, sum(lengths), len(lengths), 6)
+    whole = L.aggregate(torch.where(mask.bool(), per_token, 0.0), mask, mode) / denominator
+    assert whole.item() == pytest.approx(expected)
+    # micro-batches of one and three rows, each over the same global denominator, add up to the whole
+    parts = (L.aggregate(per_token[:1], mask[:1], mode) + L.aggregate(per_token[1:], mask[1:], mode)) / denominator
+    assert parts.item() == pytest.approx(expected)
+    with pytest.raises(ValueError):
+        L.aggregate(per_token, mask, "mean")

@@ -15,9 +15,9 @@ from moss_rlhf.models import check_model_path, disable_dropout, load_causal_lm, 
 
 
 def test_importing_the_package_leaves_transformers_logging_alone():
-    code = ("import transformers.utils.logging as log; import moss_rlhf.models, moss_rlhf.stages.ppo, "
+    code = ("import transformers.utils.logging as log; import moss_rlhf.models, moss_rlhf.stages.rl, "
             "moss_rlhf.cli; print(log.is_progress_bar_enabled(), log.get_verbosity())")
-    before = subprocess.run([sys.executable, "-c", code.replace("import moss_rlhf.models, moss_rlhf.stages.ppo, "
+    before = subprocess.run([sys.executable, "-c", code.replace("import moss_rlhf.models, moss_rlhf.stages.rl, "
                                                                 "moss_rlhf.cli; ", "")],
                             capture_output=True, text=True, check=True).stdout
     after = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -12,8 +12,8 @@ import torch
 from moss_rlhf.config import ConfigError
 from moss_rlhf.data.collate import left_pad
 from moss_rlhf.models import load_causal_lm, load_scorer, sequence_scores
-from moss_rlhf.rollout import (RLModels, cat_field, collapse_signals, make_experience, plan_batches, reward_scores,
-                               rollout_stats)
+from moss_rlhf.rewards import reward_model_scores
+from moss_rlhf.rollout import RLModels, cat_field, collapse_signals, make_experience, plan_batches, rollout_stats
 from moss_rlhf.sampling import SamplingConfig, encode_prompts
 from moss_rlhf.sampling.builtin import BuiltinSampler
 from moss_rlhf.tokenizer import load_tokenizer
@@ -36,30 +36,31 @@ def test_reward_model_scores_are_read_at_each_replys_last_token_in_any_chunking(
     when the reply finished), whatever else shares its forward pass."""
     tokenizer, policy, reward_model, prompts, rollout = parts
     with torch.no_grad():
-        whole = reward_scores(reward_model, rollout, batch_size=3)
-        torch.testing.assert_close(reward_scores(reward_model, rollout, batch_size=1), whole, atol=1e-5, rtol=0)
+        whole = reward_model_scores(reward_model, rollout, batch_size=3)
+        torch.testing.assert_close(reward_model_scores(reward_model, rollout, batch_size=1), whole, atol=1e-5,
+                                   rtol=0)
         for row in range(3):
             ids = rollout.sequences[row][rollout.attention_mask[row].bool()].tolist()
             alone = sequence_scores(reward_model, *left_pad([ids], tokenizer.pad_token_id))
             torch.testing.assert_close(alone[0], whole[row], atol=1e-5, rtol=0)
-    assert reward_scores(None, rollout, 2, reward_fn=lambda r: r.response_mask.sum(1)).tolist() == \
-        rollout.response_mask.sum(1).float().tolist()
 
 
 def test_without_a_critic_values_are_zero_and_logprobs_match_the_sampler(parts):
     tokenizer, policy, reward_model, prompts, rollout = parts
-    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout, micro_batch=2, temperature=1.0)
+    scores = reward_model_scores(reward_model, rollout, 3)
+    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout, scores, micro_batch=2,
+                             temperature=1.0)
     assert [c.sequences.shape[0] for c in chunks] == [2, 1]
     assert torch.equal(cat_field(chunks, "old_values"), torch.zeros_like(cat_field(chunks, "old_logprobs")))
     mask = cat_field(chunks, "response_mask").bool()
     torch.testing.assert_close(cat_field(chunks, "old_logprobs")[mask], rollout.logprobs[mask], atol=2e-5, rtol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(cat_field(chunks, "scores"), reward_scores(reward_model, rollout, 3))
+    assert torch.equal(cat_field(chunks, "scores"), scores)
 
 
 def test_step_statistics_match_their_definitions(parts):
     tokenizer, policy, reward_model, prompts, rollout = parts
-    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout, micro_batch=3, temperature=1.0)
+    chunks = make_experience(RLModels(policy, policy, reward_model, None), rollout,
+                             reward_model_scores(reward_model, rollout, 3), micro_batch=3, temperature=1.0)
     raw = cat_field(chunks, "scores")
     mask = cat_field(chunks, "response_mask")
     kl = torch.full_like(mask, 0.25) * mask
@@ -90,11 +91,33 @@ def test_collapse_checks_fire_on_each_signal_and_on_nan():
 
 def test_batch_geometry():
     class Cfg:
-        rollout_batch, mini_batch, batch_size, ppo_epochs, max_steps = 32, 16, 4, 2, 10
+        rollout_batch, group_size, mini_batch, batch_size, ppo_epochs, max_steps = 32, 1, 16, 4, 2, 10
 
     plan = plan_batches(Cfg, world_size=2)
     assert (plan.rollout_per_process, plan.mini_per_process, plan.micro_per_mini, plan.updates_per_step) == \
         (16, 8, 2, 4)
-    assert "rollout batch 32 = 2 process(es) × 16" in plan.describe(Cfg)
+    assert "rollout batch 32 prompts = 2 process(es) × 16" in plan.describe(Cfg)
+    class Three(Cfg):
+        rollout_batch = 48
+
     with pytest.raises(ConfigError, match=r"--mini-batch \(16\) must be a multiple of --batch-size \(4\) × 3"):
+        plan_batches(Three, world_size=3)
+    with pytest.raises(ConfigError, match=r"--rollout-batch \(32\) must be a multiple of the 3 process"):
         plan_batches(Cfg, world_size=3)
+
+
+def test_group_geometry_keeps_groups_whole():
+    """Groups of k replies stay in one process and one mini-batch; a micro-batch holds whole groups or a group
+    spans a whole number of micro-batches (which the later epochs then shuffle as one block)."""
+    class Groups:
+        rollout_batch, group_size, mini_batch, batch_size, ppo_epochs, max_steps = 8, 4, 16, 2, 1, 10
+
+    plan = plan_batches(Groups, world_size=2)
+    assert (plan.rollout_per_process, plan.mini_per_process, plan.micro_per_mini, plan.group_span,
+            plan.updates_per_step) == (4, 8, 4, 2, 2)
+    assert "8 prompts = 2 process(es) × 4 × 4 replies = 32 sequences" in plan.describe(Groups)
+    for changes, message in (({"mini_batch": 4}, "per process must hold whole groups"),
+                             ({"rollout_batch": 12, "mini_batch": 24, "batch_size": 3}, "one must divide the other"),
+                             ({"mini_batch": 12}, "multiple of --mini-batch")):
+        with pytest.raises(ConfigError, match=message):
+            plan_batches(type("Bad", (Groups,), changes), world_size=2)

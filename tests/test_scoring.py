@@ -51,7 +51,7 @@ def test_validation_reports_each_scorer_with_fixed_seeds(tiny_model_dir):
 
     def run():
         return validate(sampler, tokenizer, prompts, SamplingConfig(max_new_tokens=6), seed=4, batch_size=2,
-                        max_prompt_len=32, reward=lambda r: r.response_mask.sum(1).float(),
+                        max_prompt_len=32, reward=lambda r, rows: r.response_mask.sum(1).float(),
                         scorers={"chars": lambda c, r: [float(len(x)) for x in r]})
 
     metrics, rows = run()

@@ -16,7 +16,7 @@ def _commands() -> dict[str, tuple[str, type, object]]:
     from moss_rlhf import chat, evaluate, interpret, report, serve, tokenizer
     from moss_rlhf.demo import pipeline, world
     from moss_rlhf.feedback import commands as feedback
-    from moss_rlhf.stages import generate, ppo, pretrain, reward, sft
+    from moss_rlhf.stages import generate, pretrain, reward, rl, sft
 
     return {
         "demo": ("the whole pipeline on the embedded demo world, with a report (about 10 minutes on a laptop CPU)",
@@ -30,8 +30,9 @@ def _commands() -> dict[str, tuple[str, type, object]]:
         "feedback": ("collect human feedback: labelling projects, web app, simulated annotators, agreement, export",
                      feedback.COMMANDS, None),
         "reward": ("train a reward model on preference pairs (Bradley–Terry)", reward.RewardConfig, reward.run),
-        "ppo": ("PPO-max reinforcement learning from a reward model (policy, reference, reward, critic)",
-                ppo.PPOConfig, ppo.run),
+        "rl": ("online RL from a reward model or Python rewards: PPO-max (default), GRPO, Dr.GRPO, DAPO, RLOO, "
+               "REINFORCE++, ReMax (--preset)", rl.RLConfig, rl.run),
+        "ppo": ("the same command as `rl` (PPO-max is its default preset)", rl.RLConfig, rl.run),
         "evaluate": ("win rate (gold judge or reward model), KL, perplexity, length, diversity of model A vs B",
                      evaluate.EvaluateConfig, evaluate.run),
         "report": ("one self-contained HTML report of a pipeline directory (curves, win rates, samples, attention)",
@@ -46,7 +47,7 @@ def _commands() -> dict[str, tuple[str, type, object]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moss-rlhf", description="moss-rlhf: tokenizer → pretraining → SFT → human feedback → reward model → PPO-max → "
+    parser = argparse.ArgumentParser(prog="moss-rlhf", description="moss-rlhf: tokenizer → pretraining → SFT → human feedback → reward model → RL (PPO-max, GRPO, ...) → "
                                      "evaluation → use. `moss-rlhf COMMAND --help` explains every option.")
     parser.add_argument("--version", action="version", version=f"moss-rlhf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

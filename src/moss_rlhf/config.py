@@ -168,7 +168,7 @@ def validate(cfg: Any) -> None:
         value = getattr(cfg, f.name)
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:  # None: filled later (a preset)
             raise ConfigError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value!r}")

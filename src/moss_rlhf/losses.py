@@ -13,8 +13,9 @@ What lives here (no model, no data, no I/O):
   2024);
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
   per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
-  the KL-penalised per-token reward, GAE (Schulman et al. 2016), the clipped
-  policy and value losses, running reward moments for reward
+  the KL-penalised per-token reward, the clipped policy loss (with DAPO's
+  asymmetric clip-higher) and value loss, the loss aggregation modes of GRPO,
+  DAPO and Dr.GRPO, running reward moments for reward
   normalisation + clipping (exactly merged across ``torch.distributed`` ranks with
   Chan et al.'s parallel algorithm), and the fixed / adaptive KL controllers of
   Ziegler et al. 2019.
@@ -194,37 +195,42 @@ def per_token_rewards(
     return rewards + bonus, kl
 
 
-@torch.no_grad()
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over the counted tokens of each row.
-
-    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}`` where t+1 is the
-    next *counted* token (masked positions are skipped, so holes in the mask are bridged) and
-    the value after the last counted token is 0 (the episode ends with the response).
-    Returns ``(advantages, returns)`` with ``returns = advantages + values``; both are 0 at
-    masked-out positions.  Inputs are treated as constants (no gradient).
-    """
-    m = mask.bool()
-    dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
-    rewards, values = _zero_where_masked(rewards.to(dtype), m), _zero_where_masked(values.to(dtype), m)
-    next_v = torch.zeros(rewards.shape[0], dtype=dtype, device=rewards.device)
-    next_a = torch.zeros_like(next_v)
-    adv = torch.zeros_like(rewards)
-    for t in reversed(range(rewards.shape[1])):
-        a = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * next_a
-        mt = m[:, t]
-        adv[:, t] = torch.where(mt, a, 0.0)
-        next_v = torch.where(mt, values[:, t], next_v)
-        next_a = torch.where(mt, a, next_a)
-    return adv, _zero_where_masked(adv + values, m)
-
-
 def _reduce(loss: Tensor, mask: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return masked_mean(loss, mask)
     if reduction == "sum":  # pair with stats["n_tokens"] for exact gradient accumulation
         return masked_sum(loss, mask)
-    raise ValueError(f"unknown reduction {reduction!r} (mean, sum)")
+    if reduction == "none":  # per token, 0 where masked out: for aggregate()
+        return _zero_where_masked(loss, mask)
+    raise ValueError(f"unknown reduction {reduction!r} (mean, sum, none)")
+
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str) -> Tensor:
+    """The numerator of a loss aggregated over a (mini-)batch, for one micro-batch of it; divide the sum over the
+    micro-batches and processes by :func:`aggregation_denominator`.
+
+    * ``token_mean`` (DAPO): every token of the batch weighs the same — ``Σ_bt L / Σ_bt 1``;
+    * ``seq_mean_token_mean`` (the original GRPO): each sequence's token mean, averaged over sequences —
+      ``Σ_b (Σ_t L / T_b) / B`` (a short reply's tokens weigh more);
+    * ``seq_mean_token_sum_norm`` (Dr.GRPO): token sums over a constant — ``Σ_bt L / (B · T_max)`` (no length
+      bias either way).
+    """
+    m = mask.bool()
+    if mode == "seq_mean_token_mean":
+        return (masked_sum(per_token, m, dim=1) / m.sum(1).clamp_min(1)).sum()
+    if mode in ("token_mean", "seq_mean_token_sum_norm"):
+        return masked_sum(per_token, m)
+    raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(AGGREGATIONS)})")
+
+
+def aggregation_denominator(mode: str, n_tokens: float, n_sequences: float, max_len: int) -> float:
+    """What :func:`aggregate`'s numerators are divided by: the batch's tokens, its sequences, or sequences × the
+    longest allowed reply."""
+    return {"token_mean": n_tokens, "seq_mean_token_mean": n_sequences,
+            "seq_mean_token_sum_norm": n_sequences * max_len}[mode]
 
 
 def clipped_policy_loss(
@@ -234,20 +240,23 @@ def clipped_policy_loss(
     mask: Tensor,
     clip_eps: float,
     reduction: str = "mean",
+    clip_eps_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate, to be *minimised*: ``max(-A r, -A clip(r, 1-eps, 1+eps))``.
+    """PPO clipped surrogate, to be *minimised*: ``max(-A r, -A clip(r, 1-eps, 1+eps_high))``.
 
     ``r = exp(logprobs - old_logprobs)``; ``advantages`` and ``old_logprobs`` are constants.
-    ``reduction="mean"`` is the masked token mean; ``"sum"`` the masked sum (divide the total over
-    micro-batches by the total ``stats["n_tokens"]``).  Stats (detached): ``clipfrac`` = fraction of
-    tokens where the clipped branch is active (their gradient is 0), ``approx_kl`` = k3 estimate
-    ``mean((r - 1) - log r)`` of KL(pi_old || pi), ``ratio_mean``, ``n_tokens``.
+    ``clip_eps_high`` (DAPO's clip-higher; default ``clip_eps``) lets unlikely tokens with a positive advantage rise
+    further. ``reduction="mean"`` is the masked token mean; ``"sum"`` the masked sum (divide the total over
+    micro-batches by the total ``stats["n_tokens"]``); ``"none"`` per token (for :func:`aggregate`). Stats
+    (detached): ``clipfrac`` = fraction of tokens where the clipped branch is active (their gradient is 0),
+    ``approx_kl`` = k3 estimate ``mean((r - 1) - log r)`` of KL(pi_old || pi), ``ratio_mean``, ``n_tokens``.
     """
     log_ratio = logprobs - old_logprobs.detach()
     ratio = torch.exp(log_ratio)
     advantages = advantages.detach()
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high)
     loss = _reduce(torch.maximum(unclipped, clipped), mask, reduction)
     with torch.no_grad():
         stats = {

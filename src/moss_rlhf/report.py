@@ -14,7 +14,11 @@ Input contract — a pipeline directory; every part is optional, and a missing s
       ppo/metrics.jsonl       reward/raw_mean, val/reward, kl/per_token, policy/perplexity, response/length or
                               response/length_mean, val/length, val/gold, policy/entropy (whichever exist)
       ppo/model/              the policy after RLHF (attention maps)
-      eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: RLHF, B: SFT)
+      rl-<recipe>/            more RL runs (``moss-rlhf demo --algorithm grpo``: rl-grpo/; against the gold judge:
+                              rl-grpo-gold/), each with metrics.jsonl, config.yaml (its preset and reward sources)
+                              and model/; a section each
+      eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: an RL run's model,
+                              B: SFT); the comparison page puts every run's evaluation side by side
       reward-round2/, ppo-round2/, …   later feedback rounds, same layout (a section each; the attention
                               "after RLHF" map uses the last round's ppo*/model)
 
@@ -37,7 +41,6 @@ from moss_rlhf.config import Config, ConfigError, option
 from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.formats import DataError
 
-STAGES = ("pretrain", "sft", "reward", "ppo", "eval")
 DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 
 # (panel title, metric keys drawn in it) — panels whose keys are all absent are left out.
@@ -45,7 +48,8 @@ LM_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out perplexity", ["ev
 PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["val/gold"]),
               ("KL from the SFT policy, per token", ["kl/per_token"]), ("policy perplexity", ["policy/perplexity"]),
               ("reply length (tokens)", ["response/length_mean", "response/length", "val/length"]),
-              ("policy entropy", ["policy/entropy"])]
+              ("policy entropy", ["policy/entropy"]), ("advantages (std)", ["advantage/std"]),
+              ("groups whose rewards are all equal", ["groups/equal_reward_share"])]
 
 
 @dataclass
@@ -284,6 +288,108 @@ def stage_rounds(root: Path, stage: str) -> list[tuple[int, Path]]:
     return [(1, root / stage)] + sorted(later)
 
 
+def rl_runs(root: Path) -> list[tuple[str, int, Path]]:
+    """``(run, round, directory)`` of every RL run in a pipeline directory: ``ppo``, ``rl-grpo``, ``rl-grpo-gold``
+    … and their later rounds (``ppo-round2``), PPO-max first."""
+    found = []
+    for path in root.iterdir() if root.is_dir() else []:
+        match = re.fullmatch(r"(ppo|rl-[\w.-]+?)(?:-round(\d+))?", path.name)
+        if match and path.is_dir():
+            found.append((match.group(1), int(match.group(2) or 1), path))
+    return sorted(found, key=lambda run: (run[0] != "ppo", run[0], run[1]))
+
+
+def run_description(run_dir: Path) -> tuple[str, str, bool]:
+    """``(recipe, reward sources, from a reward model)`` of an RL run, from the ``config.yaml`` it saved."""
+    import yaml
+
+    from moss_rlhf.stages.rl import RECIPE_NAMES
+
+    path = run_dir / "config.yaml"
+    cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    preset = cfg.get("preset", "ppo_max")
+    functions = cfg.get("reward_fn") or []
+    weight = cfg.get("reward_model_weight")
+    uses_model = (weight if weight is not None else 0.0 if functions else 1.0) > 0
+    sources = (["the reward model"] if uses_model else []) + \
+        ["the gold judge" if f.endswith(":gold_scores") else f for f in functions]
+    return RECIPE_NAMES.get(preset, preset), " + ".join(sources), uses_model
+
+
+def rl_sections(root: Path) -> list[Section]:
+    runs = rl_runs(root)
+    if not runs:
+        return [training_section("PPO-max", root / "ppo", PPO_PANELS, "PPO-max against the reward model")]
+    sections = []
+    for _, number, path in runs:
+        recipe, sources, uses_model = run_description(path)
+        title = (recipe if uses_model else f"RL against {sources} ({recipe})") + \
+            (f" (round {number})" if number > 1 else "")
+        sections.append(training_section(title, path, PPO_PANELS, f"{recipe} against {sources} ({path.name}/)"))
+    return sections
+
+
+def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Section:
+    """Every RL run's evaluation against SFT side by side: win rate with its bootstrap interval, mean judge score,
+    KL to SFT, reply length and time per step — RLHF runs (a reward model in the reward) apart from runs that
+    optimise a Python reward such as the gold judge itself."""
+    title = "RL algorithms compared"
+    runs = {path.name: path for _, _, path in rl_runs(root)}
+    found = []
+    for eval_path, ev in evaluations:
+        run = runs.get(Path(ev["model_a"].get("path", "")).parent.name)
+        if run is not None:
+            found.append((run, ev))
+    if not found:
+        return Section(title, ran=False, note="not run — no evaluation of an RL run (ppo/, rl-*/) in eval/")
+    header = ["run", "reward", "win rate vs SFT", "95% interval", "mean score", "SFT's", "KL per token",
+              "reply length", "s per step", "steps"]
+    groups: dict[bool, list[list[str]]] = {True: [], False: []}
+    bars = []
+    for run, ev in found:
+        recipe, sources, uses_model = run_description(run)
+        a, b, w = ev["model_a"]["name"], ev["model_b"]["name"], ev["win_rate"]
+        rows = read_metrics_file(run)
+        times = sorted(r["time/step_s"] for r in rows if _finite(r.get("time/step_s")))
+        kl = (ev.get("kl") or {}).get("per_token")
+        groups[uses_model].append([
+            a, sources, f"{w['win_rate']:.1%}", f"{w['ci_low']:.1%} – {w['ci_high']:.1%}",
+            f"{ev['models'][a]['mean_score']:.2f}", f"{ev['models'][b]['mean_score']:.2f}",
+            f"{kl:.3f}" if _finite(kl) else "–", f"{ev['models'][a].get('response_length', float('nan')):.1f}",
+            f"{times[len(times) // 2]:.2f}" if times else "–", str(int(rows[-1]["step"])) if rows else "–"])
+        bars.append((a, w, uses_model))
+    tables = [Table(caption, header, groups[key]) for key, caption in
+              ((True, "RLHF: against the reward model"), (False, "RL against a Python reward (not RLHF)"))
+              if groups[key]]
+    judge = {ev.get("judge") for _, ev in found}
+    note = (f"Each run's final model against SFT on the same {found[0][1].get('n_prompts', '?')} held-out prompts, "
+            f"judged by {'the gold judge' if judge == {'gold'} else ', '.join(map(str, judge))} (ties count ½); the "
+            f"interval is a bootstrap 95% interval; KL is the run's KL to SFT per reply token; time per step is the "
+            f"median of the run's time/step_s. Runs that optimise the gold judge itself are not RLHF and are listed "
+            f"apart.")
+    return Section(title, note=note, tables=tables, figures=[Figure("win rates", comparison_png(bars))])
+
+
+def comparison_png(bars: list[tuple[str, dict, bool]]) -> bytes:
+    """One bar per run: its win rate over SFT with the 95% interval; RLHF runs blue, Python-reward runs grey."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(bars) + 1.1))
+    positions = list(range(len(bars)))[::-1]
+    for y, (name, w, uses_model) in zip(positions, bars):
+        ax.barh([y], [w["win_rate"]], color="#2563eb" if uses_model else "#94a3b8", height=0.6)
+        ax.errorbar([w["win_rate"]], [y], xerr=[[w["win_rate"] - w["ci_low"]], [w["ci_high"] - w["win_rate"]]],
+                    fmt="none", ecolor="#1e293b", capsize=4, linewidth=1.2)
+        ax.text(min(w["ci_high"] + 0.015, 0.92), y, f"{w['win_rate']:.0%}", va="center", fontsize=8)
+    ax.axvline(0.5, color="#64748b", linestyle="--", linewidth=1)
+    ax.set_yticks(positions, [name for name, _, _ in bars], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.xaxis.set_major_formatter(lambda value, _: f"{value:.0%}")
+    ax.set_xlabel("win rate over SFT (ties ½), 95% interval", fontsize=9)
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def attention_section(pipeline: Path, probe: str) -> Section:
     after_dirs = [path / "model" for _, path in stage_rounds(pipeline, "ppo") if (path / "model").is_dir()]
     before, after = pipeline / "sft" / "model", (after_dirs[-1] if after_dirs else pipeline / "ppo" / "model")
@@ -311,13 +417,14 @@ def attention_section(pipeline: Path, probe: str) -> Section:
 def build_sections(pipeline: str | Path, probe: str = DEFAULT_PROBE, n_samples: int = 6) -> list[Section]:
     """Every section of the report from a pipeline directory (see the module docstring for the layout)."""
     root = Path(pipeline)
+    evaluations = read_evaluations(root / "eval")
     return [
         training_section("Pretraining", root / "pretrain", LM_PANELS, "Causal-LM pretraining"),
         training_section("Supervised fine-tuning", root / "sft", LM_PANELS, "SFT on demonstrations"),
         *(reward_section(path, number) for number, path in stage_rounds(root, "reward")),
-        *(training_section("PPO-max" + (f" (round {number})" if number > 1 else ""), path, PPO_PANELS,
-                           "PPO-max against the reward model") for number, path in stage_rounds(root, "ppo")),
-        *evaluation_sections(read_evaluations(root / "eval"), n_samples),
+        *rl_sections(root),
+        comparison_section(root, evaluations),
+        *evaluation_sections(evaluations, n_samples),
         attention_section(root, probe),
     ]
 

@@ -1,17 +1,21 @@
 """Experience for online RL: a sampler's rollout scored once by the models of RLHF (Zheng et al. 2023, "Secrets of
 RLHF in Large Language Models Part I: PPO", §3 and Fig. 1).
 
-  1. a sampler (``moss_rlhf.sampling``) samples responses to the prompts;
+  1. a sampler (``moss_rlhf.sampling``) samples ``group_size`` responses to each prompt (:func:`sample_groups`;
+     a group's rows stay together), and the reward sources score them (``moss_rlhf.rewards``). With dynamic
+     sampling (DAPO, Yu et al. 2025, §3.2) a group whose rewards are all equal — it carries no signal for a group
+     baseline — is replaced by a group for another prompt, drawn from a refill stream that depends only on the
+     group's place in the data stream; ReMax's greedy baseline is sampled by the same sampler;
   2. ONE training-style forward over prompt + response per model gives, for exactly the sampled tokens, the policy's
-     log-probs (the "old" log-probs), the frozen reference's log-probs, the critic's values — when there is a critic —
-     and the reward: a reward model's score at the reply's turn end, or a Python function's.
+     log-probs (the "old" log-probs), the frozen reference's log-probs and the critic's values — when there is a
+     critic (:func:`make_experience`). Every forward is padding-free (``moss_rlhf.packing``).
 
 Log-probs are scored at the sampler's temperature, ``log softmax(logits / T)``: that is the distribution the tokens
 were drawn from, so the PPO ratio and the KL penalty are on-policy ("The N+ implementation details of RLHF with
 PPO", Huang et al. 2024). Top-k, top-p and a repetition penalty change the distribution in ways a forward pass does
 not see; the RL stage refuses them unless told to accept the bias.
 
-Step 2 uses the very function the update uses (:func:`response_logprobs`, same padding, same position ids, same
+Step 2 uses the very function the update uses (``packing.packed_logprobs``, on the same packed rows of the same
 micro-batches), so the first mini-batch of the first epoch has a probability ratio of exactly 1; the sampler's own
 log-probs are kept beside them (``sample_logprobs``) to measure how far the two engines disagree.
 """
@@ -19,20 +23,20 @@ log-probs are kept beside them (``sample_logprobs``) to measure how far the two 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.config import ConfigError
-from moss_rlhf.losses import RunningMoments, entropy_from_logits, gae, masked_sum, per_token_rewards, token_logprobs
+from moss_rlhf.losses import entropy_from_logits, masked_sum, token_logprobs
 from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, disable_dropout, load_causal_lm,
-                              load_scorer, position_ids_of, sequence_scores, token_scores, unwrap)
-from moss_rlhf.sampling import Rollout
-
-# A reward computed in Python instead of a reward model (tests, rule-based rewards): rollout -> score per row [B].
-RewardFn = Callable[[Rollout], torch.Tensor]
+                              load_scorer, token_scores, unwrap)
+from moss_rlhf.packing import PackedRows, pack_sequences, packed_logprobs, packed_values
+from moss_rlhf.data.formats import PromptRecord
+from moss_rlhf.sampling import Rollout, SamplingConfig, cat_rollouts, encode_prompts, prompt_seeds
 
 
 @dataclass
@@ -77,28 +81,47 @@ class BatchPlan:
     (one forward pass each)."""
 
     world_size: int
-    rollout_per_process: int
-    mini_per_process: int
+    rollout_per_process: int  # prompts
+    group_size: int           # replies per prompt
+    mini_per_process: int     # sequences
     micro_per_mini: int       # gradient accumulation
-    updates_per_step: int     # optimizer steps per model per PPO step
+    updates_per_step: int     # optimizer steps per model per RL step
+    group_span: int           # micro-batches a group spans (1 when a micro-batch holds whole groups)
 
     def describe(self, cfg) -> str:
-        return (f"rollout batch {cfg.rollout_batch} = {self.world_size} process(es) × "
-                f"{self.rollout_per_process}; mini-batch {cfg.mini_batch} = {self.world_size} × "
+        sequences = cfg.rollout_batch * self.group_size
+        groups = f" × {self.group_size} replies = {sequences} sequences" if self.group_size > 1 else ""
+        return (f"rollout batch {cfg.rollout_batch} prompts = {self.world_size} process(es) × "
+                f"{self.rollout_per_process}{groups}; mini-batch {cfg.mini_batch} = {self.world_size} × "
                 f"{self.micro_per_mini} micro-batch(es) × {cfg.batch_size}; {cfg.ppo_epochs} epoch(s) × "
-                f"{cfg.rollout_batch // cfg.mini_batch} mini-batches = {self.updates_per_step} updates per step; "
-                f"{cfg.max_steps} steps = {cfg.max_steps * cfg.rollout_batch} episodes")
+                f"{sequences // cfg.mini_batch} mini-batches = {self.updates_per_step} updates per step; "
+                f"{cfg.max_steps} steps = {cfg.max_steps * sequences} episodes")
 
 
 def plan_batches(cfg, world_size: int) -> BatchPlan:
-    """Derived batch sizes from ``cfg``'s rollout_batch, mini_batch, batch_size and ppo_epochs; impossible
-    combinations are a ConfigError naming the flags."""
+    """Derived batch sizes from ``cfg``'s rollout_batch (prompts), group_size, mini_batch, batch_size (sequences)
+    and ppo_epochs; impossible combinations are a ConfigError naming the flags. A process holds whole groups, a
+    mini-batch whole groups, and a micro-batch whole groups or a whole number of micro-batches one group."""
+    k = cfg.group_size
+    sequences = cfg.rollout_batch * k
+    if cfg.rollout_batch % world_size:
+        raise ConfigError(f"--rollout-batch ({cfg.rollout_batch}) must be a multiple of the {world_size} "
+                          f"process(es): each process samples whole groups")
+    if sequences % cfg.mini_batch:
+        raise ConfigError(f"--rollout-batch × --group-size ({cfg.rollout_batch} × {k} = {sequences} sequences) "
+                          f"must be a multiple of --mini-batch ({cfg.mini_batch})")
     if cfg.mini_batch % (cfg.batch_size * world_size):
         raise ConfigError(f"--mini-batch ({cfg.mini_batch}) must be a multiple of --batch-size ({cfg.batch_size}) × "
                           f"{world_size} process(es)")
-    return BatchPlan(world_size, cfg.rollout_batch // world_size, cfg.mini_batch // world_size,
-                     cfg.mini_batch // (cfg.batch_size * world_size),
-                     cfg.ppo_epochs * cfg.rollout_batch // cfg.mini_batch)
+    if (cfg.mini_batch // world_size) % k:
+        raise ConfigError(f"--mini-batch ({cfg.mini_batch}) per process must hold whole groups of --group-size {k} "
+                          f"({world_size} process(es))")
+    if k > 1 and cfg.batch_size % k and k % cfg.batch_size:
+        raise ConfigError(f"--batch-size ({cfg.batch_size}) and --group-size ({k}): one must divide the other, so "
+                          f"that micro-batches never split a group unevenly")
+    return BatchPlan(world_size, cfg.rollout_batch // world_size, k, cfg.mini_batch // world_size,
+                     cfg.mini_batch // (cfg.batch_size * world_size), cfg.ppo_epochs * sequences // cfg.mini_batch,
+                     max(1, k // cfg.batch_size))
 
 
 @dataclass
@@ -107,16 +130,17 @@ class Experience:
 
     sequences: torch.Tensor        # [b, P+R] left-padded prompt, right-padded response
     attention_mask: torch.Tensor   # [b, P+R]
-    position_ids: torch.Tensor     # [b, P+R] counting real tokens only, as in sampling
+    packed: PackedRows             # the same sequences without padding: every forward pass runs on these
     response_mask: torch.Tensor    # [b, R] float 1 for sampled tokens (the stop token included)
     old_logprobs: torch.Tensor     # [b, R] the policy's, by the training forward, at the sampling temperature
     sample_logprobs: torch.Tensor  # [b, R] the sampler's own
     ref_logprobs: torch.Tensor     # [b, R] frozen reference, at the sampling temperature
     old_values: torch.Tensor       # [b, R] critic: value of the state before each response token (0 without one)
-    scores: torch.Tensor           # [b] reward of the whole response (raw)
+    scores: torch.Tensor           # [b] reward of the whole response (raw, shaped)
     finished: torch.Tensor         # [b] bool: ended with a stop token (not cut at the length limit)
     advantages: torch.Tensor | None = None  # [b, R] filled by the RL step
     returns: torch.Tensor | None = None     # [b, R] value targets (with a critic)
+    loss_mask: torch.Tensor | None = None   # [b, R] the tokens the policy loss counts (truncated replies masked)
 
     @property
     def response_width(self) -> int:
@@ -124,7 +148,8 @@ class Experience:
 
     def to(self, device: torch.device) -> Experience:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Experience(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        return Experience(**{k: v.to(device) if isinstance(v, (torch.Tensor, PackedRows)) else v
+                             for k, v in moved.items()})
 
 
 def _logits_kwargs(model, keep: int) -> dict:
@@ -135,10 +160,10 @@ def _logits_kwargs(model, keep: int) -> dict:
 def response_logprobs(model, sequences: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                       response_width: int, temperature: float = 1.0, with_entropy: bool = False,
                       entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs ``[b, R]`` of the last ``response_width`` tokens under ``softmax(logits / temperature)`` (and the
-    entropies of those distributions when asked; differentiable only with ``entropy_grad``, for an entropy bonus)
-    from one full forward. Experience making, the update and evaluation's KL all call this, so they agree bit for
-    bit on the same inputs. ``temperature`` 0 (greedy) scores at 1."""
+    """Log-probs ``[b, R]`` of the last ``response_width`` tokens of padded rows under ``softmax(logits /
+    temperature)`` (and the entropies of those distributions when asked; differentiable only with
+    ``entropy_grad``) from one forward: evaluation's KL and the sampler's tests. RL runs the padding-free
+    ``packing.packed_logprobs``. ``temperature`` 0 (greedy) scores at 1."""
     out = model(input_ids=sequences, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
                 **_logits_kwargs(model, response_width + 1))
     logits = out.logits[:, -(response_width + 1):-1]  # position t predicts token t + 1
@@ -167,54 +192,130 @@ def reference_context(policy, reference):
 
 
 @torch.no_grad()
-def make_experience(models: RLModels, rollout: Rollout, micro_batch: int, temperature: float,
-                    reward_fn: RewardFn | None = None, score_batch: int = 0) -> list[Experience]:
-    """Score a rollout. The policy runs in micro-batches of ``micro_batch`` rows, the very micro-batches the update
-    will use (bitwise-equal log-probs); the reference, critic and reward model run in chunks of ``score_batch`` rows
-    (0: the whole rollout at once — fewer, larger forward passes)."""
+def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, micro_batch: int, temperature: float,
+                    score_batch: int = 0) -> list[Experience]:
+    """Score a rollout whose rewards ``scores`` ``[B]`` are known. The policy runs in micro-batches of
+    ``micro_batch`` rows, the very micro-batches (packed once, here) that the update will use: bitwise-equal
+    log-probs. The reference and the critic run in chunks of ``score_batch`` rows (0: the whole rollout at once —
+    fewer, larger forward passes)."""
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
-    position_ids = position_ids_of(attention_mask)
     width = rollout.response_ids.shape[1]
     n, score_batch = sequences.shape[0], score_batch or sequences.shape[0]
     ref_logprobs, values = [], []
     for start in range(0, n, score_batch):
-        rows = slice(start, start + score_batch)
-        seq, mask, pos = sequences[rows], attention_mask[rows], position_ids[rows]
+        packed = pack_sequences(sequences[start:start + score_batch], attention_mask[start:start + score_batch],
+                                width)
         with reference_context(models.policy, models.reference):
-            ref_logprobs.append(response_logprobs(models.reference or models.policy, seq, mask, pos, width,
-                                                  temperature)[0])
+            ref_logprobs.append(packed_logprobs(models.reference or models.policy, packed, temperature)[0])
         if models.critic is not None:
-            values.append(critic_values(models.critic, seq, mask, pos, width))
+            values.append(packed_values(models.critic, packed))
     ref_all = torch.cat(ref_logprobs)
     values_all = torch.cat(values) if values else torch.zeros_like(ref_all)
-    scores_all = reward_scores(models.reward_model, rollout, score_batch, reward_fn).to(sequences.device)
+    scores = scores.to(sequences.device)
     chunks: list[Experience] = []
     for start in range(0, n, micro_batch):
         rows = slice(start, start + micro_batch)
-        seq, mask, pos = sequences[rows], attention_mask[rows], position_ids[rows]
-        old_logprobs, _ = response_logprobs(models.policy, seq, mask, pos, width, temperature)
-        chunks.append(Experience(seq, mask, pos, rollout.response_mask[rows].float(), old_logprobs,
-                                 rollout.logprobs[rows].to(old_logprobs.dtype), ref_all[rows], values_all[rows],
-                                 scores_all[rows], rollout.finished[rows]))
+        packed = pack_sequences(sequences[rows], attention_mask[rows], width)
+        old_logprobs, _ = packed_logprobs(models.policy, packed, temperature)
+        chunks.append(Experience(sequences[rows], attention_mask[rows], packed, rollout.response_mask[rows].float(),
+                                 old_logprobs, rollout.logprobs[rows].to(old_logprobs.dtype), ref_all[rows],
+                                 values_all[rows], scores[rows], rollout.finished[rows]))
     return chunks
 
 
-def reward_scores(reward_model, rollout: Rollout, batch_size: int, reward_fn: RewardFn | None = None) -> torch.Tensor:
-    """``[B]`` rewards of a rollout: ``reward_fn``'s, or the reward model's at each reply's last token (its turn
-    end), ``batch_size`` rows per forward pass."""
-    if reward_fn is not None:
-        return reward_fn(rollout).float()
-    seq, mask = rollout.sequences, rollout.attention_mask
-    return torch.cat([sequence_scores(reward_model, seq[i:i + batch_size], mask[i:i + batch_size]).float()
-                      for i in range(0, len(seq), batch_size)])
+@dataclass
+class GroupRollout:
+    """One step's rollout: ``group_size`` consecutive rows per prompt, each row's prompt record, its training
+    score (shaped) and each reward source's raw score; ReMax's greedy-reply scores when asked."""
+
+    rollout: Rollout
+    records: list[PromptRecord]
+    scores: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    baseline: torch.Tensor | None = None
+    group_size: int = 1
+    dynamic: bool = False     # dynamic sampling was on
+    sampled_groups: int = 0   # groups generated, refills included
+    unfilled_groups: int = 0  # groups still of equal rewards after the last dynamic-sampling try
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Over every process: each reward source's mean raw score (``reward/<source>``) and, with dynamic
+        sampling, the groups sampled per group kept and the share of kept groups still of equal rewards."""
+        kept = len(self.scores) // self.group_size
+        sums = distributed.all_reduce_sum(torch.tensor(
+            [float(p.double().sum()) for p in self.parts.values()]
+            + [float(len(self.scores)), float(kept), float(self.sampled_groups), float(self.unfilled_groups)],
+            dtype=torch.float64))
+        n = len(self.parts)
+        out = {f"reward/{name}": sums[i] / sums[n] for i, name in enumerate(self.parts)}
+        if self.dynamic:
+            out["dynamic/sampled_per_kept_group"] = sums[n + 2] / sums[n + 1]
+            out["dynamic/unfilled_share"] = sums[n + 3] / sums[n + 1]
+        return out
 
 
-def nonfinite_rollout(chunks: list[Experience]) -> str | None:
-    """"3 rewards, 1 value are NaN or infinite" over every process's rollout (rewards, and at response tokens the
-    log-probs and values), or None when all are finite — before anything reaches the running reward statistics."""
+Score = Callable[[Rollout, Sequence[PromptRecord]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def refill_prompt(seed: int, position: int, attempt: int, n_prompts: int) -> int:
+    """The prompt that dynamic sampling tries at ``attempt`` (≥ 1) for the group at ``position`` of the data stream:
+    a function of those alone, so a resumed run or one on more processes refills exactly as this one."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + position * 7_919 + attempt * 104_729) % (1 << 62))
+    return int(torch.randint(n_prompts, (1,), generator=g))
+
+
+def sample_groups(sampler, tokenizer, prompts: Sequence[PromptRecord], indices: Sequence[int],
+                  positions: Sequence[int], sampling: SamplingConfig, score: Score, *, group_size: int, seed: int,
+                  max_prompt_len: int, dynamic_tries: int = 0, greedy_baseline: bool = False) -> GroupRollout:
+    """``group_size`` replies to each of ``prompts[indices]`` and their scores. Reply ``j`` to the prompt at stream
+    position ``p`` samples with seed ``prompt_seeds(seed, [p·k + j])`` (with k = 1, exactly a single reply's seed).
+    ``dynamic_tries`` > 0: a group whose scores are all equal is replaced, up to that many times, by a group for
+    ``refill_prompt(seed, p, attempt)``; one still equal after the last try is kept (its advantages are 0).
+    ``greedy_baseline``: also the score of the greedy reply to each prompt, repeated over its group (ReMax)."""
+    k = group_size
+
+    def draw(slot_prompts: list[int], slot_positions: list[int], attempt: int):
+        records = [prompts[i] for i in slot_prompts for _ in range(k)]
+        encoded = encode_prompts(tokenizer, [prompts[i].messages for i in slot_prompts], max_prompt_len)
+        seeds = prompt_seeds(seed + attempt * 7_919, [p * k + j for p in slot_positions for j in range(k)])
+        rollout = sampler.generate([ids for ids in encoded for _ in range(k)], sampling, seeds)
+        return rollout, records, *score(rollout, records)
+
+    rollout, records, scores, parts = draw(list(indices), list(positions), 0)
+    sampled, unfilled = len(indices), 0
+    if dynamic_tries:
+        slots = [(rollout, records, scores, parts, range(s * k, (s + 1) * k)) for s in range(len(indices))]
+        for attempt in range(1, dynamic_tries + 1):
+            pending = [s for s, (_, _, sc, _, rows) in enumerate(slots) if bool((sc[rows] == sc[rows][0]).all())]
+            if not pending:
+                break
+            refills = [refill_prompt(seed, positions[s], attempt, len(prompts)) for s in pending]
+            new = draw(refills, [positions[s] for s in pending], attempt)
+            sampled += len(pending)
+            for n, s in enumerate(pending):
+                slots[s] = (*new[:4], range(n * k, (n + 1) * k))
+        unfilled = sum(bool((sc[rows] == sc[rows][0]).all()) for _, _, sc, _, rows in slots)
+        rollout = cat_rollouts([r.select(rows) for r, _, _, _, rows in slots], tokenizer.pad_token_id)
+        records = [rec[i] for _, rec, _, _, rows in slots for i in rows]
+        scores = torch.cat([sc[rows] for _, _, sc, _, rows in slots])
+        parts = {name: torch.cat([p[name][rows] for _, _, _, p, rows in slots]) for name in parts}
+    baseline = None
+    if greedy_baseline:
+        unique = [records[i] for i in range(0, len(records), k)]
+        greedy = sampler.generate(encode_prompts(tokenizer, [r.messages for r in unique], max_prompt_len),
+                                  dataclasses.replace(sampling, temperature=0.0))
+        baseline = score(greedy, unique)[0].repeat_interleave(k)
+    return GroupRollout(rollout, records, scores, parts, baseline, k, dynamic_tries > 0, sampled, unfilled)
+
+
+def nonfinite_rollout(chunks: list[Experience], baseline: torch.Tensor | None = None) -> str | None:
+    """"3 rewards, 1 value are NaN or infinite" over every process's rollout (rewards — ReMax's baseline rewards
+    too —, and at response tokens the log-probs and values), or None when all are finite — before anything reaches
+    the running reward statistics."""
     mask = cat_field(chunks, "response_mask").bool()
+    scores = cat_field(chunks, "scores")
     counts = distributed.all_reduce_sum(torch.stack([
-        (~torch.isfinite(cat_field(chunks, "scores"))).sum(),
+        (~torch.isfinite(scores)).sum() + (0 if baseline is None else (~torch.isfinite(baseline)).sum()),
         (~torch.isfinite(cat_field(chunks, "old_logprobs")) & mask).sum(),
         (~torch.isfinite(cat_field(chunks, "ref_logprobs")) & mask).sum(),
         (~torch.isfinite(cat_field(chunks, "old_values")) & mask).sum()]).double())
@@ -234,38 +335,6 @@ def engine_mismatch(chunks: list[Experience]) -> torch.Tensor:
     mask = cat_field(chunks, "response_mask").bool()
     diff = torch.where(mask, cat_field(chunks, "old_logprobs") - cat_field(chunks, "sample_logprobs"), 0.0)
     return torch.stack([diff.abs().sum(), diff.sum(), mask.sum()]).double()
-
-
-@torch.no_grad()
-def assign_advantages(chunks: list[Experience], cfg, moments: RunningMoments, kl_coef: float) -> dict:
-    """PPO-max's reward shaping, GAE and whitening for the whole rollout, written into each chunk; returns the
-    step's statistics. ``cfg`` holds the switches (reward_norm, reward_clip, kl_estimator, kl_clamp, gamma, lam,
-    whiten_advantages, advantage_clip, use_critic)."""
-    raw = cat_field(chunks, "scores")
-    if cfg.reward_norm:
-        moments.update(raw)  # synced across processes: every rank normalises with the same moments
-        scores = moments.normalize(raw, clip=cfg.reward_clip or None)
-    else:
-        scores = raw.clamp(-cfg.reward_clip, cfg.reward_clip) if cfg.reward_clip else raw
-    mask, logprobs = cat_field(chunks, "response_mask"), cat_field(chunks, "old_logprobs")
-    rewards, kl = per_token_rewards(scores, logprobs, cat_field(chunks, "ref_logprobs"), mask, kl_coef,
-                                    cfg.kl_estimator, cfg.kl_clamp)
-    values = cat_field(chunks, "old_values")
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = distributed.global_whiten(advantages, mask)
-    if cfg.advantage_clip:
-        advantages = torch.where(mask.bool(), advantages.clamp(-cfg.advantage_clip, cfg.advantage_clip), 0.0)
-    start = 0
-    for chunk in chunks:
-        rows = slice(start, start + chunk.sequences.shape[0])
-        chunk.advantages, chunk.returns = advantages[rows], returns[rows]
-        start = rows.stop
-
-    stats = rollout_stats(chunks, raw, scores, kl, kl_coef)
-    if cfg.use_critic:
-        stats["critic/explained_variance"] = distributed.global_explained_variance(values, returns, mask)
-    return stats
 
 
 def rollout_stats(chunks: list[Experience], raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,

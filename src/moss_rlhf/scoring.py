@@ -75,12 +75,16 @@ def validate(sampler, tokenizer, conversations: Sequence[list[dict]], sampling, 
              max_prompt_len: int, reward: Callable, scorers: dict[str, TextScorer] | None = None
              ) -> tuple[dict[str, float], list[dict]]:
     """Replies to held-out prompts, sampled with fixed per-prompt seeds (two validations differ only by the policy),
-    scored by ``reward(rollout) -> [B]`` (the training reward) and by each named scorer (``val/<name>``: e.g. the
+    scored by ``reward(rollout, rows) -> [B]`` (the training reward; ``rows``: the range of ``conversations`` the
+    rollout answers) and by each named scorer (``val/<name>``: e.g. the
     demo's gold judge, which never reaches the training signal). Returns the mean metrics and one row per prompt."""
     from moss_rlhf.sampling import sample_replies
 
     texts, rollouts = sample_replies(sampler, tokenizer, conversations, sampling, seed, batch_size, max_prompt_len)
-    rewards = torch.cat([reward(r).float().cpu() for r in rollouts])
+    starts = [0]
+    for r in rollouts:
+        starts.append(starts[-1] + len(r.finished))
+    rewards = torch.cat([reward(r, range(a, b)).float().cpu() for r, a, b in zip(rollouts, starts, starts[1:])])
     lengths = torch.cat([r.response_mask.sum(1).cpu() for r in rollouts]).tolist()
     rows = [{"prompt": c[-1]["content"], "response": t, "reward": float(s), "length": n}
             for c, t, s, n in zip(conversations, texts, rewards, lengths)]

@@ -129,7 +129,7 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> dic
     padded batch is padding. Padding at a row's end forms its own segment and carries no loss.
     """
     lengths = [min(len(e.input_ids), seq_len) for e in examples]
-    rows = _fewest_padded_positions(lengths, seq_len)
+    rows = fewest_padded_rows(lengths, seq_len)
     width = max(sum(lengths[i] for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -146,7 +146,7 @@ def pack_examples(examples: Sequence[Example], seq_len: int, pad_id: int) -> dic
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def _fewest_padded_positions(lengths: list[int], seq_len: int) -> list[list[int]]:
+def fewest_padded_rows(lengths: list[int], seq_len: int) -> list[list[int]]:
     """Rows of example indices: first-fit decreasing at several row capacities — ``seq_len`` and even splits of the
     total over more and more rows, down to the longest example — keeping the narrowest layout whose ``rows × width``
     is within 5% of the fewest positions. Narrow rows matter as much as few positions: attention computes the whole

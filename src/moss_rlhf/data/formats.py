@@ -24,7 +24,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,15 @@ class DataError(UserError):
         self.source, self.line, self.field, self.problem = source, line, field, problem
         where = source if line is None else f"{source}:{line}"
         super().__init__(f"{where}: {field + ': ' if field else ''}{problem}")
+
+
+@dataclass
+class PromptRecord:
+    """An RL prompt: the conversation to answer and the record's other fields (``extras``, e.g. the reference answer
+    a verifiable reward checks)."""
+
+    messages: list[Message]
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -368,6 +377,15 @@ def load_preferences(source: str | Path) -> list[Preference]:
 
 def load_prompts(source: str | Path) -> list[list[Message]]:
     return _load(source, parse_prompt)
+
+
+def parse_prompt_record(row: dict, where: tuple[str, int | None]) -> PromptRecord:
+    return PromptRecord(parse_prompt(row, where), {k: v for k, v in row.items() if k not in ("prompt", "messages")})
+
+
+def load_prompt_records(source: str | Path) -> list[PromptRecord]:
+    """Prompts with their records' extra fields (what RL's reward functions receive)."""
+    return _load(source, parse_prompt_record)
 
 
 def load_records(source: str | Path) -> list[dict]:

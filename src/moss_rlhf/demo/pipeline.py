@@ -2,7 +2,9 @@
 
 build the demo world → train the tokenizer → pretrain → SFT → sample response pairs from the SFT policy →
 simulated annotators judge them through the feedback store (the same path as people) → export preferences →
-reward model → PPO-max → evaluate (gold judge, SFT vs PPO-max) → report.
+reward model → RL (PPO-max by default; ``--algorithm grpo`` and the other critic-free recipes against the same
+reward model; ``--rl-reward gold``: RL against the gold judge itself, reported apart) → evaluate (gold judge, each
+RL run's final model vs SFT) → report (with a page comparing every RL run the directory holds).
 
 Every stage writes into ``DIR/<stage>``; ``DIR/pipeline.json`` records the finished ones (atomically), so re-running
 skips them and a broken training stage resumes from its last checkpoint. ``--from STAGE`` redoes from a stage.
@@ -12,6 +14,9 @@ new pairs from the current policy, new labels, the reward model continues traini
 The same pipeline runs on the user's own material: ``--model`` (skip pretraining), ``--corpus``, ``--sft-data``,
 ``--prompts``, ``--eval-prompts``, and ``--preferences`` (real human labels exported by the feedback app instead of
 simulated ones).
+
+Several RL runs share one pipeline directory: ``moss-rlhf demo --algorithm rloo`` after a finished default run reuses
+every stage up to the reward model and adds ``rl-rloo/`` and its evaluation; the report compares them all.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from moss_rlhf.files import atomic_write_text
 
 STAGES = ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report")
 LOOP_STAGES = ("pairs", "label", "reward", "ppo", "evaluate")  # repeated once per feedback round
+ALGORITHMS = ("ppo_max", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "remax")  # `moss-rlhf rl --preset`s
+GOLD_REWARD = "moss_rlhf.demo.judge:gold_scores"  # the world's judge as a Python reward function (--reward-fn)
 
 
 @dataclass
@@ -49,7 +56,12 @@ class DemoConfig(Config):
     pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)")
     sft_steps: int = option(0, "override the SFT steps (0: the preset's)")
     reward_steps: int = option(0, "override the reward-model steps (0: the preset's)")
-    ppo_steps: int = option(0, "override the PPO steps (0: the preset's)")
+    ppo_steps: int = option(0, "override the RL steps (0: the preset's)")
+    algorithm: str = option("ppo_max", "the RL recipe (a `moss-rlhf rl --preset`); runs of several recipes share "
+                                       "one pipeline directory and the report compares them", choices=ALGORITHMS)
+    rl_reward: str = option("model", "what RL optimises: 'model' (the reward model: RLHF) or 'gold' (the demo world's "
+                                     "gold judge as a Python reward: RL against the gold judge, reported apart)",
+                            choices=("model", "gold"))
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:
@@ -57,6 +69,23 @@ class DemoConfig(Config):
             raise ConfigError(f"--from-stage must be one of {', '.join(STAGES)}, got {self.from_stage!r}")
         if self.rounds < 1:
             raise ConfigError("--rounds must be at least 1")
+        if self.rl_reward == "gold" and self.eval_prompts:
+            raise ConfigError("--rl-reward gold needs the demo world's prompts (the gold judge knows only its tasks); "
+                              "leave out --eval-prompts")
+
+    @property
+    def rl_run(self) -> str:
+        """The RL run's directory and stage name: ``ppo`` for PPO-max against the reward model (the pipeline's
+        first layout), ``rl-<algorithm>`` for the others, with ``-gold`` when it optimises the gold judge."""
+        if self.algorithm == "ppo_max" and self.rl_reward == "model":
+            return "ppo"
+        return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "")
+
+    @property
+    def rl_label(self) -> str:
+        from moss_rlhf.stages.rl import RECIPE_NAMES
+
+        return RECIPE_NAMES[self.algorithm] + (" against the gold judge" if self.rl_reward == "gold" else "")
 
 
 @dataclass(frozen=True)
@@ -78,6 +107,12 @@ BUDGETS = {
 }
 
 
+def stage_of(key: str) -> str:
+    """The stage a done-key belongs to: ``rl-grpo@2`` is an RL ("ppo") stage, ``evaluate-rl-grpo`` an evaluation."""
+    name = key.split("@")[0]
+    return "ppo" if name.startswith("rl-") else "evaluate" if name.startswith("evaluate-") else name
+
+
 class Pipeline:
     """Which stages are done, with their one-line results, kept in ``DIR/pipeline.json``."""
 
@@ -95,13 +130,13 @@ class Pipeline:
         """``--from STAGE``: that stage and every later one (all rounds) run again from scratch."""
         later = STAGES[STAGES.index(stage):]
         for key in list(self.state["done"]):
-            if key.split("@")[0] in later:
+            if stage_of(key) in later:
                 del self.state["done"][key]
                 shutil.rmtree(self.root / key.replace("@", "-round"), ignore_errors=True)
         self._save()
 
-    def run(self, key: str, fn) -> dict:
-        if key in self.state["done"]:
+    def run(self, key: str, fn, always: bool = False) -> dict:
+        if key in self.state["done"] and not always:
             print(f"[{key}] done already: {self.state['done'][key]['summary']}")
             return self.state["done"][key]
         print(f"[{key}] …", flush=True)
@@ -167,13 +202,17 @@ def run(cfg: DemoConfig) -> dict:
         pipe.run("reward" + tag, lambda: _reward_stage(cfg, budget, sub("reward"), init_reward, preference_files,
                                                        uses_world))
         reward_model = str(sub("reward") / "model")
-        pipe.run("ppo" + tag, lambda: _ppo_stage(cfg, budget, sub("ppo"), policy, sft_model, reward_model,
-                                                 rl_prompts, validation_prompts, uses_world))
-        # the checkpoint PPO kept as best on its validation prompts (disjoint from the evaluation's), else the last
-        policy = str(sub("ppo") / "best") if (sub("ppo") / "best" / "config.json").exists() else str(sub("ppo") / "model")
-        pipe.run("evaluate" + tag, lambda: _evaluate_stage(cfg, root / "eval", world, policy, sft_model,
-                                                           eval_prompts, uses_world, reward_model, round_index))
-    pipe.run("report", lambda: _report_stage(root))
+        run = sub(cfg.rl_run)
+        pipe.run(cfg.rl_run + tag, lambda: _rl_stage(cfg, budget, run, policy, sft_model, reward_model, rl_prompts,
+                                                     validation_prompts, uses_world))
+        # every run is evaluated from its final model; the next round samples its pairs from the checkpoint RL
+        # kept as best on its validation prompts (disjoint from the evaluation's), else the last
+        evaluate_key = "evaluate" if cfg.rl_run == "ppo" else f"evaluate-{cfg.rl_run}"
+        pipe.run(evaluate_key + tag, lambda: _evaluate_stage(cfg, root / "eval", world, str(run / "model"),
+                                                             sft_model, eval_prompts, uses_world, reward_model,
+                                                             round_index))
+        policy = str(run / "best") if (run / "best" / "config.json").exists() else str(run / "model")
+    pipe.run("report", lambda: _report_stage(root), always=True)  # it shows every run the directory holds
     total = time.perf_counter() - started
     print(f"demo: finished in {total / 60:.1f} min -> {root / 'report.html'}")
     return pipe.state
@@ -324,45 +363,51 @@ def _reward_gold_agreement(model_dir: Path, held_out_file: Path, cfg: DemoConfig
     return sum(agree) / len(agree)
 
 
-def _ppo_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference: str, reward_model: str,
-               prompts: str, eval_prompts: str, uses_world: bool) -> dict:
+def _rl_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference: str, reward_model: str,
+              prompts: str, eval_prompts: str, uses_world: bool) -> dict:
+    """The RL stage with ``cfg.algorithm``'s preset. Every recipe samples 64 replies per step (PPO-max, REINFORCE++
+    and ReMax: 64 prompts; the group recipes: 16 prompts × 4) and updates on mini-batches of 32."""
     from moss_rlhf.demo.judge import gold_scores
-    from moss_rlhf.stages import ppo
+    from moss_rlhf.stages import rl
 
-    pc = ppo.PPOConfig(out=str(out), policy=policy, reference=reference, reward_model=reward_model,
-                       prompts=[prompts], eval_prompts=[eval_prompts], max_steps=budget.ppo_steps,
-                       rollout_batch=64 if not cfg.quick else 32, mini_batch=32 if not cfg.quick else 16,
-                       batch_size=16, lr=5e-5, eval_every=max(1, budget.ppo_steps // 8),
-                       save_every=max(1, budget.ppo_steps // 3), resume=True, seed=cfg.seed, device=cfg.device,
-                       preset="ppo_max")
-    # the gold judge validates (and picks best/) on the world's prompts; it never reaches the training signal
-    metrics = ppo.run(ppo.resolve_preset(pc), scorers={"gold": gold_scores} if uses_world else None)
+    grouped = cfg.algorithm in ("grpo", "dr_grpo", "dapo", "rloo")
+    gold = cfg.rl_reward == "gold"
+    prompts_per_step = (16 if grouped else 64) // (2 if cfg.quick else 1)
+    rc = rl.RLConfig(out=str(out), policy=policy, reference=reference, reward_model=reward_model,
+                     reward_fn=[GOLD_REWARD] if gold else [], prompts=[prompts], eval_prompts=[eval_prompts],
+                     max_steps=budget.ppo_steps, preset=cfg.algorithm, group_size=4 if grouped else None,
+                     rollout_batch=prompts_per_step, mini_batch=32 if not cfg.quick else 16, batch_size=16,
+                     lr=5e-5, eval_every=max(1, budget.ppo_steps // 8), save_every=max(1, budget.ppo_steps // 3),
+                     resume=True, seed=cfg.seed, device=cfg.device)
+    # the gold judge validates (and picks best/) on the world's prompts; in an RLHF run it never reaches the training
+    # signal (with --rl-reward gold it is the training signal, and the run is reported apart)
+    metrics = rl.run(rc, scorers={"gold": gold_scores} if uses_world else None)
     keys = {k: metrics.get(k) for k in ("val/reward", "val/gold", "kl/per_token") if k in metrics}
     text = ", ".join(f"{k} {v:.3f}" for k, v in keys.items() if isinstance(v, (int, float)))
-    return {"summary": text or "done", **{k: v for k, v in keys.items()}}
+    return {"summary": f"{cfg.rl_label}: {text or 'done'}", **{k: v for k, v in keys.items()}}
 
 
 def _evaluate_stage(cfg: DemoConfig, out_dir: Path, world: Path, policy: str, sft_model: str, eval_prompts: str,
                     uses_world: bool, reward_model: str, round_index: int) -> dict:
     from moss_rlhf import evaluate
 
-    ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"PPO-max (round {round_index})",
+    ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"{cfg.rl_label} (round {round_index})",
                                  name_b="SFT", prompts=eval_prompts, max_prompts=0,
                                  judge="gold" if uses_world else reward_model,
                                  perplexity_data=str(world / "pretrain_eval.jsonl") if uses_world else "",
-                                 out=str(out_dir / f"ppo_round{round_index}_vs_sft.json"),
+                                 out=str(out_dir / f"{cfg.rl_run}_round{round_index}_vs_sft.json"),
                                  temperature=1.0, top_p=1.0,  # as sampled for labelling and RL
                                  seed=cfg.seed, device=cfg.device)
     report = evaluate.run(ec)
     win = report["win_rate"]
-    names = {report["model_a"]["name"]: "ppo", report["model_b"]["name"]: "sft"}
+    names = {report["model_a"]["name"]: "rl", report["model_b"]["name"]: "sft"}
     scores = {names[name]: stats["mean_score"] for name, stats in report["models"].items()}
     kl = (report.get("kl") or {}).get("per_sequence")
-    text = (f"PPO-max vs SFT win rate {win['win_rate']:.1%} (95% interval {win['ci_low']:.1%}–{win['ci_high']:.1%}, "
-            f"{win['wins']}/{win['ties']}/{win['losses']} win/tie/loss on {report['n_prompts']} prompts); "
-            f"mean score {scores['sft']:.2f} → {scores['ppo']:.2f}")
+    text = (f"{cfg.rl_label} vs SFT win rate {win['win_rate']:.1%} (95% interval {win['ci_low']:.1%}–"
+            f"{win['ci_high']:.1%}, {win['wins']}/{win['ties']}/{win['losses']} win/tie/loss on {report['n_prompts']} "
+            f"prompts); mean score {scores['sft']:.2f} → {scores['rl']:.2f}")
     return {"summary": text, "win_rate": win["win_rate"], "ci": [win["ci_low"], win["ci_high"]],
-            "score_sft": scores["sft"], "score_ppo": scores["ppo"], "kl_per_sequence": kl}
+            "score_sft": scores["sft"], "score_rl": scores["rl"], "kl_per_sequence": kl}
 
 
 def _report_stage(root: Path) -> dict:

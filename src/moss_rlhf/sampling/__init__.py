@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Protocol
 
 import torch
@@ -75,6 +75,29 @@ class Rollout:
         from moss_rlhf.models import position_ids_of
 
         return position_ids_of(self.attention_mask)
+
+    def select(self, rows) -> Rollout:
+        """The rollout of some of its rows (a slice, a range or a list of indices)."""
+        rows = rows if isinstance(rows, slice) else torch.as_tensor(list(rows), dtype=torch.long)
+        return Rollout(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+def cat_rollouts(rollouts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """Rollouts of different prompt and response widths as one: prompts re-left-padded, responses re-right-padded
+    to the widest."""
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    response_width = max(r.response_ids.shape[1] for r in rollouts)
+
+    def widen(x: torch.Tensor, width: int, value, left: bool) -> torch.Tensor:
+        pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+        return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+    return Rollout(torch.cat([widen(r.prompt_ids, prompt_width, pad_id, True) for r in rollouts]),
+                   torch.cat([widen(r.prompt_mask, prompt_width, 0, True) for r in rollouts]),
+                   torch.cat([widen(r.response_ids, response_width, pad_id, False) for r in rollouts]),
+                   torch.cat([widen(r.response_mask, response_width, 0, False) for r in rollouts]),
+                   torch.cat([r.finished for r in rollouts]),
+                   torch.cat([widen(r.logprobs, response_width, 0.0, False) for r in rollouts]))
 
 
 class Sampler(Protocol):
