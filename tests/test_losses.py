@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
@@ -124,7 +123,7 @@ def test_bradley_terry_loss():
     rr = torch.tensor([1.0, 0.5, 0.5, -4.0], dtype=torch.float64)
 
     def ref(d, eps=0.0):
-        ls = lambda z: -math.log1p(math.exp(-z)) if z > 0 else z - math.log1p(math.exp(z))  # noqa: E731
+        ls = lambda z: -math.log1p(math.exp(-z)) if z > 0 else z - math.log1p(math.exp(z))
         return -(1 - eps) * ls(d) - eps * ls(-d)
 
     ds = [c - r for c, r in zip(rc.tolist(), rr.tolist())]
@@ -379,7 +378,7 @@ def test_asymmetric_clip_lets_unlikely_good_tokens_rise_further():
     adv = torch.tensor([[1.0, -1.0, -1.0]])
     mask = torch.ones(1, 3)
     symmetric, _ = L.clipped_policy_loss(logprobs, old, adv, mask, 0.2, reduction="none")
-    higher, stats = L.clipped_policy_loss(logprobs, old, adv, mask, 0.2, reduction="none", clip_eps_high=0.28)
+    higher, _ = L.clipped_policy_loss(logprobs, old, adv, mask, 0.2, reduction="none", clip_eps_high=0.28)
     # token 0: A > 0, r = 1.25 — clipped at 1.2 symmetrically, not at 1.28
     assert symmetric[0, 0].item() == pytest.approx(-1.2) and higher[0, 0].item() == pytest.approx(-1.25)
     # token 1: A < 0, r = 1.25 — the unclipped branch (-A r) is the max either way

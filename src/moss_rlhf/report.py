@@ -38,8 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from moss_rlhf.config import Config, ConfigError, option
-from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.formats import DataError
+from moss_rlhf.files import atomic_write_text
 
 DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 
@@ -347,7 +347,7 @@ def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Sect
     groups: dict[bool, list[list[str]]] = {True: [], False: []}
     bars = []
     for run, ev in found:
-        recipe, sources, uses_model = run_description(run)
+        _, sources, uses_model = run_description(run)
         a, b, w = ev["model_a"]["name"], ev["model_b"]["name"], ev["win_rate"]
         rows = read_metrics_file(run)
         times = sorted(r["time/step_s"] for r in rows if _finite(r.get("time/step_s")))

@@ -1,6 +1,7 @@
 """End to end: `moss-rlhf demo --quick --rounds 2` runs every stage (the feedback loop twice), writes every output,
 and the reward model learned the simulated annotators' preferences better than chance; re-running skips finished
-stages; --from-stage redoes a stage without losing earlier judgements."""
+stages; critic-free runs join the same directory and the report compares them; --from-stage redoes a stage without
+losing earlier judgements."""
 
 from __future__ import annotations
 
@@ -35,7 +36,17 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
 
     capsys.readouterr()
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.count("done already") == 15
+    assert capsys.readouterr().out.count("done already") == 14  # the report always re-runs
+
+    # critic-free runs join the same directory: GRPO against the reward model, RLOO against the gold judge
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "rloo", "--rl-reward", "gold",
+                 "--ppo-steps", "2"]) == 0
+    for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
+                 "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json"):
+        assert (out / path).exists(), path
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
 
     from moss_rlhf.feedback.store import Store
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shutil
 
 import pytest
 import torch
+import yaml
 
 from moss_rlhf import distributed
 from moss_rlhf.cli import build_parser, main
@@ -209,9 +211,6 @@ def test_stopped_run_resumes_with_identical_metrics(tiny, tmp_path):
     resumed = read_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
 
-    def steady(row):
-        return {k: v for k, v in row.items() if not k.startswith("time/")}
-
     assert [steady(r) for r in resumed[2:]] == [steady(r) for r in uninterrupted[2:]]
     assert uninterrupted[0]["policy/trained"] == 0.0 and uninterrupted[1]["policy/trained"] == 1.0
     assert "policy/ptx_loss" in uninterrupted[1] and uninterrupted[2]["kl/coef"] != 0.1
@@ -267,7 +266,7 @@ def test_reward_model_path_with_lora_policy_saves_everything(tiny, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
-    length = lambda conversations, replies: [float(len(r)) for r in replies]  # noqa: E731
+    length = lambda conversations, replies: [float(len(r)) for r in replies]
     metrics = rl.run(config(tiny, out, max_steps=2, eval_every=1, lora_r=4, rollout_batch=8, mini_batch=8, lr=1e-2,
                              reward_model=str(tiny / "reward")), scorers={"length": length})
     assert metrics["kl/per_token"] > 0 and "val/reward" in metrics and "val/length" in metrics
@@ -332,6 +331,111 @@ def test_a_nan_reward_stops_the_run_or_is_skipped(tiny, tmp_path):
     metrics = rl.run(config(tiny, tmp_path / "skip", max_steps=3, on_nonfinite="skip"), reward_fn=nan_on_step_two)
     rows = read_metrics(tmp_path / "skip")
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[1] == {"step": 2, "rl/skipped_steps": 1.0}
-    assert all(v == v for v in metrics.values())  # the last step's metrics are finite: the NaN never got in
+    assert all(math.isfinite(v) for v in metrics.values())  # the last step's metrics are finite: the NaN never got in
     weights = load_file(str(tmp_path / "skip" / "model" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def even_majority(rollout) -> torch.Tensor:
+    """A 0/1 reward (the reply's first token is even, so p ≈ 1/2): many groups of equal rewards, for dynamic
+    sampling to refill."""
+    return (rollout.response_ids[:, 0] % 2 == 0).float()
+
+
+def grpo_config(tiny, out, **overrides) -> RLConfig:
+    values = dict(preset="grpo", rollout_batch=8, group_size=2, mini_batch=8, batch_size=4, dynamic_sampling=True,
+                  dynamic_sampling_tries=2, kl_coef=0.1, max_steps=4)
+    return config(tiny, out, **{**values, **overrides})
+
+
+def steady(row):
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+def test_grpo_with_dynamic_sampling_resumes_exactly(tiny, tmp_path):
+    """Groups, refills of equal-reward groups, the KL in the loss and the shuffled group-whole mini-batches all come
+    back identically after a kill: every draw is a function of the step and the prompt's stream position."""
+    out = tmp_path / "run"
+    rl.run(grpo_config(tiny, out, save_every=2, keep_checkpoints=5, eval_every=2), reward_fn=even_majority)
+    uninterrupted = read_metrics(out)
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    rl.run(grpo_config(tiny, out, save_every=2, keep_checkpoints=5, eval_every=2, resume=True),
+           reward_fn=even_majority)
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [steady(r) for r in resumed[2:]] == [steady(r) for r in uninterrupted[2:]]
+    assert max(r["dynamic/sampled_per_kept_group"] for r in uninterrupted) > 1  # refills happened
+    assert all(r["kl/coef"] == 0.1 and "advantage/std" in r and "groups/equal_reward_share" in r
+               for r in uninterrupted)
+
+
+def test_remax_and_reinforce_pp_run_without_a_critic_or_reward_model(tiny, tmp_path):
+    """ReMax samples a greedy reply per prompt as its baseline; REINFORCE++ whitens reward-to-go; neither loads a
+    critic, and with only a Python reward the reward model is not loaded either."""
+    for preset in ("remax", "reinforce_pp", "reinforce_pp_baseline"):
+        extra = dict(preset="reinforce_pp", advantage="reinforce_pp_baseline", group_size=2) \
+            if preset == "reinforce_pp_baseline" else dict(preset=preset)
+        metrics = rl.run(config(tiny, tmp_path / preset, max_steps=2, reward_model="/nonexistent", **extra),
+                         reward_fn=even_token_share)
+        assert math.isfinite(metrics["policy/loss"]) and "critic/value_loss" not in metrics, preset
+        assert metrics["kl/per_token"] > 0, preset
+        saved = yaml.safe_load((tmp_path / preset / "config.yaml").read_text())
+        assert saved["advantage"] == extra.get("advantage", preset) and saved["use_critic"] is False, preset
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_match_one_process(tiny, tmp_path):
+    """GRPO with its groups split over two processes (each group whole in one), the KL in the loss, a per-sequence
+    loss mean and dynamic sampling: the same run as on one process — group baselines, refills and the global
+    sequence count of the loss do not depend on the split."""
+    common = dict(max_steps=3, rollout_batch=8, group_size=4, mini_batch=32, ppo_epochs=2, eval_every=3)
+    rl.run(grpo_config(tiny, tmp_path / "single", **common), reward_fn=even_majority)
+    run_in_processes(functools.partial(rl.run, reward_fn=even_majority), grpo_config(tiny, tmp_path / "double",
+                                                                                     **common))
+    single, double = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "double")
+    assert [r["step"] for r in single] == [r["step"] for r in double] == [1, 2, 3]
+    for a, b in zip(single, double):
+        keys = {k for k in a if not k.startswith("time/") and isinstance(a[k], float)}
+        assert keys <= set(b)
+        bad = [(key, a[key], b[key]) for key in sorted(keys) if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+    assert max(r["dynamic/sampled_per_kept_group"] for r in single) > 1
+    from safetensors.torch import load_file
+
+    one, two = (load_file(str(tmp_path / name / "model" / "model.safetensors")) for name in ("single", "double"))
+    assert any(not torch.equal(one[k], load_file(str(tiny / "model" / "model.safetensors"))[k]) for k in one)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+VERIFIABLE = '''
+def letter_share(prompts, responses, extras):
+    """The share of a reply's characters that are the prompt record's "letter"."""
+    assert len(prompts) == len(responses) == len(extras)
+    return [sum(ch == x["letter"] for ch in r) / max(1, len(r)) for r, x in zip(responses, extras)]
+'''
+
+
+@pytest.mark.slow
+def test_grpo_from_the_command_line_raises_a_verifiable_reward(tiny, tmp_path, monkeypatch, capsys):
+    """RL from a verifiable reward without a reward model: `moss-rlhf rl --preset grpo --reward-fn module:fn`, the
+    function reading each prompt record's extra field; the reward rises."""
+    (tmp_path / "letter_reward.py").write_text(VERIFIABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    records = [{"prompt": " ".join(t.split()[:3]), "letter": "e"} for t in TEXTS]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    args = ["rl", "--preset", "grpo", "--out", str(tmp_path / "run"), "--policy", str(tiny / "model"),
+            "--prompts", str(tmp_path / "prompts.jsonl"), "--eval-size", "4", "--rollout-batch", "4",
+            "--group-size", "4", "--mini-batch", "16", "--batch-size", "8", "--max-new-tokens", "12",
+            "--max-steps", "30", "--lr", "3e-3", "--kl-coef", "0.0", "--eval-every", "0", "--save-every", "0",
+            "--no-progress", "--reward-fn", "letter_reward:letter_share"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "reward = 1 × letter_reward:letter_share" in out and "no critic" in out
+    rows = read_metrics(tmp_path / "run")
+    start = sum(r["reward/raw_mean"] for r in rows[:5]) / 5
+    end = sum(r["reward/raw_mean"] for r in rows[-5:]) / 5
+    assert end > start + 0.1, (start, end)
+    assert rows[-1]["reward/letter_reward:letter_share"] == pytest.approx(rows[-1]["reward/raw_mean"])
+    assert main(args[:-1] + ["no_such_module:fn", "--out", str(tmp_path / "bad")]) == 2
+    assert "--reward-fn" in capsys.readouterr().err

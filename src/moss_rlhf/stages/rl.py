@@ -22,8 +22,7 @@ for GAE a critic (initialised from the reward model, one value per token). Dropo
      prompts (with the caller's scorers, e.g. the demo's gold judge), keep the best policy in ``best/``,
      checkpoint atomically (exact resume).
 
-``--preset`` sets the switches of each published recipe together; a switch given explicitly wins. A NaN/Inf reward
-or update is never applied (``--on-nonfinite``)."""
+``--preset`` sets each published recipe's switches (explicit ones win). A NaN/Inf reward or update is never applied."""
 
 from __future__ import annotations
 
@@ -32,8 +31,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-
-import torch
 
 from moss_rlhf import distributed
 from moss_rlhf.advantages import ESTIMATORS, assign_advantages
@@ -306,9 +303,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         state.update(checkpoints.restore() or {})
         run_dir.truncate_metrics(state["step"])
     step, best, first_stats = state["step"], state["best"], state["first_stats"]
-    for trainee in (policy, critic):
-        if trainee is not None:
-            trainee.module = distributed.wrap_ddp(trainee.model, dist)
+    for trainee in filter(None, (policy, critic)):
+        trainee.module = distributed.wrap_ddp(trainee.model, dist)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
     sampler = BuiltinSampler(models.policy, tokenizer)
     order = BatchOrder(len(prompts), plan.rollout_per_process, 1, dist.world_size, cfg.seed)
@@ -348,9 +344,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                                    kl_ctl.value)
             problem = nonfinite({k: v for k, v in update.items() if k.endswith(("grad_norm", "/loss"))})
         skipped += skip_or_stop(cfg, "rl", step + 1, skipped, problem)
-        for trainee in (policy if train_policy else None, critic):
-            if trainee is not None:
-                trainee.schedule.step()
+        for trainee in filter(None, (policy if train_policy else None, critic)):
+            trainee.schedule.step()
         sampler.sync_weights(models.policy)
         step += 1
         if problem:
@@ -384,21 +379,19 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
             run_dir.log(step, metrics)
         progress.update(0, reward=metrics["reward/raw_mean"], kl=metrics["kl/per_token"])
         if warnings and dist.is_main:
-            print(f"rl: step {step}: collapse warning: {'; '.join(warnings)}")
+            print(f"rl: step {step}: collapse warning: {'; '.join(warnings)}"
+                  + (" — stopping (--stop-on-collapse)" if cfg.stop_on_collapse else ""))
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
             checkpoints.save(step, best=best, first_stats=first_stats, skipped=skipped)
         if warnings and cfg.stop_on_collapse:
-            if dist.is_main:
-                print(f"rl: stopping at step {step} (--stop-on-collapse)")
             break
     progress.close()
     checkpoints.save(step, best=best, first_stats=first_stats, skipped=skipped)
     if dist.is_main:
         save_model(models.policy, tokenizer, run_dir.model_path)
         plot_curves(run_dir.path, PLOT_KEYS, title=f"rl ({cfg.preset})")
-        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in dict.fromkeys(("reward/raw_mean", "kl/per_token",
-                                                                         "response/length", "val/reward", best_key))
-                          if k in metrics)
+        keys = dict.fromkeys(("reward/raw_mean", "kl/per_token", "response/length", "val/reward", best_key))
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)
         print(f"rl: step {step}: {shown} -> {run_dir.model_path}")
     distributed.barrier()
     run_dir.close()
