@@ -115,6 +115,30 @@ def test_later_feedback_rounds_get_their_own_sections(pipeline_with_models):
     assert [n for n, _ in stage_rounds(root, "ppo")] == [1, 2]
 
 
+def test_rl_runs_are_compared_with_rlhf_apart_from_python_rewards(pipeline):
+    """A GRPO run against the reward model and an RLOO run against the gold judge join PPO-max: one row each, the
+    gold-judge run in its own table (it is not RLHF), and one bar per run."""
+    import yaml
+
+    for run, preset, reward_fn in (("rl-grpo", "grpo", []), ("rl-rloo-gold", "rloo",
+                                                             ["moss_rlhf.demo.judge:gold_scores"])):
+        _metrics(pipeline / run, [{"step": s, "reward/raw_mean": s / 10, "time/step_s": 1.0 + s / 100}
+                                  for s in range(1, 11)])
+        (pipeline / run / "config.yaml").write_text(yaml.safe_dump({"preset": preset, "reward_fn": reward_fn}))
+        evaluation = _evaluation()
+        evaluation["model_a"] = {"name": run, "path": f"p/{run}/model"}
+        evaluation["models"][run] = evaluation["models"].pop("ppo")
+        (pipeline / "eval" / f"{run}_vs_sft.json").write_text(json.dumps(evaluation), encoding="utf-8")
+    section = next(s for s in build_sections(pipeline) if s.title == "RL algorithms compared")
+    rlhf, python_reward = section.tables
+    assert [row[:3] for row in rlhf.rows] == [["ppo", "the reward model", "67.5%"],
+                                              ["rl-grpo", "the reward model", "67.5%"]]
+    assert python_reward.caption.startswith("RL against a Python reward")
+    assert python_reward.rows[0][:2] == ["rl-rloo-gold", "the gold judge"] and python_reward.rows[0][-2:] == ["1.06",
+                                                                                                        "10"]
+    assert len(section.figures) == 1 and section.figures[0].png.startswith(b"\x89PNG")
+
+
 def test_missing_stages_say_not_run(tmp_path):
     (tmp_path / "p" / "ppo").mkdir(parents=True)
     (tmp_path / "p" / "ppo" / "metrics.jsonl").write_text('{"step": 1, "unrelated/key": 3}\n', encoding="utf-8")
@@ -175,7 +199,7 @@ def test_report_renders_in_chromium(pipeline_with_models, tmp_path):
             page.wait_for_load_state("load")
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
             assert len(widths) == 6 and all(w > 0 for w in widths), widths  # 4 stages, win rate, attention
-            assert page.locator("section").count() == 6
+            assert page.locator("section").count() == 7  # 4 stages, RL compared, evaluation, attention
             assert page.locator(".badge.missing").count() == 0
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)

@@ -107,3 +107,30 @@ def test_later_epochs_shuffle_whole_groups():
     assert sorted(order) == list(range(8)) and order != list(range(8))
     assert all(order[i] % 2 == 0 and order[i + 1] == order[i] + 1 for i in range(0, 8, 2))  # blocks of two kept
     assert epoch_order(8, 2, seed=0, step=3, epoch=1) == order  # a function of (seed, step, epoch) alone
+
+
+def test_a_steps_first_update_needs_no_stored_policy_logprobs(setting):
+    """In a step's first update the policy is the one that sampled, so its detached log-probs are the ratio's
+    denominator: skipping the policy's scoring forward (``score_policy=False``, the sampler's log-probs kept for
+    statistics) gives bitwise the same gradient, and the first-ratio diagnostic still compares with what was
+    stored (1 up to the sampler's rounding)."""
+    policy, reference, rollout = setting
+    cfg = SimpleNamespace(temperature=1.0, clip_eps=0.2, clip_eps_high=0.2, kl_placement="loss", kl_estimator="k3",
+                          kl_clamp=0.0, entropy_coef=0.0, loss_agg="token_mean", max_new_tokens=8)
+    grads, ratios = [], []
+    for score_policy in (True, False):
+        chunks = make_experience(RLModels(policy, reference, None, None), rollout, torch.zeros(6), 3, 1.0,
+                                 score_policy=score_policy)
+        g = torch.Generator().manual_seed(1)
+        for chunk in chunks:
+            chunk.advantages = torch.randn(chunk.response_mask.shape, generator=g) * chunk.response_mask
+            chunk.loss_mask = chunk.response_mask
+        n_tokens = float(sum(c.loss_mask.sum() for c in chunks))
+        policy.zero_grad()
+        stats = policy_step(cfg, Trainee(policy, policy, None, None, 0.0), chunks, n_tokens, n_tokens, 1, 0.3,
+                            first_update=True)
+        grads.append([p.grad.clone() for p in policy.parameters()])
+        ratios.append(stats["policy/first_ratio_mean"])
+    policy.zero_grad()
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert ratios[0] == pytest.approx(1.0, abs=1e-12) and ratios[1] == pytest.approx(1.0, abs=1e-4)

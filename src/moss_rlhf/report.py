@@ -312,7 +312,7 @@ def run_description(run_dir: Path) -> tuple[str, str, bool]:
     weight = cfg.get("reward_model_weight")
     uses_model = (weight if weight is not None else 0.0 if functions else 1.0) > 0
     sources = (["the reward model"] if uses_model else []) + \
-        ["the gold judge" if f.endswith(":gold_scores") else f for f in functions]
+        ["the gold judge" if f == "moss_rlhf.demo.judge:gold_scores" else f for f in functions]
     return RECIPE_NAMES.get(preset, preset), " + ".join(sources), uses_model
 
 
@@ -367,7 +367,8 @@ def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Sect
             f"interval is a bootstrap 95% interval; KL is the run's KL to SFT per reply token; time per step is the "
             f"median of the run's time/step_s. Runs that optimise the gold judge itself are not RLHF and are listed "
             f"apart.")
-    return Section(title, note=note, tables=tables, figures=[Figure("win rates", comparison_png(bars))])
+    figures = [Figure("win rates", comparison_png(bars))] if len(bars) > 1 else []  # one run: its own section has it
+    return Section(title, note=note, tables=tables, figures=figures)
 
 
 def comparison_png(bars: list[tuple[str, dict, bool]]) -> bytes:

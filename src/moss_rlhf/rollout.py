@@ -193,11 +193,13 @@ def reference_context(policy, reference):
 
 @torch.no_grad()
 def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, micro_batch: int, temperature: float,
-                    score_batch: int = 0) -> list[Experience]:
+                    score_batch: int = 0, score_policy: bool = True) -> list[Experience]:
     """Score a rollout whose rewards ``scores`` ``[B]`` are known. The policy runs in micro-batches of
     ``micro_batch`` rows, the very micro-batches (packed once, here) that the update will use: bitwise-equal
     log-probs. The reference and the critic run in chunks of ``score_batch`` rows (0: the whole rollout at once —
-    fewer, larger forward passes)."""
+    fewer, larger forward passes). ``score_policy=False`` skips the policy's forward and keeps the sampler's
+    log-probs as ``old_logprobs`` (for a step with one update, whose ratio needs no stored log-probs, when the
+    sampler is the policy itself: its log-probs are the training forward's up to rounding)."""
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
     width = rollout.response_ids.shape[1]
     n, score_batch = sequences.shape[0], score_batch or sequences.shape[0]
@@ -216,7 +218,8 @@ def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, mi
     for start in range(0, n, micro_batch):
         rows = slice(start, start + micro_batch)
         packed = pack_sequences(sequences[rows], attention_mask[rows], width)
-        old_logprobs, _ = packed_logprobs(models.policy, packed, temperature)
+        old_logprobs = (packed_logprobs(models.policy, packed, temperature)[0] if score_policy
+                        else rollout.logprobs[rows].to(ref_all.dtype) * rollout.response_mask[rows])
         chunks.append(Experience(sequences[rows], attention_mask[rows], packed, rollout.response_mask[rows].float(),
                                  old_logprobs, rollout.logprobs[rows].to(old_logprobs.dtype), ref_all[rows],
                                  values_all[rows], scores[rows], rollout.finished[rows]))

@@ -55,13 +55,11 @@ def rl_update(cfg, plan: BatchPlan, chunks: list[Experience], policy: Trainee | 
             if policy is not None:
                 denominator = aggregation_denominator(cfg.loss_agg, counts[0], counts[1], cfg.max_new_tokens)
                 stats.update(policy_step(cfg, policy, group, max(denominator, 1.0), max(counts[0], 1.0),
-                                         plan.world_size, kl_coef))
+                                         plan.world_size, kl_coef, first_update=epoch == 0 and first == 0))
                 if ptx is not None:
                     stats["policy/ptx_loss"] = lm_backward(policy, ptx(step * plan.updates_per_step + n_updates),
                                                            cfg.ptx_coef, plan.world_size)
                 stats["policy/grad_norm"] = policy.step()
-                if epoch == 0 and first == 0:
-                    stats["policy/first_ratio_mean"] = stats["policy/ratio_mean"]
             if critic is not None:
                 for key, value in critic_step(cfg, critic, group, max(counts[2], 1.0), plan.world_size).items():
                     stats[key] = stats.get(key, 0.0) + value
@@ -78,15 +76,19 @@ def rl_update(cfg, plan: BatchPlan, chunks: list[Experience], policy: Trainee | 
 
 
 def policy_step(cfg, policy: Trainee, group: list[Experience], denominator: float, n_tokens: float,
-                world_size: int, kl_coef: float) -> dict[str, float]:
+                world_size: int, kl_coef: float, first_update: bool = False) -> dict[str, float]:
     """Backward of the policy loss over one mini-batch (``denominator``: the aggregation's, over every process;
     ``n_tokens``: the mini-batch's loss tokens, which weigh the token statistics); returns this process's share of
-    the statistics."""
+    the statistics. In a step's ``first_update`` the policy is still the one that sampled: the ratio's denominator
+    is its own detached log-prob (exactly what a stored forward gives; TRL does the same), so a step with one
+    update needs no stored policy log-probs."""
     kl_in_loss = cfg.kl_placement == "loss" and kl_coef > 0
     stats = dict.fromkeys(("policy/loss", "policy/entropy", "policy/clipfrac", "policy/approx_kl",
                            "policy/ratio_mean", "update/forward_tokens", "update/head_tokens"), 0.0)
     if kl_in_loss:
         stats["policy/kl_loss"] = 0.0
+    if first_update:
+        stats["policy/first_ratio_mean"] = 0.0
     head_runs_at_responses = plain_output_head(policy.model) is not None
     for j, chunk in enumerate(group):
         mask = chunk.loss_mask
@@ -94,7 +96,11 @@ def policy_step(cfg, policy: Trainee, group: list[Experience], denominator: floa
         with policy.no_sync(j == len(group) - 1):
             logprobs, entropy = packed_logprobs(policy.module, chunk.packed, cfg.temperature, with_entropy=True,
                                                 entropy_grad=cfg.entropy_coef != 0)
-            per_token, pstats = clipped_policy_loss(logprobs, chunk.old_logprobs, chunk.advantages, mask,
+            old = logprobs.detach() if first_update else chunk.old_logprobs
+            if first_update:  # the diagnostic: against what the experience stored (1 unless the two disagree)
+                stats["policy/first_ratio_mean"] += float(masked_mean(torch.exp(old - chunk.old_logprobs),
+                                                                      mask)) * share
+            per_token, pstats = clipped_policy_loss(logprobs, old, chunk.advantages, mask,
                                                     cfg.clip_eps, reduction="none", clip_eps_high=cfg.clip_eps_high)
             if kl_in_loss:
                 kl = kl_penalty(logprobs, chunk.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)

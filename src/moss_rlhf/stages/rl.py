@@ -330,7 +330,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         t_generate = time.perf_counter()
         with autocast(dist.device, cfg.precision):
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
-                                     cfg.score_batch_size)
+                                     cfg.score_batch_size, score_policy=plan.updates_per_step > 1)
         t_score = time.perf_counter()
         # 2. advantages: a NaN reward is caught before it reaches the running moments
         problem = nonfinite_rollout(chunks, grouped.baseline)
