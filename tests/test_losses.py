@@ -410,3 +410,68 @@ def test_loss_aggregation_matches_reference_and_accumulates(mode):
     assert parts.item() == pytest.approx(expected)
     with pytest.raises(ValueError):
         L.aggregate(per_token, mask, "mean")
+
+
+# ----------------------------------------------------------------------------- DPO family
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def _reference_preference_loss(kind, c, r, rc, rr, lc, lr, beta, eps, gamma):
+    """(loss, d loss / d chosen) of one pair, in plain floats."""
+    h = beta * ((c - rc) - (r - rr))
+    if kind == "sigmoid":
+        return (-(1 - eps) * math.log(_sig(h)) - eps * math.log(_sig(-h)),
+                beta * (-(1 - eps) * _sig(-h) + eps * _sig(h)))
+    if kind == "robust":
+        return ((-(1 - eps) * math.log(_sig(h)) + eps * math.log(_sig(-h))) / (1 - 2 * eps),
+                beta * (-(1 - eps) * _sig(-h) - eps * _sig(h)) / (1 - 2 * eps))
+    if kind == "hinge":
+        return max(0.0, 1 - h), (-beta if 1 - h > 0 else 0.0)
+    if kind == "ipo":
+        delta = (c / lc - rc / lc) - (r / lr - rr / lr)
+        return (delta - 1 / (2 * beta)) ** 2, 2 * (delta - 1 / (2 * beta)) / lc
+    if kind == "simpo":
+        z = beta * (c / lc - r / lr) - gamma
+        return (-(1 - eps) * math.log(_sig(z)) - eps * math.log(_sig(-z)),
+                beta / lc * (-(1 - eps) * _sig(-z) + eps * _sig(z)))
+    # orpo: log odds of the length-averaged probability
+    ac, ar = c / lc, r / lr
+    z = (ac - math.log(1 - math.exp(ac))) - (ar - math.log(1 - math.exp(ar)))
+    return -beta * math.log(_sig(z)), -beta * _sig(-z) / (1 - math.exp(ac)) / lc
+
+
+@pytest.mark.parametrize("kind, eps", [(kind, 0.0) for kind in L.DPO_LOSSES]
+                         + [(kind, 0.2) for kind in ("sigmoid", "robust", "simpo")])
+def test_preference_losses_and_gradients_match_the_reference(kind, eps):
+    """Each loss and its gradient with respect to the chosen reply's log-prob, pair by pair, against the formulas
+    written out in plain floats — at pairs the policy prefers, disprefers, and is indifferent to."""
+    chosen = torch.tensor([-12.0, -30.5, -8.0, -20.0], dtype=torch.float64, requires_grad=True)
+    rejected = torch.tensor([-15.0, -22.0, -8.0, -41.0], dtype=torch.float64)
+    ref_c = torch.tensor([-13.0, -29.0, -8.5, -22.0], dtype=torch.float64)
+    ref_r = torch.tensor([-14.0, -23.5, -8.5, -39.0], dtype=torch.float64)
+    len_c, len_r = torch.tensor([6.0, 11.0, 4.0, 9.0]), torch.tensor([7.0, 9.0, 4.0, 15.0])
+    beta, gamma = 0.5, 0.3
+    loss, margin = L.dpo_loss(kind, chosen, rejected, ref_c, ref_r, beta, chosen_len=len_c, rejected_len=len_r,
+                              label_smoothing=eps, gamma=gamma)
+    loss.sum().backward()
+    for i in range(4):
+        value, grad = _reference_preference_loss(kind, chosen[i].item(), rejected[i].item(), ref_c[i].item(),
+                                                 ref_r[i].item(), len_c[i].item(), len_r[i].item(), beta, eps, gamma)
+        assert loss[i].item() == pytest.approx(value, rel=1e-5, abs=1e-7), (kind, i)
+        assert chosen.grad[i].item() == pytest.approx(grad, rel=1e-5, abs=1e-7), (kind, i)
+    assert torch.isfinite(margin).all() and margin.shape == (4,)
+
+
+def test_preference_losses_refuse_what_they_cannot_compute():
+    x = torch.zeros(2)
+    with pytest.raises(ValueError, match="unknown preference loss"):
+        L.dpo_loss("nope", x, x, x, x, 0.1)
+    with pytest.raises(ValueError, match="reference"):
+        L.dpo_loss("sigmoid", x, x, None, None, 0.1)
+    with pytest.raises(ValueError, match="lengths"):
+        L.dpo_loss("simpo", x, x, None, None, 0.1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        L.dpo_loss("sigmoid", x, x, x, x, 0.1, label_smoothing=0.5)

@@ -116,23 +116,29 @@ def test_later_feedback_rounds_get_their_own_sections(pipeline_with_models):
 
 
 def test_rl_runs_are_compared_with_rlhf_apart_from_python_rewards(pipeline):
-    """A GRPO run against the reward model and an RLOO run against the gold judge join PPO-max: one row each, the
-    gold-judge run in its own table (it is not RLHF), and one bar per run."""
+    """A GRPO run against the reward model, an RLOO run against the gold judge and a DPO run join PPO-max: one row
+    each, the gold-judge run in its own table (it is not RLHF), and one bar per run."""
     import yaml
 
-    for run, preset, reward_fn in (("rl-grpo", "grpo", []), ("rl-rloo-gold", "rloo",
-                                                             ["moss_rlhf.demo.judge:gold_scores"])):
-        _metrics(pipeline / run, [{"step": s, "reward/raw_mean": s / 10, "time/step_s": 1.0 + s / 100}
-                                  for s in range(1, 11)])
-        (pipeline / run / "config.yaml").write_text(yaml.safe_dump({"preset": preset, "reward_fn": reward_fn}))
+    runs = (("rl-grpo", {"preset": "grpo", "reward_fn": []}),
+            ("rl-rloo-gold", {"preset": "rloo", "reward_fn": ["moss_rlhf.demo.judge:gold_scores"]}),
+            ("dpo", {"loss": "sigmoid", "label_smoothing": 0.0}))
+    for run, saved in runs:
+        _metrics(pipeline / run, [{"step": s, "reward/raw_mean": s / 10, "time/step_s": 1.0 + s / 100,
+                                   "eval/accuracy": 0.5 + s / 40} for s in range(1, 11)])
+        (pipeline / run / "config.yaml").write_text(yaml.safe_dump(saved))
         evaluation = _evaluation()
         evaluation["model_a"] = {"name": run, "path": f"p/{run}/model"}
         evaluation["models"][run] = evaluation["models"].pop("ppo")
         (pipeline / "eval" / f"{run}_vs_sft.json").write_text(json.dumps(evaluation), encoding="utf-8")
-    section = next(s for s in build_sections(pipeline) if s.title == "RL algorithms compared")
+    sections = {s.title: s for s in build_sections(pipeline)}
+    section = sections["RL algorithms compared"]
     rlhf, python_reward = section.tables
     assert [row[:3] for row in rlhf.rows] == [["ppo", "the reward model", "67.5%"],
+                                              ["dpo", "the preference pairs", "67.5%"],
                                               ["rl-grpo", "the reward model", "67.5%"]]
+    assert "GRPO" in sections and "RL against the gold judge (RLOO)" in sections
+    assert sections["DPO"].ran and len(sections["DPO"].figures) == 1  # its own panels (accuracy)
     assert python_reward.caption.startswith("RL against a Python reward")
     assert python_reward.rows[0][:2] == ["rl-rloo-gold", "the gold judge"] and python_reward.rows[0][-2:] == ["1.06",
                                                                                                         "10"]

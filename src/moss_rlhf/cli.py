@@ -16,7 +16,7 @@ def _commands() -> dict[str, tuple[str, type, object]]:
     from moss_rlhf import chat, evaluate, interpret, report, serve, tokenizer
     from moss_rlhf.demo import pipeline, world
     from moss_rlhf.feedback import commands as feedback
-    from moss_rlhf.stages import generate, pretrain, reward, rl, sft
+    from moss_rlhf.stages import dpo, generate, pretrain, reward, rl, sft
 
     return {
         "demo": ("the whole pipeline on the embedded demo world, with a report (about 10 minutes on a laptop CPU)",
@@ -33,6 +33,8 @@ def _commands() -> dict[str, tuple[str, type, object]]:
         "rl": ("online RL from a reward model or Python rewards: PPO-max (default), GRPO, Dr.GRPO, DAPO, RLOO, "
                "REINFORCE++, ReMax (--preset)", rl.RLConfig, rl.run),
         "ppo": ("the same command as `rl` (PPO-max is its default preset)", rl.RLConfig, rl.run),
+        "dpo": ("offline preference optimisation from preference pairs: DPO, cDPO, robust DPO, IPO, SLiC, SimPO, "
+                "ORPO (--loss)", dpo.DPOConfig, dpo.run),
         "evaluate": ("win rate (gold judge or reward model), KL, perplexity, length, diversity of model A vs B",
                      evaluate.EvaluateConfig, evaluate.run),
         "report": ("one self-contained HTML report of a pipeline directory (curves, win rates, samples, attention)",

@@ -11,6 +11,8 @@ What lives here (no model, no data, no I/O):
 * reward modelling: the Bradley-Terry pairwise loss with an optional margin and the
   label smoothing of "Secrets of RLHF in Large Language Models Part II" (Wang et al.
   2024);
+* offline preference optimisation: DPO and its family (cDPO, robust DPO, IPO, SLiC hinge, SimPO, ORPO's odds
+  ratio) from summed reply log-probs;
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
   per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
   the KL-penalised per-token reward, the clipped policy loss (with DAPO's
@@ -140,6 +142,67 @@ def bradley_terry_loss(
     if reduction == "none":
         return loss
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+# ----------------------------------------------------------------------------- offline preference optimisation
+
+DPO_LOSSES = ("sigmoid", "robust", "ipo", "hinge", "simpo", "orpo")
+
+
+def dpo_loss(loss_type: str, chosen: Tensor, rejected: Tensor, ref_chosen: Tensor | None, ref_rejected: Tensor | None,
+             beta: float, *, chosen_len: Tensor | None = None, rejected_len: Tensor | None = None,
+             label_smoothing: float = 0.0, gamma: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Per-pair preference loss ``[N]`` and the implicit reward margin ``[N]`` from the policy's summed reply
+    log-probs (``chosen``, ``rejected``) and the reference's (``ref_*``; unused by simpo and orpo):
+
+    * ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log σ(h)``, ``h = β[(π_c - ref_c) - (π_r - ref_r)]``; with
+      ``label_smoothing`` ε the conservative cDPO ``-(1-ε) log σ(h) - ε log σ(-h)`` (Mitchell 2023);
+    * ``robust`` (Chowdhury et al. 2024): the unbiased estimator under label noise ε,
+      ``(-(1-ε) log σ(h) + ε log σ(-h)) / (1 - 2ε)``;
+    * ``ipo`` (Azar et al. 2023): ``(Δ - 1/(2β))²`` with Δ the log-ratio difference of length-averaged log-probs;
+    * ``hinge`` (SLiC, Zhao et al. 2023): ``max(0, 1 - h)``;
+    * ``simpo`` (Meng et al. 2024, reference-free): ``-log σ(β(π_c/|c| - π_r/|r|) - γ)`` (label smoothing as sigmoid);
+    * ``orpo`` (Hong et al. 2024, reference-free): ``-log σ(log odds_c - log odds_r)`` with ``odds = p / (1 - p)``
+      of the length-averaged probability ``p``, weighted by ``beta`` (λ); the stage adds the SFT term.
+
+    The margin returned is ``h / β`` for the reference-based losses, the length-normalised log-prob difference
+    for simpo and orpo (what "reward accuracy" counts)."""
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown preference loss {loss_type!r} ({', '.join(DPO_LOSSES)})")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError("label_smoothing must be in [0, 0.5)")
+    chosen, rejected = chosen.float(), rejected.float()
+    if loss_type in ("simpo", "orpo", "ipo"):
+        if chosen_len is None or rejected_len is None:
+            raise ValueError(f"{loss_type} needs the replies' lengths")
+        avg_c, avg_r = chosen / chosen_len.clamp(min=1), rejected / rejected_len.clamp(min=1)
+    if loss_type == "simpo":
+        h = beta * (avg_c - avg_r) - gamma
+        return _smoothed_logsigmoid(h, label_smoothing), avg_c - avg_r
+    if loss_type == "orpo":
+        # log odds = log p - log(1 - p), with log(1 - p) = log(-expm1(log p)) (stable for p near 1)
+        log_odds = (avg_c - torch.log(-torch.expm1(avg_c))) - (avg_r - torch.log(-torch.expm1(avg_r)))
+        return -beta * F.logsigmoid(log_odds), avg_c - avg_r
+    if ref_chosen is None or ref_rejected is None:
+        raise ValueError(f"{loss_type} needs the reference model's log-probs")
+    if loss_type == "ipo":
+        delta = (avg_c - ref_chosen.float() / chosen_len.clamp(min=1)) - \
+            (avg_r - ref_rejected.float() / rejected_len.clamp(min=1))
+        return (delta - 1 / (2 * beta)) ** 2, delta
+    margin = (chosen - ref_chosen.float()) - (rejected - ref_rejected.float())
+    h = beta * margin
+    if loss_type == "sigmoid":
+        return _smoothed_logsigmoid(h, label_smoothing), margin
+    if loss_type == "robust":
+        loss = (-(1 - label_smoothing) * F.logsigmoid(h) + label_smoothing * F.logsigmoid(-h)) / \
+            (1 - 2 * label_smoothing)
+        return loss, margin
+    return torch.relu(1 - h), margin  # hinge
+
+
+def _smoothed_logsigmoid(h: Tensor, label_smoothing: float) -> Tensor:
+    loss = -F.logsigmoid(h)
+    return (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h) if label_smoothing else loss
 
 
 # ----------------------------------------------------------------------------- PPO

@@ -45,6 +45,11 @@ DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 
 # (panel title, metric keys drawn in it) — panels whose keys are all absent are left out.
 LM_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out perplexity", ["eval/perplexity"])]
+DPO_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out reward accuracy", ["eval/accuracy"]),
+              ("implicit rewards β·log(π/π_ref)", ["eval/chosen_reward", "eval/rejected_reward"]),
+              ("reply log-prob per token", ["eval/chosen_logp", "eval/rejected_logp"])]
+DPO_NAMES = {"sigmoid": "DPO", "robust": "robust DPO", "ipo": "IPO", "hinge": "SLiC", "simpo": "SimPO",
+             "orpo": "ORPO"}
 PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["val/gold"]),
               ("KL from the SFT policy, per token", ["kl/per_token"]), ("policy perplexity", ["policy/perplexity"]),
               ("reply length (tokens)", ["response/length_mean", "response/length", "val/length"]),
@@ -293,20 +298,23 @@ def rl_runs(root: Path) -> list[tuple[str, int, Path]]:
     … and their later rounds (``ppo-round2``), PPO-max first."""
     found = []
     for path in root.iterdir() if root.is_dir() else []:
-        match = re.fullmatch(r"(ppo|rl-[\w.-]+?)(?:-round(\d+))?", path.name)
+        match = re.fullmatch(r"(ppo|dpo|rl-[\w.-]+?)(?:-round(\d+))?", path.name)
         if match and path.is_dir():
             found.append((match.group(1), int(match.group(2) or 1), path))
     return sorted(found, key=lambda run: (run[0] != "ppo", run[0], run[1]))
 
 
 def run_description(run_dir: Path) -> tuple[str, str, bool]:
-    """``(recipe, reward sources, from a reward model)`` of an RL run, from the ``config.yaml`` it saved."""
+    """``(recipe, reward sources, from human feedback)`` of an RL or DPO run, from the ``config.yaml`` it saved."""
     import yaml
 
     from moss_rlhf.stages.rl import RECIPE_NAMES
 
     path = run_dir / "config.yaml"
     cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+    if "loss" in cfg and "preset" not in cfg:  # a DPO-family run: trained on the preference pairs themselves
+        name = DPO_NAMES.get(cfg["loss"], cfg["loss"])
+        return ("cDPO" if name == "DPO" and cfg.get("label_smoothing") else name), "the preference pairs", True
     preset = cfg.get("preset", "ppo_max")
     functions = cfg.get("reward_fn") or []
     weight = cfg.get("reward_model_weight")
@@ -325,7 +333,8 @@ def rl_sections(root: Path) -> list[Section]:
         recipe, sources, uses_model = run_description(path)
         title = (recipe if uses_model else f"RL against {sources} ({recipe})") + \
             (f" (round {number})" if number > 1 else "")
-        sections.append(training_section(title, path, PPO_PANELS, f"{recipe} against {sources} ({path.name}/)"))
+        panels, against = (DPO_PANELS, "from") if sources == "the preference pairs" else (PPO_PANELS, "against")
+        sections.append(training_section(title, path, panels, f"{recipe} {against} {sources} ({path.name}/)"))
     return sections
 
 
@@ -340,6 +349,7 @@ def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Sect
         run = runs.get(Path(ev["model_a"].get("path", "")).parent.name)
         if run is not None:
             found.append((run, ev))
+    found.sort(key=lambda item: list(runs).index(item[0].name))  # PPO-max first, then by name and round
     if not found:
         return Section(title, ran=False, note="not run — no evaluation of an RL run (ppo/, rl-*/) in eval/")
     header = ["run", "reward", "win rate vs SFT", "95% interval", "mean score", "SFT's", "KL per token",
@@ -359,7 +369,8 @@ def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Sect
             f"{times[len(times) // 2]:.2f}" if times else "–", str(int(rows[-1]["step"])) if rows else "–"])
         bars.append((a, w, uses_model))
     tables = [Table(caption, header, groups[key]) for key, caption in
-              ((True, "RLHF: against the reward model"), (False, "RL against a Python reward (not RLHF)"))
+              ((True, "From human feedback: RL against the reward model, DPO from the preference pairs"),
+               (False, "RL against a Python reward (not RLHF)"))
               if groups[key]]
     judge = {ev.get("judge") for _, ev in found}
     note = (f"Each run's final model against SFT on the same {found[0][1].get('n_prompts', '?')} held-out prompts, "

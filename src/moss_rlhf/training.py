@@ -165,7 +165,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
                             "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step),
                             "train/skipped_steps": skipped})
-        if evaluate is not None and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+        if evaluate is not None and (step == cfg.max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             eval_metrics = evaluate(trainee.module)
             last_eval = eval_metrics
             eval_loss = eval_metrics.get("eval/loss", eval_loss)

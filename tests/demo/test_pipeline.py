@@ -13,6 +13,7 @@ from moss_rlhf.cli import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # the whole pipeline four times over (about 4 minutes on 2 idle cores): a hang guard only
 def test_quick_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
@@ -42,11 +43,15 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo"]) == 0
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "rloo", "--rl-reward", "gold",
                  "--ppo-steps", "2"]) == 0
+    # DPO learns from the same labelled pairs, without the reward model
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "dpo"]) == 0
     for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
-                 "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json"):
+                 "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json",
+                 "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json"):
         assert (out / path).exists(), path
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
+    assert "DPO from the preference pairs" in html
 
     from moss_rlhf.feedback.store import Store
 
