@@ -73,6 +73,18 @@ def test_reply_example_ends_at_the_turn_end_and_keeps_its_end_when_cut(tokenizer
     assert tokenizer.decode([t for t in cut.labels if t != IGNORE]) == "Lin went to the park.<|end|>"
 
 
+def test_reply_example_labels_only_the_final_reply_of_a_multi_turn_prompt(tokenizer_dir):
+    """The earlier assistant turns of the prompt are context, not the reply a reward model's LM term or DPO's
+    log-prob counts."""
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+              {"role": "user", "content": "Where did Lin go?"}]
+    example = reply_example(tokenizer, prompt, "Lin went to the park.", max_len=1 << 20)
+    assert tokenizer.decode([t for t in example.labels if t != IGNORE]) == "Lin went to the park.<|end|>"
+    single = reply_example(tokenizer, prompt[2:], "Lin went to the park.", max_len=1 << 20)
+    assert sum(t != IGNORE for t in example.labels) == sum(t != IGNORE for t in single.labels)
+
+
 def test_conversation_data_counts_assistant_tokens(tokenizer_dir, conversations_file):
     from moss_rlhf.data.formats import load_conversations
 

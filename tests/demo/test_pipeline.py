@@ -40,7 +40,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert capsys.readouterr().out.count("done already") == 14  # the report always re-runs
 
     # critic-free runs join the same directory: GRPO against the reward model, RLOO against the gold judge
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo", "--ppo-steps", "3"]) == 0
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "rloo", "--rl-reward", "gold",
                  "--ppo-steps", "2"]) == 0
     # DPO learns from the same labelled pairs, without the reward model

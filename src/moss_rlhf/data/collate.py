@@ -84,9 +84,17 @@ def chat_example(tokenizer, messages: list[Message], max_len: int, stop_ids: Seq
 
 def reply_example(tokenizer, prompt: list[Message], reply: str, max_len: int) -> Example:
     """A reply to a prompt conversation, rendered as reward training, PPO and evaluation all see it: ending at the
-    reply's turn end, the token its score is read at. A long one keeps its end (the reply and that token)."""
+    reply's turn end, the token its score is read at. A long one keeps its end (the reply and that token). Labels
+    mark this reply only (up to its turn end), not the assistant turns of a multi-turn prompt."""
     example = chat_example(tokenizer, prompt + [{"role": "assistant", "content": reply}], max_len=1 << 30)
-    return Example(example.input_ids[-max_len:], example.labels[-max_len:])
+    labels = list(example.labels)
+    start = len(labels)  # the final labelled run: this reply
+    while start > 0 and labels[start - 1] == IGNORE:
+        start -= 1
+    while start > 0 and labels[start - 1] != IGNORE:
+        start -= 1
+    labels[:start] = [IGNORE] * start
+    return Example(example.input_ids[-max_len:], labels[-max_len:])
 
 
 def conversation_data(tokenizer, conversations: Sequence[list[Message]], max_len: int, pack: bool = True,

@@ -32,7 +32,7 @@ from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import IGNORE, TokenData, pad_examples, reply_example
 from moss_rlhf.data.formats import Preference, load_preferences
 from moss_rlhf.data.splits import load_split
-from moss_rlhf.losses import DPO_LOSSES, dpo_loss, token_logprobs
+from moss_rlhf.losses import DPO_LOSSES, dpo_loss
 from moss_rlhf.models import LoraOptions, apply_lora, check_vocabulary, final_hidden_states, load_causal_lm
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
@@ -78,11 +78,12 @@ def reply_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     counted = targets != IGNORE
     head = plain_output_head(model)
     if head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        token_lp = token_logprobs(logits[counted].float(), targets[counted])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][counted]
     else:
         hidden = final_hidden_states(model, batch["input_ids"], batch["attention_mask"], logits_to_keep=1)
-        token_lp = token_logprobs(head(hidden[:, :-1][counted]).float(), targets[counted])
+        logits = head(hidden[:, :-1][counted])
+    # one fused kernel over the [reply tokens, V] block (token_logprobs loops over rows: here, one per token)
+    token_lp = -torch.nn.functional.cross_entropy(logits.float(), targets[counted], reduction="none")
     rows = counted.nonzero()[:, 0]
     sums = torch.zeros(targets.shape[0], dtype=torch.float32, device=token_lp.device).index_add(0, rows, token_lp)
     return sums, counted.sum(1)
