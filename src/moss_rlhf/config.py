@@ -76,7 +76,7 @@ class TrainConfig(Config):
     min_lr_ratio: float = option(0.1, "cosine decays to lr * min_lr_ratio", at_least=0.0, at_most=1.0)
     max_grad_norm: float = option(1.0, "global gradient-norm clip (0 disables)", at_least=0.0)
     precision: str = option("fp32", "autocast precision: fp32 or bf16", choices=("fp32", "bf16"))
-    eval_every: int = option(50, "evaluate every N steps (0 disables)", at_least=0, free_on_resume=True)
+    eval_every: int = option(50, "evaluate every N steps (0: only at the end)", at_least=0, free_on_resume=True)
     eval_batches: int = option(8, "batches per evaluation", at_least=1, free_on_resume=True)
     save_every: int = option(100, "checkpoint every N steps (0: only at the end)", at_least=0, free_on_resume=True)
     keep_checkpoints: int = option(2, "how many recent checkpoints to keep", at_least=1, free_on_resume=True)

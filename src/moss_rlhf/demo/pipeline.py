@@ -44,7 +44,7 @@ DPO_BETA, DPO_LR = 0.3, 1e-4
 class DemoConfig(Config):
     out: str = option("demo_out", "pipeline directory: one subdirectory per stage, report.html at the top")
     quick: bool = option(False, "a ~3-minute version (smaller world, fewer steps) for tests and a first look")
-    rounds: int = option(1, "feedback rounds: sample → label → reward model → PPO, repeated")
+    rounds: int = option(1, "feedback rounds: sample → label → reward model → PPO, repeated", at_least=1)
     from_stage: str = option("", f"redo this stage and everything after it ({', '.join(STAGES)})")
     seed: int = option(0, "seed of the world, the models and the annotators")
     model: str = option("", "start from this model (hub id or directory) and skip pretraining")
@@ -54,13 +54,14 @@ class DemoConfig(Config):
     eval_prompts: str = option("", "held-out evaluation prompts (default: the world's)")
     preferences: list[str] = option([], "real human preference files (skip simulated labelling)")
     responses_per_prompt: int = option(4, "replies sampled per feedback prompt (k > 2: annotators rank them, and "
-                                          "a ranking of k gives k(k-1)/2 pairs)")
-    annotators: int = option(3, "simulated annotators")
-    annotator_error_rate: float = option(0.1, "simulated annotators' chance of flipping a judgement")
-    pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)")
-    sft_steps: int = option(0, "override the SFT steps (0: the preset's)")
-    reward_steps: int = option(0, "override the reward-model steps (0: the preset's)")
-    ppo_steps: int = option(0, "override the RL steps (0: the preset's)")
+                                          "a ranking of k gives k(k-1)/2 pairs)", at_least=2)
+    annotators: int = option(3, "simulated annotators", at_least=1)
+    annotator_error_rate: float = option(0.1, "simulated annotators' chance of flipping a judgement", at_least=0.0,
+                                         at_most=1.0)
+    pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)", at_least=0)
+    sft_steps: int = option(0, "override the SFT steps (0: the preset's)", at_least=0)
+    reward_steps: int = option(0, "override the reward-model steps (0: the preset's)", at_least=0)
+    ppo_steps: int = option(0, "override the RL steps (0: the preset's)", at_least=0)
     algorithm: str = option("ppo_max", "the RL recipe (a `moss-rlhf rl --preset`), or dpo (`moss-rlhf dpo` on the "
                                        "labelled pairs); runs of several recipes share one pipeline directory and "
                                        "the report compares them", choices=ALGORITHMS)

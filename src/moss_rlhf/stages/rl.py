@@ -104,7 +104,7 @@ class RLConfig(TrainConfig):
     reference: str = option("", "reference model (default: --policy; with --lora-r: the policy without adapters)")
     reward_model: str = option("runs/reward/model", "reward model saved by `moss-rlhf reward`")
     reward_model_weight: float | None = option(None, "weight of the reward model's score (default 1, or 0 — not "
-                                                     "loaded — when --reward-fn is given)")
+                                                     "loaded — when --reward-fn is given)", at_least=0.0)
     reward_fn: list[str] = option([], "Python reward package.module:function, called fn(prompts, responses, "
                                       "extras) → one number per response (prompts: conversations; extras: each "
                                       "prompt record's other fields; a two-parameter fn gets no extras)")
