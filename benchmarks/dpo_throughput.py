@@ -264,7 +264,8 @@ def run_ours(workdir: Path, args: argparse.Namespace) -> dict:
                         batch_size=args.batch, grad_accum=1, max_steps=args.steps, lr=LR, warmup_steps=0,
                         min_lr_ratio=1.0, weight_decay=ADAM["weight_decay"], beta1=ADAM["beta1"],
                         beta2=ADAM["beta2"], max_grad_norm=ADAM["max_grad_norm"], precision="fp32", eval_every=0,
-                        save_every=0, log_every=10 ** 9, progress=False, device="cpu", overwrite=True, seed=0)
+                        save_every=0, log_every=10 ** 9, progress=False, device="cpu", overwrite=True, seed=0,
+                        kl_prompts=0)  # TRL has no sampled-KL monitor
     dpo.run(cfg)
     step_s = [b - a for a, b in itertools.pairwise(marks)]
     return {"step_s": step_s, "cpu_s": [b - a for a, b in itertools.pairwise(cpu)], "losses": losses,

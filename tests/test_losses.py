@@ -465,6 +465,34 @@ def test_preference_losses_and_gradients_match_the_reference(kind, eps):
     assert torch.isfinite(margin).all() and margin.shape == (4,)
 
 
+def test_kto_loss_and_gradient_match_the_reference():
+    """KTO's per-reply loss and its gradient with respect to the policy's log-prob against the formula in plain
+    floats, for desirable and undesirable replies on both sides of the reference point; no gradient reaches z0."""
+    logps = torch.tensor([-12.0, -30.5, -8.0, -20.0, -5.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-13.0, -29.0, -8.5, -22.0, -5.0], dtype=torch.float64)
+    desirable = torch.tensor([True, True, False, False, True])
+    z0 = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    beta, w_d, w_u = 0.5, 1.3, 0.7
+    loss, reward = L.kto_loss(logps, ref, desirable, z0, beta, w_d, w_u)
+    loss.sum().backward()
+    for i in range(5):
+        r = logps[i].item() - ref[i].item()
+        if desirable[i]:  # d/dr (1 - σ(β(r - z0))) = -β σ(x) σ(-x), x = β(r - z0)
+            x = beta * (r - 0.4)
+            value, grad = w_d * (1 - _sig(x)), -w_d * beta * _sig(x) * _sig(-x)
+        else:  # d/dr (1 - σ(β(z0 - r))) = +β σ(x) σ(-x), x = β(z0 - r)
+            x = beta * (0.4 - r)
+            value, grad = w_u * (1 - _sig(x)), w_u * beta * _sig(x) * _sig(-x)
+        assert loss[i].item() == pytest.approx(value, rel=1e-6), i
+        assert logps.grad[i].item() == pytest.approx(grad, rel=1e-6), i
+        assert reward[i].item() == pytest.approx(r)
+    assert z0.grad is None
+    # the reference point: the mean mismatched-pair log-ratio, never below zero, without gradient
+    point = L.kto_reference_point(torch.tensor(-30.0), torch.tensor(-36.0), 4)
+    assert point.item() == pytest.approx(1.5) and not point.requires_grad
+    assert L.kto_reference_point(torch.tensor(-40.0), torch.tensor(-36.0), 4).item() == 0.0
+
+
 def test_preference_losses_refuse_what_they_cannot_compute():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="unknown preference loss"):

@@ -172,6 +172,42 @@ def kl_on_samples(model_a, model_b, rollouts, temperature: float) -> dict[str, f
     return {**kl_summary(sequence_kls, counts), "temperature": temperature}
 
 
+def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, max_len: int,
+                  batch_size: int, seed: int, dist) -> dict[str, float]:
+    """KL(π ‖ π_ref) during training (DPO's monitor): the policy samples a reply to each prompt at temperature 1 —
+    prompt ``i`` with its own seed, so every evaluation and every process split draws alike — and the KL is the mean
+    over replies of the summed log π − log π_ref, reduced over processes. ``reference`` None: the LoRA policy with
+    its adapters off. Empty for no prompts."""
+    import torch
+
+    from moss_rlhf import distributed
+    from moss_rlhf.models import unwrap
+    from moss_rlhf.rollout import reference_context, response_logprobs
+    from moss_rlhf.sampling import encode_prompts, prompt_seeds
+    from moss_rlhf.sampling.builtin import BuiltinSampler
+
+    if not prompts:
+        return {}
+    policy = unwrap(policy)
+    sampler, sampling = BuiltinSampler(policy, tokenizer), SamplingConfig(max_new_tokens, temperature=1.0)
+    totals = torch.zeros(3, dtype=torch.float64, device=dist.device)
+    mine = list(range(dist.rank, len(prompts), dist.world_size))
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start:start + batch_size]
+            r = sampler.generate(encode_prompts(tokenizer, [prompts[i] for i in chunk], max_len), sampling,
+                                 prompt_seeds(seed, chunk))
+            args = (r.sequences, r.attention_mask, r.position_ids, r.response_ids.shape[1])
+            logps = response_logprobs(policy, *args)[0]
+            with reference_context(policy, reference):
+                ref_logps = response_logprobs(policy if reference is None else reference, *args)[0]
+            mask = r.response_mask.bool()
+            totals += torch.tensor([float(torch.where(mask, logps - ref_logps, 0.0).sum()), float(mask.sum()),
+                                    float(len(chunk))], dtype=torch.float64, device=dist.device)
+    distributed.all_reduce_sum(totals)
+    return {"eval/kl_per_reply": float(totals[0] / totals[2]), "eval/kl_per_token": float(totals[0] / totals[1])}
+
+
 def heldout_nll(model, tokenizer, path: str, max_docs: int, max_len: int, batch_size: int = 16) -> tuple[float, int]:
     """Summed next-token loss and token count on a text file (whole documents) or a conversation file (assistant
     tokens only, as SFT is trained)."""

@@ -12,7 +12,7 @@ What lives here (no model, no data, no I/O):
   label smoothing of "Secrets of RLHF in Large Language Models Part II" (Wang et al.
   2024);
 * offline preference optimisation: DPO and its family (cDPO, robust DPO, IPO, SLiC hinge, SimPO, ORPO's odds
-  ratio) from summed reply log-probs;
+  ratio) from summed reply log-probs, and KTO's loss for unpaired desirable / undesirable replies;
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
   per-token KL estimators (J. Schulman, "Approximating KL Divergence", 2020),
   the KL-penalised per-token reward, the clipped policy loss (with DAPO's
@@ -203,6 +203,34 @@ def dpo_loss(loss_type: str, chosen: Tensor, rejected: Tensor, ref_chosen: Tenso
 def _smoothed_logsigmoid(h: Tensor, label_smoothing: float) -> Tensor:
     loss = -F.logsigmoid(h)
     return (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-h) if label_smoothing else loss
+
+
+def kto_loss(logps: Tensor, ref_logps: Tensor, desirable: Tensor, reference_point: Tensor | float, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization"): per-reply loss
+    ``[N]`` and implicit reward ``r = log π − log π_ref`` ``[N]`` of unpaired replies, from summed reply log-probs.
+
+    With ``z0`` the reference point (:func:`kto_reference_point`, held constant: no gradient flows through it)::
+
+        desirable:    λ_D (1 − σ(β (r − z0)))
+        undesirable:  λ_U (1 − σ(β (z0 − r)))
+
+    A desirable reply gains by rising above the reference point, an undesirable one by falling below it; the
+    sigmoid saturates both ways (prospect theory's value function), so replies already far on the right side stop
+    pulling."""
+    r = logps.float() - ref_logps.float()
+    z0 = torch.as_tensor(reference_point, dtype=r.dtype, device=r.device).detach()
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (r - z0))),
+                       undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
+    return loss, r
+
+
+def kto_reference_point(kl_logps_sum: Tensor, kl_ref_logps_sum: Tensor, count: Tensor | float) -> Tensor:
+    """KTO's ``z0 = max(0, mean KL)``, estimated as the paper does on mismatched pairs (each prompt with another
+    example's reply): from the sums over ``count`` such pairs of the policy's and the reference's reply log-probs.
+    Sums rather than means, so that callers can add them up over micro-batches and processes first. Detached."""
+    mean = (kl_logps_sum.double() - kl_ref_logps_sum.double()) / max(float(count), 1.0)
+    return mean.clamp(min=0.0).float().detach()
 
 
 # ----------------------------------------------------------------------------- PPO

@@ -47,9 +47,10 @@ DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 LM_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out perplexity", ["eval/perplexity"])]
 DPO_PANELS = [("loss", ["train/loss", "eval/loss"]), ("held-out reward accuracy", ["eval/accuracy"]),
               ("implicit rewards β·log(π/π_ref)", ["eval/chosen_reward", "eval/rejected_reward"]),
-              ("reply log-prob per token", ["eval/chosen_logp", "eval/rejected_logp"])]
+              ("reply log-prob per token", ["eval/chosen_logp", "eval/rejected_logp"]),
+              ("KL to the reference on held-out prompts, per token", ["eval/kl_per_token"])]
 DPO_NAMES = {"sigmoid": "DPO", "robust": "robust DPO", "ipo": "IPO", "hinge": "SLiC", "simpo": "SimPO",
-             "orpo": "ORPO"}
+             "orpo": "ORPO", "kto": "KTO"}
 PPO_PANELS = [("reward", ["reward/raw_mean", "val/reward"]), ("gold score (demo judge)", ["val/gold"]),
               ("KL from the SFT policy, per token", ["kl/per_token"]), ("policy perplexity", ["policy/perplexity"]),
               ("reply length (tokens)", ["response/length_mean", "response/length", "val/length"]),
@@ -298,7 +299,7 @@ def rl_runs(root: Path) -> list[tuple[str, int, Path]]:
     … and their later rounds (``ppo-round2``), PPO-max first."""
     found = []
     for path in root.iterdir() if root.is_dir() else []:
-        match = re.fullmatch(r"(ppo|dpo|rl-[\w.-]+?)(?:-round(\d+))?", path.name)
+        match = re.fullmatch(r"(ppo|dpo|kto|rl-[\w.-]+?)(?:-round(\d+))?", path.name)
         if match and path.is_dir():
             found.append((match.group(1), int(match.group(2) or 1), path))
     return sorted(found, key=lambda run: (run[0] != "ppo", run[0], run[1]))

@@ -3,7 +3,9 @@ schedule and gradient clipping every stage uses.
 
 One optimizer step, top to bottom:
   1. read this process's micro-batches for the step (``BatchOrder``: a pure function of seed and step);
-  2. count the target tokens of the whole global batch (all processes, all micro-batches);
+  2. count the target tokens of the whole global batch (all processes, all micro-batches); a stage whose loss needs a
+     statistic of the whole global batch (KTO's reference point) computes it here, without gradients, with
+     ``step_constants(model, micro_batches)``, and every micro-batch carries it;
   3. backward each micro-batch's *summed* token loss divided by that count — so 8×1, 2×4 and 2 processes × 4 give
      the same gradient, whatever the padding (a per-micro-batch mean would weight short batches up);
   4. clip the global gradient norm, step AdamW and the warm-up + cosine schedule;
@@ -112,10 +114,16 @@ class Trainee:
         return contextlib.nullcontext() if sync or not hasattr(self.module, "no_sync") else self.module.no_sync()
 
 
+# step_constants(model, micro_batches) -> tensors every micro-batch of the step shares (computed before any backward)
+StepConstants = Callable[[torch.nn.Module, list[dict[str, torch.Tensor]]], dict[str, torch.Tensor]]
+
+
 def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenData, loss_fn: LossFn, run: RunDir,
-             dist: distributed.Dist, evaluate: Evaluator | None = None, desc: str = "train") -> LoopResult:
+             dist: distributed.Dist, evaluate: Evaluator | None = None, desc: str = "train",
+             step_constants: StepConstants | None = None) -> LoopResult:
     """Train ``model`` on ``train`` with ``loss_fn``; ``evaluate(model)`` returns held-out metrics ("eval/loss" is
-    reported in the result). Used by pretraining, SFT and the reward model."""
+    reported in the result). Used by pretraining, SFT, the reward model and DPO; ``step_constants`` (KTO) adds
+    global-batch values to every micro-batch, so that accumulation and more processes still equal one batch."""
     device = dist.device
     model.to(device)
     trainee = Trainee.create(model, cfg)
@@ -142,9 +150,10 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         local_targets = sum(int(mb["n_targets"]) for mb in micro_batches)
         n_targets = distributed.all_reduce_sum(torch.tensor(float(local_targets), device=device))
         scale = dist.world_size / n_targets.clamp(min=1.0)  # DDP averages gradients over processes
+        shared = step_constants(trainee.module, micro_batches) if step_constants else {}
         loss_sum = torch.zeros((), device=device)
         for j, mb in enumerate(micro_batches):
-            mb = {k: v.to(device) for k, v in mb.items() if k != "n_targets"}
+            mb = {**{k: v.to(device) for k, v in mb.items() if k != "n_targets"}, **shared}
             with trainee.no_sync(j == cfg.grad_accum - 1), autocast(device, cfg.precision):
                 batch_loss = loss_fn(trainee.module, mb)
                 (batch_loss * scale).backward()

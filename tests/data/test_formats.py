@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from moss_rlhf.data.formats import (DataError, load_conversations, load_preferences, load_prompts, load_texts,
-                                    split_hh_transcript)
+from moss_rlhf.data.formats import (DataError, LabelledReply, load_conversations, load_labelled_records,
+                                    load_preferences, load_prompts, load_texts, split_hh_transcript)
 from tests.conftest import HH_FILE, write_jsonl
 
 
@@ -79,6 +79,21 @@ def test_preference_formats(tmp_path):
 
 
 @pytest.mark.skipif(not HH_FILE.exists(), reason="../shared/data/hh-rlhf is not present (it is in CI)")
+def test_labelled_reply_formats(tmp_path):
+    """KTO's records: TRL's unpaired layout (plain or conversational), and a preference record as two replies."""
+    path = write_jsonl(tmp_path / "kto.jsonl", [
+        {"prompt": "q1", "completion": "good", "label": True},
+        {"prompt": [{"role": "user", "content": "q2"}], "completion": [{"role": "assistant", "content": "bad"}],
+         "label": False},
+        {"prompt": "q3", "chosen": "c", "rejected": "r"}])
+    records = load_labelled_records(path)
+    user = [{"role": "user", "content": "q1"}]
+    assert records[0] == [LabelledReply(user, "good", True)]
+    assert records[1] == [LabelledReply([{"role": "user", "content": "q2"}], "bad", False)]
+    q3 = [{"role": "user", "content": "q3"}]
+    assert records[2] == [LabelledReply(q3, "c", True), LabelledReply(q3, "r", False)]
+
+
 def test_the_real_hh_rlhf_file_parses():
     prefs = load_preferences(HH_FILE)
     assert len(prefs) == 2312
@@ -103,6 +118,13 @@ def test_the_real_hh_rlhf_file_parses():
      r"bad\.jsonl:1: margin: expected a number"),
     (b'{"chosen": "no turns here", "rejected": "x"}\n', load_preferences, r"bad\.jsonl:1: chosen: expected a transcript"),
     (b'{"task": "x"}\n', load_prompts, r"bad\.jsonl:1: prompt: missing"),
+    (b'{"prompt": "q", "completion": "a", "label": "yes"}\n', load_labelled_records,
+     r"bad\.jsonl:1: label: expected bool, got str"),
+    (b'{"prompt": "q", "completion": "a"}\n', load_labelled_records, r"bad\.jsonl:1: label: missing"),
+    (b'{"prompt": "q", "completion": [{"role": "user", "content": "a"}], "label": true}\n', load_labelled_records,
+     r"bad\.jsonl:1: completion: expected one assistant message"),
+    (b'{"prompt": "q", "completion": " ", "label": false}\n', load_labelled_records,
+     r"bad\.jsonl:1: completion: is empty"),
 ])
 def test_malformed_inputs_name_file_line_and_field(tmp_path, content, loader, expected):
     path = tmp_path / "bad.jsonl"

@@ -1,6 +1,6 @@
 """End to end: `moss-rlhf demo --quick --rounds 2` runs every stage (the feedback loop twice), writes every output,
 and the reward model learned the simulated annotators' preferences better than chance; re-running skips finished
-stages; critic-free runs join the same directory and the report compares them; --from-stage redoes a stage without
+stages; critic-free, DPO and KTO runs join the same directory and the report compares them; --from-stage redoes a stage without
 losing earlier judgements."""
 
 from __future__ import annotations
@@ -45,13 +45,15 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                  "--ppo-steps", "2"]) == 0
     # DPO learns from the same labelled pairs, without the reward model
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "dpo"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "kto"]) == 0
     for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
                  "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json",
-                 "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json"):
+                 "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json",
+                 "kto/model/model.safetensors", "eval/kto_round1_vs_sft.json"):
         assert (out / path).exists(), path
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
-    assert "DPO from the preference pairs" in html
+    assert "DPO from the preference pairs" in html and "KTO from the preference pairs" in html
 
     from moss_rlhf.feedback.store import Store
 

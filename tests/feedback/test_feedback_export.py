@@ -7,6 +7,7 @@ import json
 import pytest
 from fbtools import add_pairwise_project
 
+from moss_rlhf.config import ConfigError
 from moss_rlhf.data.formats import load_preferences
 from moss_rlhf.feedback.export import ExportOptions, dump_judgements, export_preferences
 from moss_rlhf.feedback.store import Submission
@@ -130,3 +131,46 @@ def test_undecided_pairs_are_left_out(tmp_path, sqlite_store):
                else Submission(item_id=v.id, choice="B" if n == 0 else "A"))
     summary = export_preferences(sqlite_store, "p", tmp_path / "x.jsonl")
     assert summary.pairs == 0 and summary.undecided == 1
+
+
+def test_kto_records_from_ratings_and_both_bad(tmp_path, sqlite_store):
+    """Ratings of 5–7 make a response desirable and 1–3 undesirable (4 says neither); a "both bad" answer makes
+    both responses undesirable; per response the annotators' majority decides, a split vote is left out; A/B choices
+    say nothing of a response on its own. Every record loads as KTO data."""
+    from moss_rlhf.data.formats import load_labelled_records
+
+    pid = sqlite_store.create_project("kto", "rating", 3)
+    sqlite_store.add_items(pid, [{"messages": [{"role": "user", "content": "rate"}],
+                                  "responses": ["great", "fine", "awful", "split"], "task_type": "rating"}])
+    add_pairwise_project(sqlite_store, name="pairs", n_items=2, annotators_per_item=1)
+    people = [sqlite_store.add_annotator(f"a{i}")[0] for i in range(3)]
+    votes = {"great": [7, 6, 4], "fine": [4, 4, 5], "awful": [1, 2, 6], "split": [6, 2, 4]}
+
+    def answer(n, view):
+        if view.task_type == "rating":
+            return Submission(item_id=view.id, ratings={c.id: votes[c.text][n] for c in view.candidates})
+        both_bad = view.messages[0]["content"] == "question 0?"
+        return Submission(item_id=view.id, choice="both_bad" if both_bad else "A")
+
+    _label_all(sqlite_store, people, answer)
+    out = tmp_path / "kto.jsonl"
+    summary = export_preferences(sqlite_store, None, tmp_path / "prefs.jsonl", kto_path=out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    labels = {r["completion"]: r["label"] for r in rows}
+    assert labels == {"great": True, "awful": False, "good answer 0": False, "bad answer 0": False}
+    assert (summary.desirable, summary.undesirable) == (1, 3)
+    great = next(r for r in rows if r["completion"] == "great")
+    assert great["votes"] == 3 and great["agreement"] == pytest.approx(2 / 3)
+    assert great["mean_rating"] == pytest.approx(17 / 3)
+    replies = [r for record in load_labelled_records(out) for r in record]
+    assert [(r.reply, r.desirable) for r in replies] == [(r["completion"], r["label"]) for r in rows]
+    assert replies[0].prompt == [{"role": "user", "content": "rate"}]
+
+    strict = export_preferences(sqlite_store, None, tmp_path / "p.jsonl", ExportOptions(
+        kto_desirable_min=7, kto_undesirable_max=1, min_agreement=0.5), kto_path=tmp_path / "strict.jsonl")
+    strict_rows = [json.loads(line) for line in (tmp_path / "strict.jsonl").read_text().splitlines()]
+    # great: 7 / 4 / 6 → one desirable vote, two neutral: a neutral majority; awful: 1 / 2 / 6 → neutral too
+    assert {r["completion"] for r in strict_rows} == {"good answer 0", "bad answer 0"}
+    assert (strict.desirable, strict.undesirable) == (0, 2)
+    with pytest.raises(ConfigError, match="kto-undesirable-max"):
+        ExportOptions(kto_desirable_min=4, kto_undesirable_max=4)

@@ -1,16 +1,20 @@
-"""DPO and its family: the policy learns the preference from pairs alone (the first loss is exactly log 2: the policy
-starts as the reference), the reply log-probs equal a plain padded reference, gradient accumulation and 2 processes
-give the one-batch run, a killed run resumes exactly, every loss trains, the reference-free ones never load a
-reference, LoRA saves a merged model, and bad input is a clear error."""
+"""DPO and its family, and KTO: the policy learns the preference from pairs alone (the first loss is exactly log 2:
+the policy starts as the reference) or from unpaired labelled replies (KTO's first loss is exactly 1/2), the reply
+log-probs equal a plain padded reference, gradient accumulation and 2 processes give the one-batch run (KTO's
+reference point included), a killed run resumes exactly, every loss trains, the reference-free ones never load a
+reference, the KL monitor reads 0 for the reference itself, precomputed reference log-probs are reused only when they
+match, LoRA saves a merged model, and bad input is a clear error."""
 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 
 import pytest
 import torch
 
+from moss_rlhf.config import ConfigError
 from moss_rlhf.data.formats import load_preferences
 from moss_rlhf.runs import read_metrics
 from moss_rlhf.stages import dpo
@@ -26,6 +30,16 @@ def config(out, model_dir, data, **overrides) -> DPOConfig:
                   max_len=64)
     values.update(overrides)
     return DPOConfig(**values)
+
+
+def kto_rows(n: int, seed: int = 0) -> list[dict]:
+    """Unpaired records: the polite replies desirable, the rude ones undesirable (odd and even records), with replies
+    of different lengths."""
+    rows = []
+    for i, row in enumerate(varied_rows(n)):
+        good = i % 2 == 0
+        rows.append({"prompt": row["prompt"], "completion": row["chosen" if good else "rejected"], "label": good})
+    return rows
 
 
 def steady(rows):
@@ -75,30 +89,36 @@ def test_reply_logprobs_are_the_reply_tokens_log_probs(tiny_model_dir, tmp_path)
     assert len(set(counts.tolist())) > 1
 
 
-def test_gradient_accumulation_and_resume_are_exact(tmp_path, tiny_model_dir):
-    data = write_jsonl(tmp_path / "prefs.jsonl", varied_rows(80))
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_gradient_accumulation_and_resume_are_exact(tmp_path, tiny_model_dir, loss):
+    """KTO's reference point is a statistic of the whole global batch, computed before its first backward: 2 × 4
+    accumulated replies give the 8-reply step exactly, as the pairs of DPO do."""
+    rows = kto_rows(80) if loss == "kto" else varied_rows(80)
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
     losses = {}
     for name, batch, accum in (("8x1", 8, 1), ("2x4", 2, 4)):
         dpo.run(config(tmp_path / name, tiny_model_dir, data, batch_size=batch, grad_accum=accum, max_steps=3,
-                       eval_every=0))
+                       eval_every=0, kl_prompts=0, loss=loss, lr=2e-2 if loss == "kto" else 2e-3))
         losses[name] = [r["train/loss"] for r in read_metrics(tmp_path / name)]
     assert losses["8x1"] == pytest.approx(losses["2x4"], abs=1e-5)
+    assert len(set(losses["8x1"])) == 3  # the steps did learn: the reference point and loss moved
 
     out = tmp_path / "resumed"
-    dpo.run(config(out, tiny_model_dir, data, max_steps=6, save_every=3, keep_checkpoints=5, eval_every=3))
+    common = dict(max_steps=6, save_every=3, keep_checkpoints=5, eval_every=3, loss=loss, kl_prompts=4)
+    dpo.run(config(out, tiny_model_dir, data, **common))
     uninterrupted = read_metrics(out)
     shutil.rmtree(out / "checkpoints" / "step-00000006")  # as if killed after the step-3 checkpoint
-    dpo.run(config(out, tiny_model_dir, data, max_steps=6, save_every=3, keep_checkpoints=5, eval_every=3,
-                   resume=True))
+    dpo.run(config(out, tiny_model_dir, data, resume=True, **common))
     assert steady(read_metrics(out)) == steady(uninterrupted)
 
 
 @pytest.mark.parametrize("loss, extra", [("robust", {"label_smoothing": 0.1}), ("sigmoid", {"label_smoothing": 0.1}),
-                                         ("ipo", {}), ("hinge", {}), ("simpo", {"reference": "/nonexistent"}),
-                                         ("orpo", {"reference": "/nonexistent"})])
+                                         ("ipo", {}), ("hinge", {}),
+                                         ("simpo", {"reference": "/nonexistent", "kl_prompts": 0}),
+                                         ("orpo", {"reference": "/nonexistent", "kl_prompts": 0})])
 def test_every_loss_learns_the_preference(tmp_path, tiny_model_dir, loss, extra):
-    """A few steps of each loss raise the held-out margin; simpo and orpo are reference-free (a missing reference
-    path is never opened)."""
+    """A few steps of each loss raise the held-out margin; simpo and orpo are reference-free (without the KL monitor
+    a missing reference path is never opened)."""
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
     result = dpo.run(config(tmp_path / "run", tiny_model_dir, data, loss=loss, max_steps=12, eval_every=12,
                             **extra))
@@ -126,16 +146,18 @@ def test_bad_input_is_a_clear_error(tmp_path, tiny_model_dir, capsys):
                  "--out", str(tmp_path / "y")]) == 2
     assert "--beta" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses an unknown --loss, naming the choices
-        main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--loss", "kto", "--out", str(tmp_path)])
+        main(["dpo", "--model", str(tiny_model_dir), "--data", str(data), "--loss", "kt0", "--out", str(tmp_path)])
     assert exit_info.value.code == 2 and "sigmoid" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
-    """2 processes × 4 pairs give the run of 1 process × 8 pairs: the policy runs through DDP's forward, the loss is
-    divided by the global pair count, held-out metrics are reduced over processes."""
-    data = write_jsonl(tmp_path / "prefs.jsonl", varied_rows(120))
-    common = dict(max_steps=4, eval_every=2)
+@pytest.mark.parametrize("loss", ["sigmoid", "kto"])
+def test_two_processes_match_one_process(tmp_path, tiny_model_dir, loss):
+    """2 processes × 4 records give the run of 1 process × 8 records: the policy runs through DDP's forward, the loss
+    is divided by the global record count, KTO's reference point and held-out metrics (the sampled KL included:
+    each prompt is sampled with its own seed) are reduced over processes."""
+    data = write_jsonl(tmp_path / "data.jsonl", kto_rows(120) if loss == "kto" else varied_rows(120))
+    common = dict(max_steps=4, eval_every=2, loss=loss, kl_prompts=6)
     dpo.run(config(tmp_path / "single", tiny_model_dir, data, batch_size=8, **common))
     run_in_processes(dpo.run, config(tmp_path / "double", tiny_model_dir, data, batch_size=4, **common))
     single, double = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "double")
@@ -144,3 +166,93 @@ def test_two_processes_match_one_process(tmp_path, tiny_model_dir):
         for key in a:
             if key.startswith(("train/loss", "eval/")):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_kto_learns_from_unpaired_replies(tmp_path, tiny_model_dir, capsys):
+    """KTO on {prompt, completion, label} records alone: the first loss is exactly 1/2 (policy = reference: every
+    implicit reward and the reference point are 0), and training puts desirable replies above the reference point
+    and undesirable ones below it, while the policy moves away from the reference (sampled KL > 0)."""
+    data = write_jsonl(tmp_path / "kto.jsonl", kto_rows(240))
+    result = dpo.run(config(tmp_path / "run", tiny_model_dir, data, loss="kto", lr=2e-3, max_steps=30,
+                            kl_prompts=8))
+    out = capsys.readouterr().out
+    counts = re.search(r"kto: (\d+) desirable, (\d+) undesirable replies", out)
+    assert counts and int(counts[1]) + int(counts[2]) == 216  # 240 less the 10% held out
+    rows = read_metrics(tmp_path / "run")
+    assert rows[0]["train/loss"] == pytest.approx(0.5, abs=1e-6)
+    m = result.eval_metrics
+    assert m["eval/accuracy"] > 0.8 and m["eval/margin"] > 0
+    assert m["eval/chosen_reward"] > 0 > m["eval/rejected_reward"]
+    assert m["eval/reference_point"] >= 0 and m["eval/kl_per_reply"] > 0
+
+
+def test_kto_reads_pairs_as_two_labelled_replies(tmp_path, tiny_model_dir):
+    """A preference file trains KTO too: chosen desirable, rejected undesirable; held-out data splits by record."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(60))
+    result = dpo.run(config(tmp_path / "run", tiny_model_dir, data, loss="kto", lr=2e-3, max_steps=12,
+                            eval_every=12, kl_prompts=0))
+    assert result.eval_metrics["eval/accuracy"] > 0.8
+    train, held_out = dpo.load_data(config(tmp_path / "x", tiny_model_dir, data, loss="kto"),
+                                    load_tokenizer(str(tiny_model_dir)))
+    assert (len(train), len(held_out)) == (108, 12)  # 54 + 6 pairs, two replies each
+    assert int(held_out.desirable.sum()) == 6
+
+
+def test_mismatched_partners_pair_each_prompt_with_another_prompts_reply():
+    prompts = [[{"role": "user", "content": f"q{i // 2}"}] for i in range(10)]  # two records per prompt
+    partner = dpo.mismatched_partners(prompts, seed=3)
+    assert all(prompts[j] != prompts[i] for i, j in enumerate(partner))
+    assert partner == dpo.mismatched_partners(prompts, seed=3)
+    with pytest.raises(ConfigError, match="two different prompts"):
+        dpo.mismatched_partners(prompts[:2], seed=0)
+
+
+def test_kto_needs_both_kinds_of_reply(tmp_path, tiny_model_dir):
+    rows = [r for r in kto_rows(40) if r["label"]]
+    with pytest.raises(ConfigError, match="0 undesirable"):
+        dpo.run(config(tmp_path / "run", tiny_model_dir, write_jsonl(tmp_path / "d.jsonl", rows), loss="kto"))
+
+
+def test_kl_monitor_reads_zero_for_the_reference_itself(tmp_path, tiny_model_dir):
+    """The sampled KL of a policy to itself (a separate copy; or its LoRA form with zero adapters, whose reference
+    is the base with adapters off) is exactly 0; a changed policy reads above 0."""
+    from moss_rlhf import distributed
+    from moss_rlhf.models import LoraOptions, apply_lora, load_causal_lm
+
+    from moss_rlhf.evaluate import kl_on_prompts
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = [[{"role": "user", "content": f"Where did Ann go {i}?"}] for i in range(5)]
+    dist = distributed.init("cpu")
+
+    def kl(policy, reference):
+        return kl_on_prompts(policy, reference, tokenizer, prompts, max_new_tokens=12, max_len=64, batch_size=2,
+                             seed=0, dist=dist)
+
+    policy, reference = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
+    assert kl(policy, reference)["eval/kl_per_reply"] == 0.0
+    lora = apply_lora(load_causal_lm(str(tiny_model_dir)), LoraOptions(4, 16))
+    assert kl(lora, None)["eval/kl_per_reply"] == 0.0
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = kl(policy, reference)
+    assert moved["eval/kl_per_reply"] > 0 and moved["eval/kl_per_token"] > 0
+
+
+def test_precomputed_reference_log_probs_are_reused_only_when_they_match(tmp_path, tiny_model_dir, capsys):
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
+    cache = tmp_path / "ref.pt"
+    common = dict(max_steps=3, eval_every=0, kl_prompts=0, precompute_ref=str(cache))
+    dpo.run(config(tmp_path / "a", tiny_model_dir, data, **common))
+    assert cache.exists() and "read from" not in capsys.readouterr().out
+    dpo.run(config(tmp_path / "b", tiny_model_dir, data, **common))
+    assert "reference log-probs read from" in capsys.readouterr().out
+    assert steady(read_metrics(tmp_path / "a")) == steady(read_metrics(tmp_path / "b"))
+    other = write_jsonl(tmp_path / "other.jsonl", preference_rows(40, seed=5))
+    dpo.run(config(tmp_path / "c", tiny_model_dir, other, **common))
+    assert "other data's log-probs: scoring again" in capsys.readouterr().out
+    cache.write_bytes(b"not a torch file")
+    dpo.run(config(tmp_path / "d", tiny_model_dir, other, **common))
+    assert "unreadable" in capsys.readouterr().out
+    assert steady(read_metrics(tmp_path / "c")) == steady(read_metrics(tmp_path / "d"))

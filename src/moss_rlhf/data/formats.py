@@ -62,6 +62,15 @@ class Preference:
     margin: float = 0.0
 
 
+@dataclass(frozen=True)
+class LabelledReply:
+    """One unpaired judgement (KTO's data): ``reply`` to ``prompt`` is desirable or undesirable."""
+
+    prompt: list[Message]
+    reply: str
+    desirable: bool
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Rows: (source name, line number, object)
 
@@ -352,6 +361,25 @@ def _parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
     return Preference(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], float(margin))
 
 
+def parse_labelled_replies(row: dict, where: tuple[str, int | None]) -> list[LabelledReply]:
+    """A KTO record ``{prompt, completion, label}`` (TRL's unpaired layout: ``label`` true for desirable; the
+    completion a string or a one-message assistant list), or any preference record, which gives two: its chosen
+    reply desirable and its rejected one undesirable (TRL's conversion of paired data)."""
+    if "completion" not in row and "label" not in row:
+        pref = parse_preference(row, where)
+        return [LabelledReply(pref.prompt, pref.chosen, True), LabelledReply(pref.prompt, pref.rejected, False)]
+    label = _field(row, "label", where, bool)
+    completion = _field(row, "completion", where, (str, list))
+    if isinstance(completion, list):
+        turns = _messages(completion, where, "completion")
+        if len(turns) != 1 or turns[0]["role"] != "assistant":
+            raise DataError(where[0], where[1], "completion", "expected one assistant message")
+        completion = turns[0]["content"]
+    if not completion.strip():
+        raise DataError(where[0], where[1], "completion", "is empty")
+    return [LabelledReply(parse_prompt(row, where), completion, label)]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Loaders: whole files of one kind
 
@@ -373,6 +401,12 @@ def load_conversations(source: str | Path) -> list[list[Message]]:
 
 def load_preferences(source: str | Path) -> list[Preference]:
     return _load(source, parse_preference)
+
+
+def load_labelled_records(source: str | Path) -> list[list[LabelledReply]]:
+    """KTO data, one list per record (a preference record gives two replies): split held-out data by record, so the
+    two halves of a pair land on the same side."""
+    return _load(source, parse_labelled_replies)
 
 
 def load_prompts(source: str | Path) -> list[list[Message]]:

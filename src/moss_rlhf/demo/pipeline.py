@@ -3,7 +3,8 @@
 build the demo world → train the tokenizer → pretrain → SFT → sample response pairs from the SFT policy →
 simulated annotators judge them through the feedback store (the same path as people) → export preferences →
 reward model → RL (PPO-max by default; ``--algorithm grpo`` and the other critic-free recipes against the same
-reward model; ``--rl-reward gold``: RL against the gold judge itself, reported apart) → evaluate (gold judge, each
+reward model; ``--rl-reward gold``: RL against the gold judge itself, reported apart; ``--algorithm dpo`` or ``kto``:
+offline optimisation on the labelled pairs instead) → evaluate (gold judge, each
 RL run's final model vs SFT) → report (with a page comparing every RL run the directory holds).
 
 Every stage writes into ``DIR/<stage>``; ``DIR/pipeline.json`` records the finished ones (atomically), so re-running
@@ -33,11 +34,15 @@ from moss_rlhf.files import atomic_write_text
 STAGES = ("world", "tokenizer", "pretrain", "sft", "pairs", "label", "reward", "ppo", "evaluate", "report")
 LOOP_STAGES = ("pairs", "label", "reward", "ppo", "evaluate")  # repeated once per feedback round
 ALGORITHMS = ("ppo_max", "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "remax",  # `moss-rlhf rl --preset`s
-              "dpo")  # `moss-rlhf dpo`: from the labelled pairs, no reward model
+              "dpo", "kto")  # `moss-rlhf dpo [--loss kto]`: from the labelled pairs, no reward model
+OFFLINE = ("dpo", "kto")  # trained on the labelled pairs themselves by `moss-rlhf dpo`
 GOLD_REWARD = "moss_rlhf.demo.judge:gold_scores"  # the world's judge as a Python reward function (--reward-fn)
 # DPO on the labelled pairs: in a sweep on the default world (150 steps, win rate on the validation prompts) β 0.3 at
 # lr 1e-4 won 67% over SFT; β 0.1 won 62–65% at lr 5e-5–2e-4, with KL to SFT up to 0.71 per token at 2e-4
-DPO_BETA, DPO_LR = 0.3, 1e-4
+# KTO on the same pairs (each a desirable and an undesirable reply), 150 steps of 32 replies, same sweep: β 0.3 and
+# 0.5 at lr 1e-4 won 68.0% and 68.5%; β 0.1 won 63.0% (lr 1e-4) and 63.5% (2e-4)
+DPO_SETTINGS = (0.3, 1e-4, 16)  # β, lr, pairs per step
+KTO_SETTINGS = (0.3, 1e-4, 32)  # β, lr, replies per step: each pair gives two
 
 
 @dataclass
@@ -62,8 +67,8 @@ class DemoConfig(Config):
     sft_steps: int = option(0, "override the SFT steps (0: the preset's)", at_least=0)
     reward_steps: int = option(0, "override the reward-model steps (0: the preset's)", at_least=0)
     ppo_steps: int = option(0, "override the RL steps (0: the preset's)", at_least=0)
-    algorithm: str = option("ppo_max", "the RL recipe (a `moss-rlhf rl --preset`), or dpo (`moss-rlhf dpo` on the "
-                                       "labelled pairs); runs of several recipes share one pipeline directory and "
+    algorithm: str = option("ppo_max", "the RL recipe (a `moss-rlhf rl --preset`), or dpo / kto (`moss-rlhf dpo` "
+                                       "on the labelled pairs); runs of several recipes share one pipeline directory and "
                                        "the report compares them", choices=ALGORITHMS)
     rl_reward: str = option("model", "what RL optimises: 'model' (the reward model: RLHF) or 'gold' (the demo world's "
                                      "gold judge as a Python reward: RL against the gold judge, reported apart)",
@@ -75,8 +80,9 @@ class DemoConfig(Config):
             raise ConfigError(f"--from-stage must be one of {', '.join(STAGES)}, got {self.from_stage!r}")
         if self.rounds < 1:
             raise ConfigError("--rounds must be at least 1")
-        if self.rl_reward == "gold" and self.algorithm == "dpo":
-            raise ConfigError("--algorithm dpo learns from the labelled pairs; --rl-reward gold is for RL recipes")
+        if self.rl_reward == "gold" and self.algorithm in OFFLINE:
+            raise ConfigError(f"--algorithm {self.algorithm} learns from the labelled pairs; --rl-reward gold is for "
+                              f"RL recipes")
         if self.rl_reward == "gold" and self.eval_prompts:
             raise ConfigError("--rl-reward gold needs the demo world's prompts (the gold judge knows only its tasks); "
                               "leave out --eval-prompts")
@@ -85,15 +91,16 @@ class DemoConfig(Config):
     def rl_run(self) -> str:
         """The RL run's directory and stage name: ``ppo`` for PPO-max against the reward model (the pipeline's
         first layout), ``rl-<algorithm>`` for the others, with ``-gold`` when it optimises the gold judge."""
-        if self.algorithm in ("ppo_max", "dpo") and self.rl_reward == "model":
-            return "ppo" if self.algorithm == "ppo_max" else "dpo"
+        if self.algorithm in ("ppo_max", *OFFLINE) and self.rl_reward == "model":
+            return "ppo" if self.algorithm == "ppo_max" else self.algorithm
         return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "")
 
     @property
     def rl_label(self) -> str:
         from moss_rlhf.stages.rl import RECIPE_NAMES
 
-        return {**RECIPE_NAMES, "dpo": "DPO"}[self.algorithm] + (" against the gold judge" if self.rl_reward == "gold" else "")
+        gold = " against the gold judge" if self.rl_reward == "gold" else ""
+        return {**RECIPE_NAMES, "dpo": "DPO", "kto": "KTO"}[self.algorithm] + gold
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ BUDGETS = {
 def stage_of(key: str) -> str:
     """The stage a done-key belongs to: ``rl-grpo@2`` is an RL ("ppo") stage, ``evaluate-rl-grpo`` an evaluation."""
     name = key.split("@")[0]
-    return "ppo" if name.startswith("rl-") or name == "dpo" else "evaluate" if name.startswith("evaluate-") else name
+    return "ppo" if name.startswith("rl-") or name in OFFLINE else "evaluate" if name.startswith("evaluate-") else name
 
 
 class Pipeline:
@@ -212,7 +219,7 @@ def run(cfg: DemoConfig) -> dict:
                                                        uses_world))
         reward_model = str(sub("reward") / "model")
         run = sub(cfg.rl_run)
-        if cfg.algorithm == "dpo":
+        if cfg.algorithm in OFFLINE:
             pipe.run(cfg.rl_run + tag, lambda: _dpo_stage(cfg, budget, run, policy, sft_model, preference_files))
         else:
             pipe.run(cfg.rl_run + tag, lambda: _rl_stage(cfg, budget, run, policy, sft_model, reward_model,
@@ -406,17 +413,19 @@ def _rl_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference
 
 def _dpo_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference: str,
                preference_files: list[str]) -> dict:
-    """DPO from the labelled pairs the reward model learned from: the policy starts at ``policy`` (SFT in round 1),
-    the reference is SFT; held-out pairs report the reward accuracy."""
+    """DPO (or KTO, each pair a desirable and an undesirable reply) from the labelled pairs the reward model learned
+    from: the policy starts at ``policy`` (SFT in round 1), the reference is SFT; held-out records report the reward
+    accuracy."""
     from moss_rlhf.stages import dpo
 
-    dc = dpo.DPOConfig(out=str(out), model=policy, reference=reference, data=preference_files, loss="sigmoid",
-                       beta=DPO_BETA, lr=DPO_LR, batch_size=16, max_steps=budget.dpo_steps, warmup_steps=10,
+    loss, beta, lr, batch = ("kto", *KTO_SETTINGS) if cfg.algorithm == "kto" else ("sigmoid", *DPO_SETTINGS)
+    dc = dpo.DPOConfig(out=str(out), model=policy, reference=reference, data=preference_files, loss=loss,
+                       beta=beta, lr=lr, batch_size=batch, max_steps=budget.dpo_steps, warmup_steps=10,
                        eval_every=max(1, budget.dpo_steps // 4), save_every=max(1, budget.dpo_steps // 3),
                        max_len=128, resume=True, seed=cfg.seed, device=cfg.device)
     result = dpo.run(dc)
     m = result.eval_metrics
-    return {"summary": f"DPO: held-out reward accuracy {m.get('eval/accuracy', float('nan')):.3f}, margin "
+    return {"summary": f"{cfg.rl_label}: held-out reward accuracy {m.get('eval/accuracy', float('nan')):.3f}, margin "
                        f"{m.get('eval/margin', float('nan')):.3f} after {result.step} steps",
             **{k: m[k] for k in ("eval/accuracy", "eval/margin") if k in m}}
 

@@ -225,6 +225,8 @@ class ExportConfig(ExportOptions):
     project: str = option("", "project (name or id); default: all")
     out: str = option("feedback/preferences.jsonl", "preference JSONL for the reward model")
     ties_out: str = option("", "also write tie / both-bad majorities here (they are not preference pairs)")
+    kto_out: str = option("", "also write KTO records {prompt, completion, label} here: ratings (see "
+                              "--kto-desirable-min, --kto-undesirable-max) and 'both bad' answers, per response")
     raw_out: str = option("", "also dump every judgement (retracted ones flagged) as JSONL here")
 
 
@@ -233,11 +235,14 @@ def export(cfg: ExportConfig):
 
     store = Store(cfg.db, create=False)
     opts = ExportOptions(**{k: getattr(cfg, k) for k in ExportOptions.__dataclass_fields__})
-    summary = export_preferences(store, cfg.project or None, cfg.out, opts, cfg.ties_out or None)
+    summary = export_preferences(store, cfg.project or None, cfg.out, opts, cfg.ties_out or None, cfg.kto_out or None)
     agreement = "n/a" if summary.mean_agreement is None else f"{summary.mean_agreement:.2f}"
     print(f"feedback export: {summary.pairs} pairs from {summary.judgements} judgements on {summary.items} items "
           f"-> {cfg.out} (mean agreement {agreement}; {summary.ties} tie/both-bad, {summary.undecided} undecided, "
           f"{summary.below_agreement} below --min-agreement, {summary.identical} of identical replies left out)")
+    if cfg.kto_out:
+        print(f"feedback export: {summary.desirable} desirable and {summary.undesirable} undesirable KTO records -> "
+              f"{cfg.kto_out}")
     if cfg.raw_out:
         n = dump_judgements(store, cfg.project or None, cfg.raw_out)
         print(f"feedback export: {n} judgement rows -> {cfg.raw_out}")

@@ -25,7 +25,19 @@ Ties and both-bad majorities cannot be Bradley–Terry pairs and are left out of
 "both_bad", "agreement", "votes", "item_id"}``.
 
 With ``include_edits`` an annotator's edited ("made better") answer becomes ``chosen`` against every response of
-that item (margin ``margin_default``). Files are written atomically (temporary file, then rename).
+that item (margin ``margin_default``).
+
+KTO records (``kto_path``; read by ``moss-rlhf dpo --loss kto``)::
+
+    {"prompt": [messages], "completion": str, "label": bool, "item_id": int, "agreement": float, "votes": int,
+     "mean_rating": float | null, "source": str}
+
+carry what a judgement says of one response on its own, which a pair cannot: a rating of at least
+``kto_desirable_min`` (5 of 7) votes "desirable", one of at most ``kto_undesirable_max`` (3) "undesirable", one in
+between "neutral"; a "both bad" answer votes "undesirable" for both responses shown. (A / B / tie choices and
+rankings are relative and cast no such vote.) Per response the majority outcome wins, with the same undecided and
+``min_agreement`` rules as pairs; neutral majorities are left out. With ``include_edits`` an edited answer is a
+desirable record. Files are written atomically (temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moss_rlhf.config import Config, option
+from moss_rlhf.config import Config, ConfigError, option
 from moss_rlhf.feedback.store import FeedbackError
 from moss_rlhf.files import atomic_write_text
 
@@ -50,6 +62,15 @@ class ExportOptions(Config):
     include_gold: bool = option(True, "export gold (honeypot) items too")
     unranked_below: bool = option(False, "partial rankings: listed responses beat the unlisted ones")
     include_edits: bool = option(False, "an edited answer becomes 'chosen' against every response of its item")
+    kto_desirable_min: int = option(5, "KTO records: a 1–7 rating of at least this is desirable", at_least=1,
+                                    at_most=7)
+    kto_undesirable_max: int = option(3, "KTO records: a 1–7 rating of at most this is undesirable", at_least=1,
+                                      at_most=7)
+
+    def check(self) -> None:
+        if self.kto_undesirable_max >= self.kto_desirable_min:
+            raise ConfigError(f"--kto-undesirable-max ({self.kto_undesirable_max}) must be below "
+                              f"--kto-desirable-min ({self.kto_desirable_min})")
 
 
 @dataclass
@@ -62,6 +83,8 @@ class ExportSummary:
     below_agreement: int = 0
     identical: int = 0  # pairs whose two replies are the same text (no preference in them) left out
     edits: int = 0
+    desirable: int = 0  # KTO records
+    undesirable: int = 0
     mean_agreement: float | None = None
     outputs: dict[str, str] = field(default_factory=dict)
 
@@ -155,13 +178,50 @@ def item_pairs(item, judgements, opts: ExportOptions | None = None) -> tuple[lis
     return pairs, ties, counts
 
 
+def item_kto_rows(item, judgements, opts: ExportOptions | None = None) -> list[dict]:
+    """One item's KTO records: per response, the majority of its ratings' and "both bad" answers' votes."""
+    opts = opts or ExportOptions()
+    ballots: dict[int, list[str]] = defaultdict(list)
+    ratings: dict[int, list[int]] = defaultdict(list)
+    for j in judgements:
+        if getattr(j, "retracted", False):
+            continue
+        if j.ratings:
+            for cid, rating in j.ratings.items():
+                ratings[int(cid)].append(rating)
+                ballots[int(cid)].append("desirable" if rating >= opts.kto_desirable_min else
+                                         "undesirable" if rating <= opts.kto_undesirable_max else "neutral")
+        elif j.choice == "both_bad":
+            for cid in j.shown_order[:2]:
+                ballots[cid].append("undesirable")
+    rows = []
+    for c in sorted(item.candidates, key=lambda c: c.position):
+        tally = Counter(ballots.get(c.id, [])).most_common()
+        if not tally or len(tally) > 1 and tally[0][1] == tally[1][1]:
+            continue
+        outcome, n = tally[0]
+        agreement = n / len(ballots[c.id])
+        if outcome == "neutral" or agreement < opts.min_agreement or not c.text.strip():
+            continue
+        rated = ratings.get(c.id)
+        rows.append({"prompt": item.messages, "completion": c.text, "label": outcome == "desirable",
+                     "item_id": item.id, "agreement": round(agreement, 6), "votes": len(ballots[c.id]),
+                     "mean_rating": round(sum(rated) / len(rated), 6) if rated else None, "source": c.source})
+    if opts.include_edits:
+        rows += [{"prompt": item.messages, "completion": j.edited, "label": True, "item_id": item.id,
+                  "agreement": 1.0, "votes": 1, "mean_rating": None, "source": f"edit:{j.annotator}"}
+                 for j in judgements if not getattr(j, "retracted", False) and j.edited.strip()]
+    return rows
+
+
 def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def export_preferences(store, project: str | int | None, out_path: str | Path, opts: ExportOptions | None = None,
-                       ties_path: str | Path | None = None) -> ExportSummary:
-    """Write the project's aggregated preference pairs to ``out_path`` (and ties/both-bad to ``ties_path``)."""
+                       ties_path: str | Path | None = None, kto_path: str | Path | None = None) -> ExportSummary:
+    """Write the project's aggregated preference pairs to ``out_path`` (ties/both-bad to ``ties_path``, KTO records
+    to ``kto_path``)."""
     opts = opts or ExportOptions()
     project_id = store.require_project(project)
     items = [i for i in store.items(project_id) if opts.include_gold or i.gold is None]
@@ -173,11 +233,12 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
     for j in judgements:
         by_item[j.item_id].append(j)
     summary = ExportSummary(items=len(items), judgements=len(judgements))
-    all_pairs, all_ties = [], []
+    all_pairs, all_ties, all_kto = [], [], []
     for item in items:
         pairs, ties, counts = item_pairs(item, by_item.get(item.id, []), opts)
         all_pairs += pairs
         all_ties += ties
+        all_kto += item_kto_rows(item, by_item.get(item.id, []), opts) if kto_path else []
         summary.undecided += counts["undecided"]
         summary.below_agreement += counts["below_agreement"]
         summary.identical += counts["identical"]
@@ -190,6 +251,11 @@ def export_preferences(store, project: str | int | None, out_path: str | Path, o
     if ties_path:
         atomic_write_text(Path(ties_path), _jsonl(all_ties))
         summary.outputs["ties"] = str(ties_path)
+    if kto_path:
+        summary.desirable = sum(1 for r in all_kto if r["label"])
+        summary.undesirable = len(all_kto) - summary.desirable
+        atomic_write_text(Path(kto_path), _jsonl(all_kto))
+        summary.outputs["kto"] = str(kto_path)
     return summary
 
 
