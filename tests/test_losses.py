@@ -493,6 +493,37 @@ def test_kto_loss_and_gradient_match_the_reference():
     assert L.kto_reference_point(torch.tensor(-40.0), torch.tensor(-36.0), 4).item() == 0.0
 
 
+def test_info_nce_and_gradient_match_the_reference():
+    """InfoNCE of two views against -log softmax of the cosine similarities written out in plain floats, with the
+    gradient by central differences."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    b = a + 0.3 * torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    tau = 0.5
+
+    def reference(a_rows, b_rows):
+        def cos(u, v):
+            return sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+        out = []
+        for i, u in enumerate(a_rows):
+            logits = [cos(u, v) / tau for v in b_rows]
+            out.append(-(logits[i] - math.log(sum(math.exp(z) for z in logits))))
+        return out
+
+    a_param = a.clone().requires_grad_(True)
+    loss = L.info_nce(a_param, b, tau)
+    assert loss.tolist() == pytest.approx(reference(a.tolist(), b.tolist()), rel=1e-5)
+    loss.sum().backward()
+    h = 1e-6
+    for i, j in ((0, 0), (2, 1), (3, 2)):
+        up, down = a.clone(), a.clone()
+        up[i, j] += h
+        down[i, j] -= h
+        numeric = (sum(reference(up.tolist(), b.tolist())) - sum(reference(down.tolist(), b.tolist()))) / (2 * h)
+        assert a_param.grad[i, j].item() == pytest.approx(numeric, rel=1e-4, abs=1e-6)
+    assert L.info_nce(a[:1], b[:1], tau).item() == pytest.approx(0.0, abs=1e-7)  # no negative, nothing to learn
+
+
 def test_preference_losses_refuse_what_they_cannot_compute():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="unknown preference loss"):

@@ -16,7 +16,7 @@ def _commands() -> dict[str, tuple[str, type, object]]:
     from moss_rlhf import chat, evaluate, interpret, report, serve, tokenizer
     from moss_rlhf.demo import pipeline, world
     from moss_rlhf.feedback import commands as feedback
-    from moss_rlhf.stages import dpo, generate, pretrain, reward, rl, sft
+    from moss_rlhf.stages import dpo, generate, pretrain, reward, reward_eval, reward_strength, rl, sft
 
     return {
         "demo": ("the whole pipeline on the embedded demo world, with a report (about 10 minutes on a laptop CPU)",
@@ -29,7 +29,14 @@ def _commands() -> dict[str, tuple[str, type, object]]:
         "sft": ("supervised fine-tuning on conversations (assistant tokens only)", sft.SFTConfig, sft.run),
         "feedback": ("collect human feedback: labelling projects, web app, simulated annotators, agreement, export",
                      feedback.COMMANDS, None),
-        "reward": ("train a reward model on preference pairs (Bradley–Terry)", reward.RewardConfig, reward.run),
+        "reward": ("reward models: train (the default: `moss-rlhf reward --data …`), preference strength by an "
+                   "ensemble, evaluation", {
+                       "train": ("train a reward model on preference pairs (Bradley–Terry)", reward.RewardConfig,
+                                 reward.run),
+                       "strength": ("each pair's preference strength from an ensemble of reward models (Part II)",
+                                    reward_strength.StrengthConfig, reward_strength.run),
+                       "eval": ("a reward model's accuracy by preference strength, calibration, length bias and "
+                                "agreement with a judge", reward_eval.RewardEvalConfig, reward_eval.run)}, None),
         "rl": ("online RL from a reward model or Python rewards: PPO-max (default), GRPO, Dr.GRPO, DAPO, RLOO, "
                "REINFORCE++, ReMax (--preset)", rl.RLConfig, rl.run),
         "ppo": ("the same command as `rl` (PPO-max is its default preset)", rl.RLConfig, rl.run),
@@ -68,10 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEFAULT_SUBCOMMANDS = {"reward": "train"}  # `moss-rlhf reward --data …` trains, as before the group existed
+
+
+def with_default_subcommand(argv: list[str]) -> list[str]:
+    """``reward --data x`` → ``reward train --data x``; a named subcommand or ``--help`` is left alone."""
+    if argv and argv[0] in DEFAULT_SUBCOMMANDS:
+        group = _commands()[argv[0]][1]
+        if len(argv) == 1 or argv[1] not in group and argv[1] not in ("-h", "--help"):
+            return [argv[0], DEFAULT_SUBCOMMANDS[argv[0]], *argv[1:]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     from moss_rlhf import distributed
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(with_default_subcommand(sys.argv[1:] if argv is None else list(argv)))
     try:
         cfg = from_args(args._config, args)
         args._run(cfg)

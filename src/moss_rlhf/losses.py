@@ -9,8 +9,8 @@ What lives here (no model, no data, no I/O):
   (next-token cross-entropy returned as *sum and count* so that gradient
   accumulation over micro-batches is exactly equivalent to one big batch);
 * reward modelling: the Bradley-Terry pairwise loss with an optional margin and the
-  label smoothing of "Secrets of RLHF in Large Language Models Part II" (Wang et al.
-  2024);
+  label smoothing (or per-pair soft labels) of "Secrets of RLHF in Large Language
+  Models Part II" (Wang et al. 2024), and the InfoNCE term of its contrastive variant;
 * offline preference optimisation: DPO and its family (cDPO, robust DPO, IPO, SLiC hinge, SimPO, ORPO's odds
   ratio) from summed reply log-probs, and KTO's loss for unpaired desirable / undesirable replies;
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
@@ -118,22 +118,27 @@ def bradley_terry_loss(
     r_chosen: Tensor,
     r_rejected: Tensor,
     margin: Tensor | float | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | Tensor = 0.0,
     reduction: str = "mean",
 ) -> Tensor:
     """Pairwise reward-model loss ``-(1-e) log s(d) - e log s(-d)``, ``d = r_c - r_r - margin``.
 
     ``e = label_smoothing`` treats a fraction e of the human labels as flipped (Secrets of
-    RLHF Part II), which keeps the reward from growing without bound on easy pairs.
+    RLHF Part II), which keeps the reward from growing without bound on easy pairs. A
+    tensor ``e`` gives each pair its own share in [0, 1] (soft labels: the target
+    probability that the chosen reply wins is ``1 - e``).
     ``reduction`` is ``"mean"``, ``"sum"`` or ``"none"``.
     """
-    if not 0.0 <= label_smoothing <= 0.5:
+    if isinstance(label_smoothing, Tensor):
+        if not bool(((label_smoothing >= 0) & (label_smoothing <= 1)).all()):
+            raise ValueError("per-pair label_smoothing must be in [0, 1]")
+    elif not 0.0 <= label_smoothing <= 0.5:
         raise ValueError("label_smoothing must be in [0, 0.5]")
     d = r_chosen - r_rejected
     if margin is not None:
         d = d - margin
     loss = -F.logsigmoid(d)  # logsigmoid is stable for large |d|, unlike log(sigmoid(d))
-    if label_smoothing > 0:
+    if isinstance(label_smoothing, Tensor) or label_smoothing > 0:
         loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-d)
     if reduction == "mean":
         return loss.mean()
@@ -142,6 +147,15 @@ def bradley_terry_loss(
     if reduction == "none":
         return loss
     raise ValueError(f"unknown reduction {reduction!r}")
+
+
+def info_nce(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:
+    """Per-row InfoNCE of two views ``[N, H]`` (SimCSE, Gao et al. 2021): row i of ``view_a`` should be most similar
+    (cosine, divided by ``temperature``) to row i of ``view_b`` among all rows of ``view_b``:
+    ``-log softmax_j(cos(a_i, b_j) / τ)[i]``. One row has no negative and gives 0."""
+    a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
+    logits = a @ b.T / temperature
+    return -torch.log_softmax(logits, dim=-1).diagonal()
 
 
 # ----------------------------------------------------------------------------- offline preference optimisation

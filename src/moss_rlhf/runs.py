@@ -83,7 +83,7 @@ class RunDir:
         if earlier and not resume and not overwrite:
             raise ConfigError(f"--out {self.path} holds an earlier run ({', '.join(earlier)}): pass --resume to "
                               f"continue it, or --overwrite to delete it and start afresh")
-        changes = _resume_changes(self.path, cfg) if resume and (self.path / "checkpoints").exists() else {}
+        changes = resume_changes(self.path, cfg) if resume and (self.path / "checkpoints").exists() else {}
         refused = sorted(set(changes) - set(getattr(cfg, "resume_override", [])))
         if refused:
             shown = "; ".join(f"--{k.replace('_', '-')} {changes[k][0]!r} → {changes[k][1]!r}" for k in refused)
@@ -179,7 +179,7 @@ def _unlock(path: Path) -> None:
         os.close(held[0])
 
 
-def _resume_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
+def resume_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
     """Options whose value differs from the run's saved config.yaml, except those marked ``free_on_resume``
     (logging, checkpointing, the device...): the ones that would change the trajectory of the run."""
     saved_file = path / "config.yaml"

@@ -1,4 +1,4 @@
-"""The supervised training loop shared by pretraining, SFT and the reward model, the LM losses, and the optimizer,
+"""The supervised training loop shared by pretraining, SFT, the reward model and DPO, the LM losses, and the optimizer,
 schedule and gradient clipping every stage uses.
 
 One optimizer step, top to bottom:

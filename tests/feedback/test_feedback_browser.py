@@ -1,10 +1,12 @@
 """The labelling page in headless Chromium: sign in, label items with the keyboard only (pairwise with strength
 and rationale, a partial ranking, ratings, an undo, an edit box opened and left unchanged), find the rows in the
 database, check XSS payloads stay inert
-text, and save screenshots of the labelling and admin pages to test-artifacts/."""
+text, see the admin page's re-label queue, and save screenshots of the labelling and admin pages to
+test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import pytest
 from fbtools import running_server
 
+from moss_rlhf.feedback.relabel import create_relabel_project
 from moss_rlhf.feedback.simulate import AnnotatorModel, simulate
 
 CHROMIUM = "/usr/bin/chromium"
@@ -63,7 +66,16 @@ def _score(messages, response):
     return -len(response) / 20  # the sims like short answers
 
 
-def test_keyboard_labelling_in_chromium(sqlite_store):
+def _strength_file(folder: Path) -> Path:
+    """Pairs scored by a (pretend) reward-model ensemble, as `moss-rlhf reward strength` writes them."""
+    rows = [{"prompt": f"Fact {i}?", "chosen": f"yes {i}", "rejected": f"no {i}", "strength_mean": mean,
+             "strength_std": 0.2} for i, mean in enumerate([2.0, 1.1, 0.05, -0.3, 3.0])]
+    path = folder / "strength.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_keyboard_labelling_in_chromium(sqlite_store, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     store = sqlite_store
     _project(store)
@@ -160,6 +172,12 @@ def test_keyboard_labelling_in_chromium(sqlite_store):
             admin.wait_for_url(f"{url}/admin")
             assert "Krippendorff" in admin.content() and "maria" in admin.inner_text("table")
             admin.screenshot(path=str(ARTIFACTS / "feedback-admin.png"), full_page=True)
+            # the re-label queue: the pairs a reward-model ensemble is least sure of, most uncertain first
+            relabel_id, _ = create_relabel_project(store, "relabel-1", _strength_file(tmp_path), 3)
+            admin.goto(f"{url}/admin?project={relabel_id}")
+            queue = admin.locator("#uncertain tbody tr")
+            assert queue.count() == 3 and "Fact 2" in queue.nth(0).inner_text()
+            admin.screenshot(path=str(ARTIFACTS / "feedback-relabel-queue.png"), full_page=True)
             # an annotator may not open it
             page.goto(f"{url}/admin")
             assert "needs an admin token" in page.content()

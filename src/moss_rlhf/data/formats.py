@@ -19,6 +19,7 @@ Sources: ``.jsonl``, ``.jsonl.gz``, ``.json``, ``.json.gz``, ``.parquet``, ``.tx
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -54,12 +55,16 @@ class PromptRecord:
 
 @dataclass(frozen=True)
 class Preference:
-    """One comparison: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt`` (a conversation)."""
+    """One comparison: ``chosen`` is preferred to ``rejected`` as a reply to ``prompt`` (a conversation). A pair
+    scored by ``moss-rlhf reward strength`` also carries its preference strength: the mean and spread over an
+    ensemble of reward models of ``r(chosen) − r(rejected)``."""
 
     prompt: list[Message]
     chosen: str
     rejected: str
     margin: float = 0.0
+    strength_mean: float | None = None
+    strength_std: float | None = None
 
 
 @dataclass(frozen=True)
@@ -328,6 +333,12 @@ def parse_preference(row: dict, where: tuple[str, int | None]) -> Preference:
     pref = _parse_preference(row, where)
     if not math.isfinite(pref.margin):
         raise DataError(where[0], where[1], "margin", f"expected a finite number, got {pref.margin}")
+    if "strength_mean" in row or "strength_std" in row:
+        mean, std = (_field(row, key, where, (int, float)) for key in ("strength_mean", "strength_std"))
+        if not math.isfinite(mean) or not math.isfinite(std) or std < 0:
+            raise DataError(where[0], where[1], "strength_std" if math.isfinite(mean) else "strength_mean",
+                            f"expected finite numbers (std ≥ 0), got {mean}, {std}")
+        pref = dataclasses.replace(pref, strength_mean=float(mean), strength_std=float(std))
     if pref.chosen.strip() == pref.rejected.strip():
         raise DataError(where[0], where[1], "rejected", "is the same reply as chosen: a pair needs two different "
                                                          "replies")
@@ -401,6 +412,11 @@ def load_conversations(source: str | Path) -> list[list[Message]]:
 
 def load_preferences(source: str | Path) -> list[Preference]:
     return _load(source, parse_preference)
+
+
+def preference_record(pref: Preference) -> dict:
+    """A pair as the canonical ``{prompt, chosen, rejected, margin}`` record that :func:`load_preferences` reads."""
+    return {"prompt": pref.prompt, "chosen": pref.chosen, "rejected": pref.rejected, "margin": pref.margin}
 
 
 def load_labelled_records(source: str | Path) -> list[list[LabelledReply]]:

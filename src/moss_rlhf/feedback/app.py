@@ -38,6 +38,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from moss_rlhf.feedback.agreement import project_agreement
+from moss_rlhf.feedback.relabel import uncertain_items
 from moss_rlhf.feedback.store import (MAX_ID, AnnotatorInfo, FeedbackError, InvalidSubmission, ItemView, NotFound,
                                       Store, Submission, check_text)
 
@@ -465,7 +466,8 @@ def _summary(store: Store, project: str | int | None, only: int | None = None) -
         per_item[j.item_id] = per_item.get(j.item_id, 0) + 1
     complete = sum(1 for i in items if per_item.get(i.id, 0) >= needed) if needed else 0
     return {"project": current, "projects": projects, "annotators": rows, "agreement": report,
-            "complete_items": complete, "gold_items": sum(1 for i in items if i.gold is not None)}
+            "complete_items": complete, "gold_items": sum(1 for i in items if i.gold is not None),
+            "uncertain": uncertain_items(items, judgements)}
 
 
 def serve(store: Store, host: str = "127.0.0.1", port: int = 8000, project: str | int | None = None,

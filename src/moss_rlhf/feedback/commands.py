@@ -1,6 +1,6 @@
-"""``moss-rlhf feedback create|import|add-annotator|serve|simulate|agreement|export``: typed configs and the functions
-the CLI calls. Each takes ``--db``: a SQLAlchemy URL (``sqlite:///feedback.db``, ``postgresql+psycopg://…``) or a
-SQLite file path."""
+"""``moss-rlhf feedback create|import|add-annotator|serve|simulate|agreement|export|relabel``: typed configs and the
+functions the CLI calls. Each takes ``--db``: a SQLAlchemy URL (``sqlite:///feedback.db``,
+``postgresql+psycopg://…``) or a SQLite file path."""
 
 from __future__ import annotations
 
@@ -249,6 +249,34 @@ def export(cfg: ExportConfig):
     return summary
 
 
+@dataclass
+class RelabelConfig(Config):
+    db: str = option(DEFAULT_DB, DB_HELP)
+    name: str = option("", "the new project's name")
+    strength: str = option("", "a `moss-rlhf reward strength` output (strength.jsonl)")
+    count: int = option(100, "pairs to send back: the most uncertain (|mean strength| − std smallest) first",
+                        at_least=1)
+    annotators_per_item: int = option(2, "annotators who judge each pair again", at_least=1)
+    guideline_version: str = option("1", "guideline version recorded with every judgement")
+    guidelines: str = option("", "a text file of labelling guidelines shown on the labelling page")
+    append: bool = option(False, "add the items to an existing project of that name")
+
+    def check(self) -> None:
+        if not self.name or not self.strength:
+            raise ConfigError("give --name and --strength")
+
+
+def relabel(cfg: RelabelConfig) -> int:
+    from moss_rlhf.feedback.relabel import create_relabel_project
+
+    store = Store(cfg.db)
+    pid, added = create_relabel_project(store, cfg.name, cfg.strength, cfg.count, cfg.annotators_per_item,
+                                        cfg.guideline_version, _guidelines(cfg.guidelines), cfg.append)
+    print(f"feedback relabel: project {cfg.name!r} (id {pid}) has the {added} most uncertain pairs of "
+          f"{cfg.strength} -> {store.display_url}")
+    return pid
+
+
 COMMANDS = {
     "create": ("sample k responses per prompt from saved models into a new labelling project", CreateConfig, create),
     "import": ("import prompts with candidate responses (JSONL) into a new labelling project", ImportConfig, import_),
@@ -261,4 +289,6 @@ COMMANDS = {
     "agreement": ("inter-annotator agreement: Cohen, Fleiss, Krippendorff, consensus and gold", AgreementConfig,
                   agreement),
     "export": ("write preference pairs for the reward model (and a raw dump of every judgement)", ExportConfig, export),
+    "relabel": ("a project of the pairs the reward-model ensemble is least sure of (active learning)", RelabelConfig,
+                relabel),
 }

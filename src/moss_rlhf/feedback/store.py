@@ -984,7 +984,7 @@ def _configure_sqlite(engine) -> None:
 # Filling a project
 
 
-def _new_project(store: Store, name: str, task_type: str, annotators_per_item: int, guideline_version: str,
+def new_project(store: Store, name: str, task_type: str, annotators_per_item: int, guideline_version: str,
                  guidelines: str, append: bool) -> int:
     existing = store.project_id(name)
     if existing is not None:
@@ -1025,7 +1025,7 @@ def import_candidates(store: Store, name: str, jsonl_path: str | Path, annotator
         meta = {k: v for k, v in row.items() if k not in ("prompt", "messages", "responses", "gold", "task_type")}
         specs.append({"messages": messages, "responses": [{"text": r, "source": "import"} for r in responses],
                       "gold": gold, "task_type": item_type, "meta": meta})
-    project_id = _new_project(store, name, task_type, annotators_per_item, guideline_version, guidelines, append)
+    project_id = new_project(store, name, task_type, annotators_per_item, guideline_version, guidelines, append)
     store.add_items(project_id, specs)
     return project_id
 
@@ -1093,6 +1093,6 @@ def create_project_from_models(store: Store, name: str, prompts_path: str | Path
             dropped += 1
             continue
         specs.append({"messages": prompt, "responses": distinct, "task_type": kind, "meta": meta})
-    project_id = _new_project(store, name, kind, annotators_per_item, guideline_version, guidelines, append)
+    project_id = new_project(store, name, kind, annotators_per_item, guideline_version, guidelines, append)
     store.add_items(project_id, specs)
     return CreatedProject(project_id, len(specs), removed, dropped)

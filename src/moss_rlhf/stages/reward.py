@@ -6,7 +6,10 @@ SFT model and trained on preference pairs with the Bradley–Terry loss (Ouyang 
 with the options MOSS-RLHF uses ("Secrets of RLHF in Large Language Models Part II: Reward Modeling", Wang et al.
 2024): a margin from the annotators' strength of preference, label smoothing, and an auxiliary LM loss on the chosen
 reply (weight β) that keeps the backbone a language model. Ties and "both bad" are not pairs; the feedback export
-leaves them out.
+leaves them out. With pairs scored by ``moss-rlhf reward strength`` (an ensemble's preference strength), Part II's
+treatments of noisy labels, each a switch: drop the weakest share, flip the labels below a threshold, soft labels,
+an adaptive margin, reweighting by the ensemble's confidence; and its contrastive term (SimCSE-style InfoNCE on the
+pairs' difference representations).
 
 Each reply is rendered as PPO's rollouts and evaluation see it (``collate.reply_example``: ending at the reply's turn
 end), and the score is read at that turn end. The result is a Hugging Face ``*ForSequenceClassification`` directory
@@ -17,6 +20,7 @@ clipping, bf16, checkpoints, exact resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -27,9 +31,9 @@ from moss_rlhf.checkpoint import seed_everything
 from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, reply_example
-from moss_rlhf.data.formats import Preference, load_preferences
+from moss_rlhf.data.formats import Preference, load_preferences, preference_record
 from moss_rlhf.data.splits import load_split
-from moss_rlhf.losses import bradley_terry_loss
+from moss_rlhf.losses import bradley_terry_loss, info_nce
 from moss_rlhf.models import check_vocabulary, final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
@@ -50,6 +54,21 @@ class RewardConfig(TrainConfig):
     label_smoothing: float = option(0.0, "Bradley–Terry label smoothing ε in [0, 0.5)", at_least=0.0, below=0.5)
     lm_coef: float = option(0.0, "β: weight of the LM loss on the chosen reply (mean over its tokens, per pair)",
                             at_least=0.0)
+    # Part II's treatments of the pairs by their preference strength (`moss-rlhf reward strength`), training pairs only
+    drop_weakest: float = option(0.0, "leave out this share of the training pairs of lowest mean strength",
+                                 at_least=0.0, below=1.0)
+    flip_below: float | None = option(None, "flip the label of training pairs whose mean strength is below this "
+                                            "(0: where the ensemble disagrees with the label)")
+    soft_labels: bool = option(False, "train towards the ensemble's probability σ(mean strength) that the label is "
+                                      "right, not towards 1")
+    adaptive_margin: float = option(0.0, "add this × max(mean strength, 0) to each pair's margin", at_least=0.0)
+    reweight: bool = option(False, "weight each pair by the ensemble's confidence |2σ(mean strength) − 1| "
+                                   "(normalised to mean 1)")
+    contrastive_weight: float = option(0.0, "weight of the SimCSE-style contrastive term on each pair's difference "
+                                            "representation h(chosen) − h(rejected) (Part II; 0: off)", at_least=0.0)
+    contrastive_temperature: float = option(0.05, "temperature τ of the contrastive term", above=0.0)
+    contrastive_dropout: float = option(0.1, "feature dropout that makes the contrastive term's two views",
+                                        above=0.0, below=1.0)
     max_steps: int = option(200, "optimizer steps to run", at_least=1)
     batch_size: int = option(16, "pairs per micro-batch per process", at_least=1)
     lr: float = option(1e-4, "peak learning rate (AdamW)", above=0.0)
@@ -68,15 +87,55 @@ def pair_examples(tokenizer, pref: Preference, max_len: int) -> tuple[Example, E
             reply_example(tokenizer, pref.prompt, pref.rejected, max_len))
 
 
-def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig) -> TokenData:
+def uses_strength(cfg: RewardConfig) -> bool:
+    return bool(cfg.drop_weakest or cfg.flip_below is not None or cfg.soft_labels or cfg.adaptive_margin
+                or cfg.reweight)
+
+
+def treat_by_strength(prefs: list[Preference], cfg: RewardConfig) -> tuple[list[Preference], dict[str, int]]:
+    """Part II's treatments of noisy pairs, in this order: drop the ``--drop-weakest`` share of lowest mean strength,
+    then flip the labels below ``--flip-below`` (a flipped pair's strength changes sign with it). Soft labels,
+    adaptive margins and weights are read per pair in :func:`pair_data`."""
+    if not uses_strength(cfg):
+        return prefs, {}
+    missing = sum(1 for p in prefs if p.strength_mean is None)
+    if missing:
+        raise ConfigError(f"--drop-weakest, --flip-below, --soft-labels, --adaptive-margin and --reweight need each "
+                          f"pair's strength_mean; {missing} of {len(prefs)} pairs have none (score them with "
+                          f"`moss-rlhf reward strength`)")
+    kept = sorted(prefs, key=lambda p: p.strength_mean)[round(cfg.drop_weakest * len(prefs)):]
+    kept_ids = {id(p) for p in kept}
+    out, flipped = [], 0
+    for p in (p for p in prefs if id(p) in kept_ids):  # the original order
+        if cfg.flip_below is not None and p.strength_mean < cfg.flip_below:
+            p = dataclasses.replace(p, chosen=p.rejected, rejected=p.chosen, strength_mean=-p.strength_mean)
+            flipped += 1
+        out.append(p)
+    return out, {"dropped": len(prefs) - len(out), "flipped": flipped}
+
+
+def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig, training: bool = True) -> TokenData:
+    """Token pairs with, per pair, its margin, its target probability that the chosen reply wins (1, or the
+    ensemble's σ(mean strength) with ``--soft-labels``) and its weight (1, or the ensemble's confidence). Held-out
+    pairs (``training=False``) are measured as labelled: no strength treatment."""
     pairs = [pair_examples(tokenizer, p, cfg.max_len) for p in prefs]
     margins = torch.tensor([p.margin if cfg.use_margin else 0.0 for p in prefs], dtype=torch.float32)
+    targets, weights = torch.ones(len(prefs)), torch.ones(len(prefs))
+    if training and uses_strength(cfg) and prefs:
+        strength = torch.tensor([p.strength_mean for p in prefs], dtype=torch.float32)
+        margins += cfg.adaptive_margin * strength.clamp(min=0)
+        if cfg.soft_labels:
+            targets = torch.sigmoid(strength)
+        if cfg.reweight:
+            confidence = (2 * torch.sigmoid(strength) - 1).abs()
+            weights = confidence / confidence.mean().clamp(min=1e-8)
 
     def batch(indices: list[int]) -> dict[str, torch.Tensor]:
         # chosen rows first, then rejected rows: one forward pass scores both
         padded = pad_examples([pairs[i][0] for i in indices] + [pairs[i][1] for i in indices],
                               tokenizer.pad_token_id)
         padded["margin"] = margins[indices]
+        padded["target"], padded["weight"] = targets[indices], weights[indices]
         padded["n_targets"] = torch.tensor(len(indices))
         return padded
 
@@ -85,27 +144,43 @@ def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig) -> TokenDat
 
 class RewardLoss:
     """Bradley–Terry loss (+ β × the chosen reply's mean token LM loss), summed over the pairs of a batch: each pair
-    contributes the same whatever else shares its micro-batch, so accumulation equals one big batch."""
+    contributes the same whatever else shares its micro-batch, so accumulation equals one big batch.
+
+    With ``--contrastive-weight`` the SimCSE-style term of Part II joins it: each pair's difference representation
+    (the final hidden states at the two replies' score positions, chosen minus rejected) is seen twice through
+    independent feature dropout, and InfoNCE asks each view to pick its twin among the micro-batch's other pairs —
+    so the representation the score head reads keeps pairs apart instead of collapsing onto one "easy" feature. Its
+    negatives are the micro-batch's pairs, so this term (alone) depends on how a batch is split."""
 
     def __init__(self, cfg: RewardConfig, lm_head: torch.nn.Parameter | None):
         self.cfg = cfg
         self.lm_head = lm_head
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        chosen, rejected, lm_sum, n_pairs = self.forward(model, batch)
-        loss = bradley_terry_loss(chosen, rejected, batch["margin"], self.cfg.label_smoothing, reduction="sum")
-        if self.lm_head is not None:
-            loss = loss + self.cfg.lm_coef * lm_sum
-        return loss
+        chosen, rejected, aux_sum, n_pairs = self.forward(model, batch)
+        # a soft target p is label smoothing of 1 − p; --label-smoothing ε then smooths that target once more
+        eps = self.cfg.label_smoothing
+        smoothing = eps + (1 - 2 * eps) * (1 - batch["target"]) if "target" in batch else eps
+        per_pair = bradley_terry_loss(chosen, rejected, batch["margin"], smoothing, reduction="none")
+        loss = (per_pair * batch["weight"]).sum() if "weight" in batch else per_pair.sum()
+        return loss + aux_sum
 
     def forward(self, model, batch):
+        """Rewards of the chosen and the rejected replies, the auxiliary terms' weighted sum (LM, contrastive) and
+        the pair count."""
         mask = batch["attention_mask"]
         hidden = final_hidden_states(model, batch["input_ids"], mask)
         values = score_head(unwrap(model))(hidden).squeeze(-1).float()
         last = mask.long().sum(-1) - 1  # right padding: the last real token
         rewards = values.gather(1, last[:, None]).squeeze(1)
         n = rewards.shape[0] // 2
-        lm_sum = torch.zeros((), device=rewards.device)
+        aux_sum = torch.zeros((), device=rewards.device)
+        if self.cfg.contrastive_weight > 0 and torch.is_grad_enabled():
+            at_score = hidden[torch.arange(2 * n, device=hidden.device), last].float()
+            difference = at_score[:n] - at_score[n:]
+            p = self.cfg.contrastive_dropout
+            views = [torch.nn.functional.dropout(difference, p, training=True) for _ in range(2)]
+            aux_sum = aux_sum + self.cfg.contrastive_weight * info_nce(*views, self.cfg.contrastive_temperature).sum()
         if self.lm_head is not None:
             targets = batch["labels"][:n, 1:]
             counted = targets != IGNORE
@@ -114,8 +189,8 @@ class RewardLoss:
                                                            targets[counted], reduction="none")
             rows = counted.nonzero()[:, 0]
             per_pair = torch.zeros(n, device=rewards.device).index_add(0, rows, token_loss)
-            lm_sum = (per_pair / counted.sum(1).clamp(min=1)).sum()
-        return rewards[:n], rewards[n:], lm_sum, n
+            aux_sum = aux_sum + self.cfg.lm_coef * (per_pair / counted.sum(1).clamp(min=1)).sum()
+        return rewards[:n], rewards[n:], aux_sum, n
 
 
 @torch.no_grad()
@@ -167,10 +242,14 @@ def run(cfg: RewardConfig) -> LoopResult:
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
     prefs, held_out = load_split(load_preferences, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                  "preference pairs in --data")
+    prefs, treated = treat_by_strength(prefs, cfg)  # the held-out pairs keep their labels: measured as labelled
+    if dist.is_main and treated:
+        print(f"reward: strength: {treated['dropped']} weakest pairs left out, {treated['flipped']} labels flipped"
+              + ("; soft labels" if cfg.soft_labels else "") + ("; reweighted" if cfg.reweight else "")
+              + (f"; adaptive margin {cfg.adaptive_margin:g} × strength" if cfg.adaptive_margin else ""))
     if dist.is_main:
         atomic_write_text(run_dir.path / "held_out.jsonl", "".join(
-            json.dumps({"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin},
-                       ensure_ascii=False) + "\n" for p in held_out))
+            json.dumps(preference_record(p), ensure_ascii=False) + "\n" for p in held_out))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model")
     model = load_scorer(cfg.model, tokenizer)
     check_vocabulary(model, tokenizer)
@@ -184,7 +263,7 @@ def run(cfg: RewardConfig) -> LoopResult:
             lm_head = model.aux_lm_head
         del lm
     loss_fn = RewardLoss(cfg, lm_head)
-    train, evaluation = pair_data(tokenizer, prefs, cfg), pair_data(tokenizer, held_out, cfg)
+    train, evaluation = pair_data(tokenizer, prefs, cfg), pair_data(tokenizer, held_out, cfg, training=False)
     if dist.is_main:
         print(f"reward: {len(prefs)} training pairs, {len(held_out)} held out; from {cfg.model}")
     result = train_lm(cfg, model, tokenizer, train, loss_fn, run_dir, dist,
