@@ -154,21 +154,30 @@ def sampled(model, tokenizer, prompts: list[list[dict]], cfg: SamplingConfig, ba
     return sample_replies(BuiltinSampler(model, tokenizer), tokenizer, prompts, cfg, seed, batch_size)
 
 
+def reply_log_ratios(model_a, model_b, rollout, temperature: float = 1.0):
+    """Per reply ``[b]``: the sum over its tokens of log A_T − log B_T, both scored at ``temperature``. ``model_b``
+    None: ``model_a`` (a LoRA model) with its adapters off."""
+    import torch
+
+    from moss_rlhf.rollout import reference_context, response_logprobs
+
+    r = rollout
+    args = (r.sequences, r.attention_mask, r.position_ids, r.response_ids.shape[1], temperature)
+    with torch.no_grad():
+        logps = response_logprobs(model_a, *args)[0]
+        with reference_context(model_a, model_b):
+            other = response_logprobs(model_a if model_b is None else model_b, *args)[0]
+    return torch.where(r.response_mask.bool(), logps - other, 0.0).sum(-1)
+
+
 def kl_on_samples(model_a, model_b, rollouts, temperature: float) -> dict[str, float]:
     """KL(A_T ‖ B_T) estimated on A's samples from A_T: per reply, the sum over its tokens of log A_T − log B_T
     (both scored at ``temperature``, the one the samples were drawn at)."""
-    import torch
-
-    from moss_rlhf.rollout import response_logprobs
-
     sequence_kls: list[float] = []
     counts: list[int] = []
-    with torch.no_grad():
-        for r in rollouts:
-            args = (r.sequences, r.attention_mask, r.position_ids, r.response_ids.shape[1], temperature)
-            ratio = (response_logprobs(model_a, *args)[0] - response_logprobs(model_b, *args)[0]) * r.response_mask
-            sequence_kls.extend(ratio.sum(-1).tolist())
-            counts.extend(r.response_mask.sum(-1).tolist())
+    for r in rollouts:
+        sequence_kls.extend(reply_log_ratios(model_a, model_b, r, temperature).tolist())
+        counts.extend(r.response_mask.sum(-1).tolist())
     return {**kl_summary(sequence_kls, counts), "temperature": temperature}
 
 
@@ -182,7 +191,6 @@ def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, ma
 
     from moss_rlhf import distributed
     from moss_rlhf.models import unwrap
-    from moss_rlhf.rollout import reference_context, response_logprobs
     from moss_rlhf.sampling import encode_prompts, prompt_seeds
     from moss_rlhf.sampling.builtin import BuiltinSampler
 
@@ -197,13 +205,9 @@ def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, ma
             chunk = mine[start:start + batch_size]
             r = sampler.generate(encode_prompts(tokenizer, [prompts[i] for i in chunk], max_len), sampling,
                                  prompt_seeds(seed, chunk))
-            args = (r.sequences, r.attention_mask, r.position_ids, r.response_ids.shape[1])
-            logps = response_logprobs(policy, *args)[0]
-            with reference_context(policy, reference):
-                ref_logps = response_logprobs(policy if reference is None else reference, *args)[0]
-            mask = r.response_mask.bool()
-            totals += torch.tensor([float(torch.where(mask, logps - ref_logps, 0.0).sum()), float(mask.sum()),
-                                    float(len(chunk))], dtype=torch.float64, device=dist.device)
+            totals += torch.tensor([float(reply_log_ratios(policy, reference, r).sum()),
+                                    float(r.response_mask.sum()), float(len(chunk))],
+                                   dtype=torch.float64, device=dist.device)
     distributed.all_reduce_sum(totals)
     return {"eval/kl_per_reply": float(totals[0] / totals[2]), "eval/kl_per_token": float(totals[0] / totals[1])}
 

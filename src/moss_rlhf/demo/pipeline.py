@@ -68,8 +68,8 @@ class DemoConfig(Config):
     reward_steps: int = option(0, "override the reward-model steps (0: the preset's)", at_least=0)
     ppo_steps: int = option(0, "override the RL steps (0: the preset's)", at_least=0)
     algorithm: str = option("ppo_max", "the RL recipe (a `moss-rlhf rl --preset`), or dpo / kto (`moss-rlhf dpo` "
-                                       "on the labelled pairs); runs of several recipes share one pipeline directory and "
-                                       "the report compares them", choices=ALGORITHMS)
+                                       "on the labelled pairs); runs of several recipes share one pipeline directory "
+                                       "and the report compares them", choices=ALGORITHMS)
     rl_reward: str = option("model", "what RL optimises: 'model' (the reward model: RLHF) or 'gold' (the demo world's "
                                      "gold judge as a Python reward: RL against the gold judge, reported apart)",
                             choices=("model", "gold"))

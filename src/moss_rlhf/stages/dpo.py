@@ -341,8 +341,8 @@ def run(cfg: DPOConfig) -> LoopResult:
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model")
     train, evaluation = load_data(cfg, tokenizer)
-    if cfg.loss == "kto":
-        kto_balance(train.desirable, cfg)  # on every process: a one-sided data set stops them all
+    # on every process: a one-sided data set stops them all
+    balance = kto_balance(train.desirable, cfg) if cfg.loss == "kto" else ""
     reference = None  # scored once, before the policy exists: one model in memory at a time, unless the KL monitor
     if cfg.loss not in REFERENCE_FREE:
         reference = score_references(cfg, [train, evaluation], dist)
@@ -358,8 +358,8 @@ def run(cfg: DPOConfig) -> LoopResult:
         print(f"dpo: loss {cfg.loss} (β {cfg.beta:g}); {len(train)} training {what}, {len(evaluation)} held out; "
               f"from {cfg.model}" + ("" if cfg.loss in REFERENCE_FREE else f", reference {cfg.reference or cfg.model}")
               + (f"; KL monitor on {cfg.kl_prompts} held-out prompts" if cfg.kl_prompts else ""))
-        if cfg.loss == "kto":
-            print(kto_balance(train.desirable, cfg))
+        if balance:
+            print(balance)
     # KTO: z0 of the whole global batch, before its first backward
     step_constants = partial(kto_batch_point, device=dist.device, precision=cfg.precision) if cfg.loss == "kto" else None
     result = train_lm(cfg, model, tokenizer, train.token_data(), loss_fn, run_dir, dist, desc="dpo",
