@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from moss_rlhf import distributed
 from moss_rlhf.checkpoint import Checkpointer, seed_everything
 from moss_rlhf.config import TrainConfig
 from moss_rlhf.losses import RunningMoments
@@ -31,7 +32,7 @@ def test_restore_puts_back_exactly_what_was_saved(tmp_path, tiny_model_dir, lora
 
     def fresh():
         model = apply_lora(load_causal_lm(str(tiny_model_dir)), LoraOptions(lora_r, 8))
-        trainee = Trainee.create(model, TrainConfig(lr=1e-2, warmup_steps=2, max_steps=10))
+        trainee = Trainee.create(model, TrainConfig(lr=1e-2, warmup_steps=2, max_steps=10), distributed.init("cpu"))
         moments = RunningMoments()
         objects = {"policy": model, "opt": trainee.optimizer, "schedule": trainee.schedule, "moments": moments}
         return trainee, moments, Checkpointer(tmp_path / "ckpt", objects, tokenizer, keep=2, desc="test")

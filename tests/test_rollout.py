@@ -121,3 +121,47 @@ def test_group_geometry_keeps_groups_whole():
                              ({"mini_batch": 12}, "multiple of --mini-batch")):
         with pytest.raises(ConfigError, match=message):
             plan_batches(type("Bad", (Groups,), changes), world_size=2)
+
+
+def _refill_sizes(model_dir: str, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from moss_rlhf import distributed
+    from moss_rlhf.data.formats import PromptRecord
+    from moss_rlhf.rollout import sample_groups
+
+    d = distributed.init("cpu")
+    tokenizer = load_tokenizer(model_dir)
+    sampler = BuiltinSampler(load_causal_lm(model_dir), tokenizer)
+    prompts = [PromptRecord([{"role": "user", "content": f"Where did {name} go?"}]) for name in ("Lin", "Bo", "Mei")]
+    sizes: list[int] = []
+
+    def score(rollout, records):  # process 0: every group's rewards equal (all refilled); process 1: none
+        sizes.append(len(records))
+        return (torch.zeros(len(records)) if d.rank == 0 else torch.arange(len(records)).float()), {}
+
+    grouped = sample_groups(sampler, tokenizer, prompts, [0, 1], [2 * d.rank, 2 * d.rank + 1],
+                            SamplingConfig(max_new_tokens=3), score, group_size=2, seed=0, max_prompt_len=32,
+                            dynamic_tries=2, lockstep=True)
+    everyone: list = [None, None]
+    dist.all_gather_object(everyone, (sizes, grouped.sampled_groups, len(grouped.records)))
+    if d.is_main:
+        with open(out, "w") as fh:
+            json.dump(everyone, fh)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_refills_in_lockstep_for_a_sharded_reward_model(tmp_path, tiny_model_dir):
+    """A sharded reward model's forward is a collective: with ``lockstep`` the process with nothing to refill
+    scores as many dummy groups as the other refills, and drops them (its own groups and counts are unchanged)."""
+    import json
+
+    from tests.conftest import run_in_processes
+
+    run_in_processes(_refill_sizes, str(tiny_model_dir), str(tmp_path / "sizes.json"))
+    (sizes_0, sampled_0, kept_0), (sizes_1, sampled_1, kept_1) = json.loads((tmp_path / "sizes.json").read_text())
+    assert sizes_0 == sizes_1 == [4, 4, 4]  # the first draw, then two refills of both groups, on both processes
+    assert (sampled_0, sampled_1) == (6, 2)  # process 1 refilled nothing: its dummies are not counted
+    assert kept_0 == kept_1 == 4

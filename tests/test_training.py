@@ -99,7 +99,8 @@ def test_clipping_reports_the_norm_before_clipping_and_trainee_steps():
     assert model.weight.grad.norm().item() == pytest.approx(5.0)
     assert clip_gradients(model, 1.0) == pytest.approx(5.0)
     assert model.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-4)
-    trainee = Trainee.create(model, TrainConfig(lr=0.1, weight_decay=0.0, warmup_steps=0), max_grad_norm=1.0)
+    trainee = Trainee.create(model, TrainConfig(lr=0.1, weight_decay=0.0, warmup_steps=0), distributed.init("cpu"),
+                             max_grad_norm=1.0)
     before = model.weight.detach().clone()
     model.weight.grad = torch.tensor([[30.0, 0.0, 40.0]])
     assert trainee.step() == pytest.approx(50.0)
@@ -114,7 +115,7 @@ def test_ptx_term_is_coef_times_the_mean_token_loss(tiny_model_dir, conversation
     assert all(torch.equal(batches(7)[k], batches(7)[k]) for k in batches(7))  # a pure function of the update
     assert not torch.equal(batches(7)["input_ids"], batches(8)["input_ids"])
     batch = batches(0)
-    trainee = Trainee.create(model, TrainConfig())
+    trainee = Trainee.create(model, TrainConfig(), dist)
     loss = lm_backward(trainee, batch, coef=0.5, world_size=1)
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -137,3 +138,31 @@ def test_a_data_set_smaller_than_one_global_batch_is_a_clear_error(tmp_path, tin
     with pytest.raises(ConfigError, match="5 training examples are fewer than one global batch"):
         train_lm(cfg, load_causal_lm(str(tiny_model_dir)), tokenizer, data, target_loss,
                  RunDir(cfg.out, cfg), distributed.init("cpu"))
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients(tmp_path, tiny_model_dir, conversations_file,
+                                                                 monkeypatch):
+    """--activation-checkpointing trades memory for a second forward in backward: the same losses and weights."""
+    import transformers.modeling_utils
+    from safetensors.torch import load_file
+
+    calls, checkpoint = [], transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+
+    from moss_rlhf.runs import read_metrics
+    from moss_rlhf.stages import sft
+    from moss_rlhf.stages.sft import SFTConfig
+
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / str(checkpointing)
+        sft.run(SFTConfig(out=str(out), model=str(tiny_model_dir), data=[str(conversations_file)], max_steps=3,
+                          batch_size=4, seq_len=64, max_len=64, lr=3e-3, warmup_steps=1, log_every=1, eval_every=0,
+                          save_every=0, progress=False, device="cpu", activation_checkpointing=checkpointing))
+        runs[checkpointing] = ([r["train/loss"] for r in read_metrics(out)],
+                               load_file(out / "model" / "model.safetensors"))
+        assert bool(calls) == checkpointing  # each block's forward went through torch.utils.checkpoint
+    assert runs[True][0] == pytest.approx(runs[False][0], abs=1e-6)
+    for key, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][key], value, rtol=1e-5, atol=1e-6, msg=key)

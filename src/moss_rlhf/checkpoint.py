@@ -9,6 +9,11 @@ Layout of a checkpoint::
                        controllers), LoRA adapter weights, the RNG states, the step and the loop's plain values
         manifest.json  the SHA-256 of every file above
 
+With models sharded by FSDP (``--parallel fsdp``), those models and their optimizers go to ``sharded/`` instead, through
+``torch.distributed.checkpoint``: every process writes its own shards (no process ever holds a whole model or
+optimizer), and a resumed run must have as many processes. The final model is still one ``save_pretrained``
+directory (``models.save_model`` gathers it once).
+
 A checkpoint is written into a temporary directory, fsynced and renamed into place (``files.atomic_directory``), so
 a run killed at any moment leaves either the previous checkpoint or the new one, never half of one; only the last
 ``keep`` are kept. ``restore()`` loads the newest checkpoint whose files match its manifest into the very objects
@@ -18,6 +23,7 @@ hand) is passed over with a warning for the one before it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -26,8 +32,9 @@ from typing import Any
 
 import torch
 
+from moss_rlhf import distributed
 from moss_rlhf.config import ConfigError
-from moss_rlhf.files import atomic_directory, checksums
+from moss_rlhf.files import atomic_directory, checksums, staging_path
 
 
 class Checkpointer:
@@ -42,28 +49,49 @@ class Checkpointer:
         self.keep = keep
         self.is_main = is_main
         self.desc = desc
+        # name -> model for the sharded models, name -> (its model, optimizer) for their optimizers
+        self.sharded = {k: m for k, m in objects.items() if isinstance(m, torch.nn.Module) and
+                        distributed.is_sharded(m)}
+        self.sharded_optimizers = {k: (owner, o) for k, o in objects.items() if isinstance(o, torch.optim.Optimizer)
+                                   for owner in self.sharded.values() if _holds(owner, o)}
 
     def latest(self) -> Path | None:
         """The newest intact checkpoint (its files match its manifest), or None."""
         return next((c for c in reversed(sorted(self.root.glob("step-*"))) if intact(c)), None)
 
     def save(self, step: int, **values: Any) -> Path | None:
-        """Write ``checkpoints/step-N`` with every tracked object and ``values`` (plain Python data)."""
-        if not self.is_main:
+        """Write ``checkpoints/step-N`` with every tracked object and ``values`` (plain Python data). Every process
+        calls this: with sharded models each writes its shards, and the main process publishes the directory."""
+        if not self.is_main and not self.sharded:
             return None
         from moss_rlhf.models import save_model, trainable_state
 
         final = self.root / f"step-{step:08d}"
         state: dict[str, Any] = {"step": step, "values": values, "rng": rng_state(), "objects": {}, "adapters": {}}
-        with atomic_directory(final) as tmp:
-            for name, obj in self.objects.items():
-                if isinstance(obj, torch.nn.Module):
-                    save_model(obj, self.tokenizer, tmp / name)
-                    state["adapters"][name] = trainable_state(obj)
-                else:
-                    state["objects"][name] = obj.state_dict()
-            torch.save(state, tmp / "state.pt")
-            (tmp / MANIFEST).write_text(json.dumps(checksums(tmp), indent=0, sort_keys=True), encoding="utf-8")
+        staging = atomic_directory(final) if self.is_main else contextlib.nullcontext(staging_path(final))
+        with staging as tmp:
+            if self.sharded:
+                import torch.distributed.checkpoint as dcp
+
+                distributed.barrier()  # the main process has made the staging directory
+                dcp.save(self._sharded_state(), checkpoint_id=str(tmp / "sharded"))
+                distributed.barrier()  # every process has written its shards
+            if self.is_main:
+                for name, obj in self.objects.items():
+                    if name in self.sharded or name in self.sharded_optimizers:
+                        continue
+                    if isinstance(obj, torch.nn.Module):
+                        save_model(obj, self.tokenizer, tmp / name)
+                        state["adapters"][name] = trainable_state(obj)
+                    else:
+                        state["objects"][name] = obj.state_dict()
+                torch.save(state, tmp / "state.pt")
+                (tmp / MANIFEST).write_text(json.dumps(checksums(tmp), indent=0, sort_keys=True),
+                                            encoding="utf-8")
+        if self.sharded:
+            distributed.barrier()  # published before anyone goes on (or deletes older ones)
+            if not self.is_main:
+                return None
         for old in sorted(self.root.glob("step-*"))[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -74,7 +102,9 @@ class Checkpointer:
         from moss_rlhf.models import load_trainable_state, load_weights
 
         found = sorted(self.root.glob("step-*"))
-        checkpoint = self.latest()
+        checkpoint = self.latest() if self.is_main or not self.sharded else None
+        if self.sharded:  # every process loads the one the main process found intact
+            checkpoint = distributed.broadcast_object(checkpoint)
         for damaged in (c for c in found if checkpoint is None or c > checkpoint):
             if self.is_main:
                 print(f"{self.desc}: warning: {damaged} is damaged (its files do not match its manifest); "
@@ -88,11 +118,20 @@ class Checkpointer:
             return None
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state.get("objects", {}) and name not in
-                   state.get("adapters", {})]
+                   state.get("adapters", {}) and name not in self.sharded and name not in self.sharded_optimizers]
+        written_sharded = (checkpoint / "sharded").is_dir()
+        if bool(self.sharded) != written_sharded:
+            raise ConfigError(f"{checkpoint}: written by a --parallel {'fsdp' if written_sharded else 'ddp'} run, "
+                              f"whose models are {'' if written_sharded else 'not '}sharded; resume it with the same "
+                              f"--parallel (--overwrite starts afresh)")
         if missing:
             raise ConfigError(f"{checkpoint}: this checkpoint holds no {', '.join(missing)} (written by another "
                               f"kind of run, or by an older moss-rlhf); --overwrite starts afresh")
+        if self.sharded:
+            self._load_sharded(checkpoint / "sharded")
         for name, obj in self.objects.items():
+            if name in self.sharded or name in self.sharded_optimizers:
+                continue
             if isinstance(obj, torch.nn.Module):
                 load_weights(obj, checkpoint / name)
                 load_trainable_state(obj, state["adapters"].get(name))
@@ -102,6 +141,38 @@ class Checkpointer:
         if self.is_main:
             print(f"{self.desc}: resumed from {checkpoint} at step {state['step']}")
         return {**state["values"], "step": state["step"]}
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        for model in self.sharded.values():
+            distributed.reshard(model)  # its shards, not the root's weights a forward left gathered
+        state = {name: get_model_state_dict(model) for name, model in self.sharded.items()}
+        state.update({name: get_optimizer_state_dict(model, optimizer)
+                      for name, (model, optimizer) in self.sharded_optimizers.items()})
+        return state
+
+    def _load_sharded(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        state = self._sharded_state()
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except Exception as e:  # another number of processes, another model
+            reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ConfigError(f"{folder}: cannot load the sharded checkpoint ({reason[:300]}); a sharded run "
+                              f"resumes with the same models and number of processes") from None
+        for name, model in self.sharded.items():
+            set_model_state_dict(model, state[name])
+        for name, (model, optimizer) in self.sharded_optimizers.items():
+            set_optimizer_state_dict(model, optimizer, state[name])
+
+
+def _holds(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` steps ``model``'s parameters."""
+    mine = {id(p) for p in model.parameters()}
+    return any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
 
 
 MANIFEST = "manifest.json"

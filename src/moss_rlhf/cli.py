@@ -13,7 +13,7 @@ from moss_rlhf.config import UserError, add_arguments, from_args
 
 def _commands() -> dict[str, tuple[str, type, object]]:
     """name -> (one-line help, config dataclass, run function); a dict in place of the dataclass is a command group."""
-    from moss_rlhf import chat, evaluate, interpret, report, serve, tokenizer
+    from moss_rlhf import chat, evaluate, interpret, plan, report, serve, tokenizer
     from moss_rlhf.demo import pipeline, world
     from moss_rlhf.feedback import commands as feedback
     from moss_rlhf.stages import dpo, generate, pretrain, reward, reward_eval, reward_strength, rl, sft
@@ -42,6 +42,8 @@ def _commands() -> dict[str, tuple[str, type, object]]:
         "ppo": ("the same command as `rl` (PPO-max is its default preset)", rl.RLConfig, rl.run),
         "dpo": ("offline preference optimisation from preference pairs: DPO, cDPO, robust DPO, IPO, SLiC, SimPO, "
                 "ORPO (--loss)", dpo.DPOConfig, dpo.run),
+        "plan": ("memory per process of each model, its gradients and AdamW state for --parallel ddp|fsdp on N "
+                 "processes, before anything is loaded", plan.PlanConfig, plan.run),
         "evaluate": ("win rate (gold judge or reward model), KL, perplexity, length, diversity of model A vs B",
                      evaluate.EvaluateConfig, evaluate.run),
         "report": ("one self-contained HTML report of a pipeline directory (curves, win rates, samples, attention)",

@@ -92,6 +92,19 @@ class TrainConfig(Config):
     log_every: int = option(10, "write metrics every N steps", at_least=1, free_on_resume=True)
     device: str = option("auto", "cpu, cuda, cuda:1, ... or auto", free_on_resume=True)
     progress: bool = option(True, "show a progress bar", free_on_resume=True)
+    parallel: str = option("ddp", "with several processes: ddp (whole models everywhere) or fsdp (FSDP2: weights, "
+                                  "gradients and optimizer state sharded; checkpoints sharded too)",
+                           choices=("ddp", "fsdp"))
+    cpu_offload: bool = option(False, "fsdp: keep the shards and the optimizer step on the CPU")
+    activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
+                                                   "storing them (less memory, ~a third more compute)")
+
+    def check(self) -> None:
+        """The checks every training loop shares (a stage's own ``check`` calls this first)."""
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ConfigError("--cpu-offload needs --parallel fsdp")
+        if self.parallel == "fsdp" and getattr(self, "lora_r", 0):
+            raise ConfigError("--parallel fsdp with --lora-r is not supported yet; use --parallel ddp with LoRA")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,26 @@
 """Data-parallel plumbing on top of ``torch.distributed``: one process per device, started by ``torchrun`` or
 ``accelerate launch`` (both set RANK / WORLD_SIZE / LOCAL_RANK). gloo on CPU, NCCL on GPU. Rank 0 alone writes files.
 
+Two ways to spread a model over the processes (``--parallel``):
+
+* ``ddp``: every process holds the whole model, its gradients and its optimizer state; DDP all-reduces gradients.
+* ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``, the engine of torchtitan, torchtune and veRL) shards
+  every transformer block and the rest of the model (embeddings, final norm, heads) over the processes; a block's
+  weights are all-gathered for its forward and backward and its gradients reduce-scattered, so each process keeps
+  1/N of the weights, gradients and optimizer state. Frozen models (reference, reward model) are sharded the same
+  way, without an optimizer.
+
+A sharded model's forward is a collective: every process must run the same number of them. Loops whose work is even
+across processes (training steps, the rollout's scoring) need nothing; evaluations whose shares may differ by one
+batch pad with dummies (:func:`shard_batches`, :func:`lockstep`); sampling, whose length differs per process, runs
+on a whole copy of the weights (:func:`plain_copy`, refreshed by :func:`copy_weights` after each update), as a
+rollout engine such as vLLM does.
+Every forward of a sharded model runs through its root (``models.final_hidden_states``): FSDP2 keeps the root's
+weights (embeddings, heads) gathered after the root's forward, so a head applied to its hidden states sees whole
+weights.
+
 A single process needs none of this and never initialises a process group, so every loop runs unchanged with
-``python -m`` or the ``moss-rlhf`` command.
+``python -m`` or the ``moss-rlhf`` command (``--parallel fsdp`` on one process is plain training).
 """
 
 from __future__ import annotations
@@ -95,6 +113,15 @@ def global_explained_variance(values: torch.Tensor, returns: torch.Tensor, mask:
     return 1.0 - var_errors / var_returns
 
 
+def broadcast_object(value):
+    """The main process's ``value`` on every process (any picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -107,6 +134,138 @@ def wrap_ddp(model: torch.nn.Module, d: Dist) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (its weights are DTensors, 1/N per process)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard(model: torch.nn.Module, d: Dist, cpu_offload: bool = False, precision: str = "fp32") -> torch.nn.Module:
+    """FSDP2, in place: each transformer block (the model's ``_no_split_modules`` classes) is one unit, and the root
+    holds the rest. On a GPU with ``precision`` bf16, weights are gathered and computed in bf16 and gradients
+    reduced in fp32; ``cpu_offload`` keeps the shards and the optimizer step on the CPU. One process: unchanged."""
+    if cpu_offload and d.device.type != "cuda":
+        from moss_rlhf.config import ConfigError
+
+        raise ConfigError("--cpu-offload moves the shards from the GPU to the host; on a CPU they are there already")
+    if d.world_size == 1:
+        return model
+    import warnings
+
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    # FSDP2 warns when a root returns a view (transformers' outputs do); nothing of ours writes into one in place
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    from moss_rlhf.models import base_model
+
+    options = {}
+    if precision == "bf16" and d.device.type == "cuda":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    blocks = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    units = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not units:
+        raise ValueError(f"{type(model).__name__} names no transformer block (_no_split_modules) to shard")
+    for unit in units:
+        fully_shard(unit, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A whole, unsharded copy of a sharded ``model`` on the same device (every process takes part: the weights are
+    gathered one tensor at a time); ``model`` itself when it is not sharded."""
+    if not is_sharded(model):
+        return model
+    from torch.distributed.fsdp import FSDPModule
+
+    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    device = next(model.buffers(), next(model.parameters())).device  # buffers sit on the compute device
+    with torch.device("meta"):
+        copy = plain_class(model.config)
+    copy.to_empty(device=device)
+    copy_weights(model, copy)
+    copy.eval()
+    return copy.requires_grad_(False)
+
+
+def copy_weights(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """Gather ``sharded``'s weights into ``plain`` (same architecture) one tensor at a time, buffers included; a
+    collective, so every process calls it at the same point (after each policy update)."""
+    from torch.distributed.tensor import DTensor
+
+    reshard(sharded)
+    targets = dict(plain.named_parameters())
+    targets.update(plain.named_buffers())
+    with torch.no_grad():
+        for name, tensor in [*sharded.named_parameters(), *sharded.named_buffers()]:
+            whole = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+            targets[name].copy_(whole.to(targets[name].device, targets[name].dtype))
+    if hasattr(plain, "tie_weights"):
+        plain.tie_weights()
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP unit of ``model`` back to its shards. FSDP2 keeps the root's weights gathered after a forward
+    (for the backward that usually follows); a frozen model, or one read after an evaluation, would keep them so."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def full_state_dict(model: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole state dict of ``model``, on the CPU, on the main process (None on the others): gathered from the
+    shards when ``model`` is sharded (a collective: every process calls it)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        reshard(model)
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if is_main else None
+    return model.state_dict() if is_main else None
+
+
+def lockstep(n_batches: int, sharded: bool) -> int:
+    """How many batches this process must add (dummies whose results it drops) so that every process runs the most
+    any process runs: a sharded model's forward is a collective. 0 when nothing is sharded or all run alike."""
+    if not sharded or not is_distributed():
+        return 0
+    most = torch.tensor(n_batches, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    return int(most) - n_batches
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this process holds of ``tensors``: the local shard of a DTensor, a plain tensor whole."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def describe_parallel(models: dict) -> str:
+    """"fsdp over 2 processes" / "ddp over 2 processes" / "1 process" for the models of a run."""
+    world = dist.get_world_size() if is_distributed() else 1
+    if world == 1:
+        return "1 process"
+    modules = [getattr(m, "model", m) for m in models.values() if m is not None]
+    return f"{'fsdp' if any(is_sharded(m) for m in modules) else 'ddp'} over {world} processes"
+
+
+def shard_batches(n_items: int, batch_size: int, d: Dist, model: torch.nn.Module) -> list[list[int] | None]:
+    """This process's share of ``n_items`` held-out items (every ``world_size``-th one) in batches; for a sharded
+    ``model``, padded with None — a dummy batch, to be run and its result dropped — up to the most batches any
+    process has."""
+    mine = list(range(d.rank, n_items, d.world_size))
+    batches: list[list[int] | None] = [mine[s:s + batch_size] for s in range(0, len(mine), batch_size)]
+    return batches + [None] * lockstep(len(batches), is_sharded(model))
 
 
 def shutdown() -> None:

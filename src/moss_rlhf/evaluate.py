@@ -196,8 +196,8 @@ def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, ma
 
     if not prompts:
         return {}
-    policy = unwrap(policy)
-    sampler, sampling = BuiltinSampler(policy, tokenizer), SamplingConfig(max_new_tokens, temperature=1.0)
+    # a sharded policy samples and is scored on the sampler's whole copy: processes draw different lengths
+    sampler, sampling = BuiltinSampler(unwrap(policy), tokenizer), SamplingConfig(max_new_tokens, temperature=1.0)
     totals = torch.zeros(3, dtype=torch.float64, device=dist.device)
     mine = list(range(dist.rank, len(prompts), dist.world_size))
     with torch.no_grad():
@@ -205,7 +205,7 @@ def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, ma
             chunk = mine[start:start + batch_size]
             r = sampler.generate(encode_prompts(tokenizer, [prompts[i] for i in chunk], max_len), sampling,
                                  prompt_seeds(seed, chunk))
-            totals += torch.tensor([float(reply_log_ratios(policy, reference, r).sum()),
+            totals += torch.tensor([float(reply_log_ratios(sampler.model, reference, r).sum()),
                                     float(r.response_mask.sum()), float(len(chunk))],
                                    dtype=torch.float64, device=dist.device)
     distributed.all_reduce_sum(totals)

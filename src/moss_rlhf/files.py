@@ -43,7 +43,7 @@ def atomic_directory(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
-    tmp, old = _tmp_of(path), _old_of(path)
+    tmp, old = staging_path(path), _old_of(path)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -66,7 +66,7 @@ def recover_directory(path: str | os.PathLike) -> None:
     old = _old_of(path)
     if not path.exists() and old.is_dir():
         os.replace(old, path)
-    shutil.rmtree(_tmp_of(path), ignore_errors=True)
+    shutil.rmtree(staging_path(path), ignore_errors=True)
 
 
 def fsync_tree(root: Path) -> None:
@@ -90,7 +90,8 @@ def checksums(root: Path) -> dict[str, str]:
     return out
 
 
-def _tmp_of(path: Path) -> Path:
+def staging_path(path: Path) -> Path:
+    """Where :func:`atomic_directory` fills ``path`` before publishing it (other processes write there too)."""
     return path.with_name(f".{path.name}.tmp")
 
 

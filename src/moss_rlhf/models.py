@@ -213,8 +213,11 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     DDP only the wrapper's forward prepares the gradient all-reduce — a backbone called directly would let each
     process train on its own gradients (the 1-vs-2-process tests catch that) — and asking for every layer's output
     costs nothing, since backward keeps them anyway. Without gradients (scoring rollouts, evaluation), through the
-    inner backbone, so that only the last layer's output is held, not one tensor per layer."""
-    if torch.is_grad_enabled():
+    inner backbone, so that only the last layer's output is held, not one tensor per layer — except for a model
+    sharded by FSDP, whose every forward runs through its root (which gathers the embeddings and heads)."""
+    from moss_rlhf.distributed import is_sharded
+
+    if torch.is_grad_enabled() or is_sharded(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     output_hidden_states=True, use_cache=False, **forward_kwargs)
         return out.hidden_states[-1]
@@ -292,19 +295,29 @@ def accepts(model, argument: str) -> bool:
     return argument in inspect.signature(base_model(model).forward).parameters
 
 
-def save_model(model, tokenizer, path: str | Path) -> None:
+def save_model(model, tokenizer, path: str | Path, write: bool = True) -> None:
     """``save_pretrained`` (safetensors) of model and tokenizer, written atomically (a crash leaves the previous
     directory or the new one, never half of one); LoRA adapters are merged first so the result loads in plain
-    transformers."""
+    transformers. A model sharded by FSDP is gathered first, once, into one directory: every process calls this,
+    and the one with ``write`` (the main one) writes."""
+    from moss_rlhf.distributed import full_state_dict, is_sharded
+
     model = unwrap(model)
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    state = full_state_dict(model, write) if is_sharded(model) else None
+    if not write:
+        return
+    if state is not None:  # the gathered dict names tied weights twice (lm_head = embeddings): keep the owner's name
+        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+        state = {name: tensor for name, tensor in state.items() if name in own}
+    tensors = state.items() if state is not None else model.named_parameters()
+    bad = [name for name, p in tensors if not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensor(s) hold NaN or Inf "
                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     if hasattr(model, "merge_and_unload"):  # a copy: the training model keeps its adapters
         model = copy.deepcopy(model).merge_and_unload()
     with atomic_directory(path) as tmp, quiet_transformers():
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

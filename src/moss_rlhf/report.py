@@ -309,7 +309,7 @@ def run_description(run_dir: Path) -> tuple[str, str, bool]:
     """``(recipe, reward sources, from human feedback)`` of an RL or DPO run, from the ``config.yaml`` it saved."""
     import yaml
 
-    from moss_rlhf.stages.rl import RECIPE_NAMES
+    from moss_rlhf.recipes import RECIPE_NAMES
 
     path = run_dir / "config.yaml"
     cfg = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}

@@ -52,6 +52,12 @@ class RLModels:
     def all(self) -> list[torch.nn.Module]:
         return [m for m in (self.policy, self.reference, self.reward_model, self.critic) if m is not None]
 
+    def shard_frozen(self, dist: distributed.Dist, cfg) -> None:
+        """Under ``--parallel fsdp`` the frozen models (reference, reward model) are sharded too, without an
+        optimizer (the policy and the critic are sharded with theirs, by ``training.Trainee``)."""
+        for model in filter(None, (self.reference, self.reward_model) if cfg.parallel == "fsdp" else ()):
+            distributed.shard(model, dist, cfg.cpu_offload, cfg.precision)
+
 
 def load_rl_models(policy: str, reference: str, reward_model: str | None, critic: str | None, tokenizer,
                    lora: LoraOptions, device: torch.device) -> RLModels:
@@ -269,12 +275,15 @@ def refill_prompt(seed: int, position: int, attempt: int, n_prompts: int) -> int
 
 def sample_groups(sampler, tokenizer, prompts: Sequence[PromptRecord], indices: Sequence[int],
                   positions: Sequence[int], sampling: SamplingConfig, score: Score, *, group_size: int, seed: int,
-                  max_prompt_len: int, dynamic_tries: int = 0, greedy_baseline: bool = False) -> GroupRollout:
+                  max_prompt_len: int, dynamic_tries: int = 0, greedy_baseline: bool = False,
+                  lockstep: bool = False) -> GroupRollout:
     """``group_size`` replies to each of ``prompts[indices]`` and their scores. Reply ``j`` to the prompt at stream
     position ``p`` samples with seed ``prompt_seeds(seed, [p·k + j])`` (with k = 1, exactly a single reply's seed).
     ``dynamic_tries`` > 0: a group whose scores are all equal is replaced, up to that many times, by a group for
     ``refill_prompt(seed, p, attempt)``; one still equal after the last try is kept (its advantages are 0).
-    ``greedy_baseline``: also the score of the greedy reply to each prompt, repeated over its group (ReMax)."""
+    ``greedy_baseline``: also the score of the greedy reply to each prompt, repeated over its group (ReMax).
+    ``lockstep`` (a sharded reward model, whose forward is a collective): every process refills as many groups as the
+    process with the most to refill, the extra ones dummies whose replies are dropped."""
     k = group_size
 
     def draw(slot_prompts: list[int], slot_positions: list[int], attempt: int):
@@ -290,10 +299,11 @@ def sample_groups(sampler, tokenizer, prompts: Sequence[PromptRecord], indices: 
         slots = [(rollout, records, scores, parts, range(s * k, (s + 1) * k)) for s in range(len(indices))]
         for attempt in range(1, dynamic_tries + 1):
             pending = [s for s, (_, _, sc, _, rows) in enumerate(slots) if bool((sc[rows] == sc[rows][0]).all())]
-            if not pending:
+            dummies = [0] * distributed.lockstep(len(pending), lockstep)
+            if not pending and not dummies:
                 break
-            refills = [refill_prompt(seed, positions[s], attempt, len(prompts)) for s in pending]
-            new = draw(refills, [positions[s] for s in pending], attempt)
+            refills = [refill_prompt(seed, positions[s], attempt, len(prompts)) for s in pending + dummies]
+            new = draw(refills, [positions[s] for s in pending + dummies], attempt)
             sampled += len(pending)
             for n, s in enumerate(pending):
                 slots[s] = (*new[:4], range(n * k, (n + 1) * k))
@@ -331,13 +341,19 @@ def cat_field(chunks: list[Experience], name: str) -> torch.Tensor:
     return torch.cat([getattr(c, name) for c in chunks])
 
 
-def engine_mismatch(chunks: list[Experience]) -> torch.Tensor:
-    """Sums over the rollout's response tokens of ``[|log p_train - log p_sampler|, (log p_train - log p_sampler),
-    count]``: how far the trainer's scoring of the sampled tokens is from the sampler's own log-probs (0 up to
-    rounding for the builtin sampler; an inference engine's kernels differ)."""
+def engine_mismatch(chunks: list[Experience]) -> dict[str, torch.Tensor]:
+    """How far the trainer's scoring of the sampled tokens is from the sampler's own log-probs, over every
+    process's response tokens (0 up to rounding for the builtin sampler; an inference engine's kernels differ):
+    the mean |log π_old − log μ|, the KL(μ ‖ π_old) estimated on μ's samples (k1), and the largest and smallest
+    per-token ratio π_old/μ (what truncated importance sampling caps)."""
     mask = cat_field(chunks, "response_mask").bool()
     diff = torch.where(mask, cat_field(chunks, "old_logprobs") - cat_field(chunks, "sample_logprobs"), 0.0)
-    return torch.stack([diff.abs().sum(), diff.sum(), mask.sum()]).double()
+    sums = distributed.all_reduce_sum(torch.stack([diff.abs().sum(), diff.sum(), mask.sum()]).double())
+    extremes = distributed.gather_rows(torch.stack([torch.where(mask, diff, -torch.inf).max(),
+                                                    -torch.where(mask, diff, torch.inf).min()]).reshape(1, 2))
+    count = sums[2].clamp(min=1)
+    return {"rollout/logprob_abs_diff": sums[0] / count, "rollout/kl_engine_trainer": -sums[1] / count,
+            "rollout/ratio_max": torch.exp(extremes[:, 0].max()), "rollout/ratio_min": torch.exp(-extremes[:, 1].max())}
 
 
 def rollout_stats(chunks: list[Experience], raw: torch.Tensor, scores: torch.Tensor, kl: torch.Tensor,
@@ -347,16 +363,16 @@ def rollout_stats(chunks: list[Experience], raw: torch.Tensor, scores: torch.Ten
     at the length limit, and the trainer-vs-sampler log-prob difference."""
     mask, logprobs = cat_field(chunks, "response_mask"), cat_field(chunks, "old_logprobs")
     all_raw, all_scores = distributed.gather_rows(raw), distributed.gather_rows(scores)
-    sums = distributed.all_reduce_sum(torch.cat([
+    sums = distributed.all_reduce_sum(
         torch.stack([masked_sum(kl, mask), mask.sum(), masked_sum(logprobs, mask), torch.tensor(float(len(raw))),
-                     (~cat_field(chunks, "finished")).sum()]).double(), engine_mismatch(chunks)]))
+                     (~cat_field(chunks, "finished")).sum()]).double())
     return {"reward/raw_mean": all_raw.mean(), "reward/raw_p50": all_raw.quantile(0.5),
             "reward/raw_p95": all_raw.quantile(0.95), "reward/raw_std": all_raw.std() if len(all_raw) > 1 else 0.0,
             "reward/normalized_mean": all_scores.mean(), "reward/normalized_p50": all_scores.quantile(0.5),
             "reward/normalized_p95": all_scores.quantile(0.95),
             "kl/per_token": sums[0] / sums[1], "kl/per_sequence": sums[0] / sums[3], "kl/coef": kl_coef,
             "policy/perplexity": torch.exp(-sums[2] / sums[1]), "response/length": sums[1] / sums[3],
-            "response/truncated_share": sums[4] / sums[3], "rollout/logprob_abs_diff": sums[5] / sums[7]}
+            "response/truncated_share": sums[4] / sums[3], **engine_mismatch(chunks)}
 
 
 def collapse_signals(metrics: dict[str, float], cfg, first: dict[str, float]) -> list[str]:

@@ -83,7 +83,7 @@ Evaluator = Callable[[torch.nn.Module], dict[str, float]]
 @dataclass
 class Trainee:
     """A model in training with its optimizer and schedule. ``module`` is what forward passes call (DDP-wrapped with
-    several processes); ``model`` is the plain one (clipping, saving)."""
+    several processes); ``model`` is the plain one (clipping, saving) — under FSDP both are the sharded model."""
 
     model: torch.nn.Module
     module: torch.nn.Module
@@ -92,11 +92,24 @@ class Trainee:
     max_grad_norm: float
 
     @classmethod
-    def create(cls, model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None,
+    def create(cls, model: torch.nn.Module, cfg: TrainConfig, dist: distributed.Dist, lr: float | None = None,
                max_grad_norm: float | None = None) -> Trainee:
-        """AdamW and the warm-up + cosine schedule for ``model`` (not yet wrapped: see ``module``)."""
+        """``model`` on the device, DDP-wrapped or FSDP-sharded (``--parallel``), with activation checkpointing when
+        asked, then AdamW — built after sharding, on the shards — and the warm-up + cosine schedule."""
+        model.to(dist.device)
+        if cfg.activation_checkpointing:
+            base = base_model(model)
+            if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.20's name
+                base.activation_checkpointing_enable()
+            else:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module = model
+        if cfg.parallel == "fsdp":
+            distributed.shard(model, dist, cfg.cpu_offload, cfg.precision)
+        else:
+            module = distributed.wrap_ddp(model, dist)
         optimizer = build_optimizer(model, cfg, lr)
-        return cls(model, model, optimizer, build_schedule(optimizer, cfg),
+        return cls(model, module, optimizer, build_schedule(optimizer, cfg),
                    cfg.max_grad_norm if max_grad_norm is None else max_grad_norm)
 
     def step(self, finite_loss: bool = True) -> float:
@@ -110,7 +123,8 @@ class Trainee:
         return grad_norm
 
     def no_sync(self, sync: bool):
-        """DDP's no-sync for every micro-batch but the last of an accumulation (where ``sync`` is True)."""
+        """DDP's no-sync for every micro-batch but the last of an accumulation (where ``sync`` is True). FSDP
+        reduce-scatters every micro-batch: skipping it would hold whole gradients, the memory FSDP exists to save."""
         return contextlib.nullcontext() if sync or not hasattr(self.module, "no_sync") else self.module.no_sync()
 
 
@@ -125,8 +139,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
     reported in the result). Used by pretraining, SFT, the reward model and DPO; ``step_constants`` (KTO) adds
     global-batch values to every micro-batch, so that accumulation and more processes still equal one batch."""
     device = dist.device
-    model.to(device)
-    trainee = Trainee.create(model, cfg)
+    trainee = Trainee.create(model, cfg, dist)
     optimizer, schedule = trainee.optimizer, trainee.schedule
     order = BatchOrder(len(train), cfg.batch_size, cfg.grad_accum, dist.world_size, cfg.seed)
     if len(train) < order.global_batch:
@@ -138,14 +151,14 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
     step, skipped = restored.get("step", 0), restored.get("skipped", 0)
     if cfg.resume:
         run.truncate_metrics(step)
-    trainee.module = distributed.wrap_ddp(model, dist)
 
     progress = Progress(cfg.max_steps, step, desc, enabled=cfg.progress and dist.is_main)
-    started, tokens_seen = time.perf_counter(), 0
+    started, tokens_seen, first_step = time.perf_counter(), 0, step + 1
     train_loss, eval_loss = float("nan"), None
     last_eval: dict[str, float] = {}
     model.train()
     while step < cfg.max_steps:
+        step_started = time.perf_counter()
         micro_batches = [train.batch(order.indices(step, j, dist.rank)) for j in range(cfg.grad_accum)]
         local_targets = sum(int(mb["n_targets"]) for mb in micro_batches)
         n_targets = distributed.all_reduce_sum(torch.tensor(float(local_targets), device=device))
@@ -169,11 +182,12 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         tokens_seen += step_tokens
         tok_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
         progress.update(step_tokens, loss=train_loss)
-        metrics = {}
+        measured = memory_report({"model": trainee}, desc, dist) if step == first_step else {}
+        metrics = measured if step == 1 else {}  # a resumed run prints it but logs only what a fresh one did
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,
                             "train/lr": schedule.get_last_lr()[0], "train/epoch": order.epoch_of(step),
-                            "train/skipped_steps": skipped})
+                            "train/skipped_steps": skipped, "train/s_per_step": time.perf_counter() - step_started})
         if evaluate is not None and (step == cfg.max_steps or cfg.eval_every and step % cfg.eval_every == 0):
             eval_metrics = evaluate(trainee.module)
             last_eval = eval_metrics
@@ -186,12 +200,34 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
             checkpoints.save(step, data_position=step * order.global_batch, skipped=skipped)
     progress.close()
     checkpoints.save(step, data_position=step * order.global_batch, skipped=skipped)
+    save_model(model, tokenizer, run.model_path, dist.is_main)
     if dist.is_main:
-        save_model(model, tokenizer, run.model_path)
         plot_curves(run.path, title=desc)
     distributed.barrier()
     run.close()
     return LoopResult(step, train_loss, eval_loss, tokens_seen / max(time.perf_counter() - started, 1e-9), last_eval)
+
+
+def memory_report(parts: dict[str, Trainee | torch.nn.Module | None], desc: str,
+                  dist: distributed.Dist) -> dict[str, float]:
+    """What each model holds on this process, measured after a first step: its weights (the local shards under
+    FSDP) and, when trained, its optimizer state — ``memory/<name>_weights_mb`` and ``_optimizer_mb``, printed by
+    the main process (``moss-rlhf plan`` estimates the same before anything is loaded)."""
+    metrics = {}
+    for name, part in parts.items():
+        if part is None:
+            continue
+        model = part.model if isinstance(part, Trainee) else part
+        distributed.reshard(model)  # its shards, not the root's weights a forward left gathered
+        metrics[f"memory/{name}_weights_mb"] = distributed.local_bytes(model.parameters()) / 2 ** 20
+        if isinstance(part, Trainee):
+            state = [t for s in part.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+            metrics[f"memory/{name}_optimizer_mb"] = distributed.local_bytes(state) / 2 ** 20
+    if dist.is_main:
+        shown = ", ".join(f"{k.removeprefix('memory/').removesuffix('_mb').replace('_', ' ')} {v:.1f} MB"
+                          for k, v in metrics.items())
+        print(f"{desc}: per process ({distributed.describe_parallel(parts)}): {shown}")
+    return metrics
 
 
 def nonfinite(values: dict[str, float]) -> str | None:
@@ -243,12 +279,16 @@ def lm_backward(trainee: Trainee, batch: dict[str, torch.Tensor], coef: float, w
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0: measure only); returns the norm before clipping. Under FSDP
+    the norm of the sharded gradients is reduced over the processes (a DTensor: ``full_tensor``)."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return 0.0
     if max_norm and max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params])))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def lm_evaluator(data: TokenData, loss_fn: LossFn, cfg: TrainConfig, dist: distributed.Dist) -> Evaluator:
@@ -270,13 +310,13 @@ def evaluate_loss(model: torch.nn.Module, data: TokenData, loss_fn: LossFn, cfg:
     total = torch.zeros(2, device=device)
     # every item of the evaluated prefix counts once, whatever the number of processes (a process may get one more)
     n_items = min(cfg.eval_batches * cfg.batch_size * dist.world_size, len(data))
-    indices = list(range(dist.rank, n_items, dist.world_size))
-    for start in range(0, len(indices), cfg.batch_size):
-        batch = data.batch(indices[start:start + cfg.batch_size])
+    for rows in distributed.shard_batches(n_items, cfg.batch_size, dist, model):
+        batch = data.batch(rows or [0])
         n = float(batch.pop("n_targets"))
         with autocast(device, cfg.precision):
-            total[0] += loss_fn(model, {k: v.to(device) for k, v in batch.items()}).float()
-        total[1] += n
+            loss = loss_fn(model, {k: v.to(device) for k, v in batch.items()}).float()
+        if rows is not None:  # None: a dummy batch that keeps a sharded model's processes in step
+            total += torch.stack([loss, torch.tensor(n, device=device)])
     distributed.all_reduce_sum(total)
     return float(total[0] / total[1].clamp(min=1.0))
 

@@ -2,8 +2,10 @@
 (with a critic) a critic step on each — one loop for PPO-max and every critic-free estimator.
 
 The policy loss per token is the clipped surrogate (Schulman et al. 2017) with DAPO's asymmetric clip ε_low/ε_high
-(Yu et al. 2025), plus, when the KL sits in the loss (GRPO, Shao et al. 2024), ``β · KL_t(π ‖ π_ref)`` by the k1, k2
-or k3 estimator, minus an entropy bonus. Its aggregation over the mini-batch is a switch (``losses.aggregate``):
+(Yu et al. 2025) — weighted, when another engine sampled the rollout, by truncated importance sampling min(π_old/μ,
+C) (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training") — plus, when the KL
+sits in the loss (GRPO, Shao et al. 2024), ``β · KL_t(π ‖ π_ref)`` by the k1, k2 or k3 estimator, minus an entropy
+bonus. Its aggregation over the mini-batch is a switch (``losses.aggregate``):
 DAPO's token mean, the original GRPO's per-sequence token mean, Dr.GRPO's constant normaliser. Numerators are
 summed over micro-batches and divided by the whole mini-batch's denominator (all processes), so gradient
 accumulation and more processes equal one big batch. Every forward is padding-free on the micro-batch's packed
@@ -24,7 +26,7 @@ from moss_rlhf.training import Trainee, lm_backward, plain_output_head
 # statistics each process holds its share of (the global value is their sum over processes)
 SHARED_STATS = {"policy/loss", "policy/clipfrac", "policy/approx_kl", "policy/ratio_mean", "policy/entropy",
                 "policy/kl_loss", "policy/first_ratio_mean", "critic/value_loss", "critic/vf_clipfrac",
-                "update/forward_tokens", "update/head_tokens"}
+                "update/forward_tokens", "update/head_tokens", "rollout/is_weight_mean", "rollout/is_capped_share"}
 
 
 def epoch_order(n_chunks: int, group_span: int, seed: int, step: int, epoch: int) -> list[int]:
@@ -89,6 +91,9 @@ def policy_step(cfg, policy: Trainee, group: list[Experience], denominator: floa
         stats["policy/kl_loss"] = 0.0
     if first_update:
         stats["policy/first_ratio_mean"] = 0.0
+    tis = getattr(cfg, "rollout_is", "none") == "tis"
+    if tis:
+        stats.update({"rollout/is_weight_mean": 0.0, "rollout/is_capped_share": 0.0})
     head_runs_at_responses = plain_output_head(policy.model) is not None
     for j, chunk in enumerate(group):
         mask = chunk.loss_mask
@@ -102,6 +107,12 @@ def policy_step(cfg, policy: Trainee, group: list[Experience], denominator: floa
                                                                       mask)) * share
             per_token, pstats = clipped_policy_loss(logprobs, old, chunk.advantages, mask,
                                                     cfg.clip_eps, reduction="none", clip_eps_high=cfg.clip_eps_high)
+            if tis:  # the engine sampled from μ, the surrogate assumes π_old: weigh each token by min(π_old/μ, C)
+                ratio = torch.exp(chunk.old_logprobs - chunk.sample_logprobs)
+                weight = ratio.clamp(max=cfg.rollout_is_cap)
+                per_token = per_token * weight
+                stats["rollout/is_weight_mean"] += float(masked_mean(weight, mask)) * share
+                stats["rollout/is_capped_share"] += float(masked_mean((ratio > weight).float(), mask)) * share
             if kl_in_loss:
                 kl = kl_penalty(logprobs, chunk.ref_logprobs, cfg.kl_estimator, cfg.kl_clamp)
                 per_token = per_token + kl_coef * kl

@@ -28,7 +28,7 @@ from moss_rlhf.sampling import SamplingConfig
 from moss_rlhf.sampling.builtin import BuiltinSampler
 from moss_rlhf.stages import rl
 from moss_rlhf.stages.rl import RLConfig, resolve_preset
-from tests.conftest import run_in_processes
+from tests.conftest import assert_weights_close, run_in_processes
 
 TEXTS = [f"the {a} {b} is {c} and the {b} likes {d} number {n}."
          for n, (a, b, c, d) in enumerate([("red", "cat", "small", "fish"), ("big", "dog", "happy", "bones"),
@@ -300,7 +300,8 @@ def test_two_processes_match_one_process(tiny, tmp_path):
 
 def one_and_two_processes(single_cfg: RLConfig, double_cfg: RLConfig, reward_fn) -> list[dict]:
     """Run ``single_cfg`` on one process and ``double_cfg`` on two; assert every logged statistic and the final
-    weights agree; return the single run's metrics."""
+    weights agree (to rounding with DDP; under FSDP see ``assert_weights_close``); return the single run's
+    metrics."""
     from safetensors.torch import load_file
 
     rl.run(single_cfg, reward_fn=reward_fn)
@@ -308,12 +309,14 @@ def one_and_two_processes(single_cfg: RLConfig, double_cfg: RLConfig, reward_fn)
     single, double = read_metrics(single_cfg.out), read_metrics(double_cfg.out)
     assert [r["step"] for r in single] == [r["step"] for r in double] == [1, 2, 3]
     for a, b in zip(single, double):
-        keys = {k for k in a if not k.startswith("time/") and isinstance(a[k], float)}
+        keys = {k for k in a if not k.startswith(("time/", "memory/")) and isinstance(a[k], float)}
         assert keys <= set(b)
         bad = [(key, a[key], b[key]) for key in sorted(keys) if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
         assert not bad, (a["step"], bad)
     one, two = (load_file(f"{cfg.out}/model/model.safetensors") for cfg in (single_cfg, double_cfg))
-    for key in one:
+    if double_cfg.parallel == "fsdp":
+        assert_weights_close(one, two)
+    for key in one if double_cfg.parallel == "ddp" else ():
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
     return single
 
@@ -433,3 +436,47 @@ def test_grpo_from_the_command_line_raises_a_verifiable_reward(tiny, tmp_path, m
     assert rows[-1]["reward/letter_reward:letter_share"] == pytest.approx(rows[-1]["reward/raw_mean"])
     assert main(args[:-1] + ["no_such_module:fn", "--out", str(tmp_path / "bad")]) == 2
     assert "--reward-fn" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["ppo_max", "grpo"])
+def test_fsdp_on_two_processes_matches_one_process(tiny, tmp_path, recipe):
+    """--parallel fsdp: policy, critic, reference and reward model sharded over two processes, sampling from the
+    sampler's whole copy of the policy (refreshed after every update): the same run as one process holding
+    everything. PPO-max: a critic from the sharded reward model; GRPO: groups, the KL in the loss, dynamic sampling."""
+    if recipe == "ppo_max":
+        common = dict(max_steps=3, rollout_batch=16, mini_batch=16, batch_size=4, ppo_epochs=1, eval_every=3,
+                      critic_warmup_steps=1, reward_model=str(tiny / "reward"), reward_model_weight=1.0)
+        make, reward_fn = config, even_token_share
+    else:
+        common = dict(max_steps=3, rollout_batch=8, group_size=4, mini_batch=32, ppo_epochs=2, eval_every=3)
+        make, reward_fn = grpo_config, even_majority
+    single = one_and_two_processes(make(tiny, tmp_path / "single", **common),
+                                   make(tiny, tmp_path / "fsdp", parallel="fsdp", **common), reward_fn)
+    assert single[-1]["kl/per_token"] > 0  # the policy moved, identically on both
+    assert (tmp_path / "fsdp" / "best" / "model.safetensors").exists()  # gathered for the best validation too
+    sharded = read_metrics(tmp_path / "fsdp")[0]
+    memory = [k for k in single[0] if k.startswith("memory/")]
+    assert len(memory) == (6 if recipe == "ppo_max" else 3)  # policy, critic (+ optimizers), reference, reward model
+    for key in memory:  # each process holds half of every model and optimizer state
+        assert sharded[key] == pytest.approx(single[0][key] / 2, rel=0.02), key
+
+
+@pytest.mark.slow
+def test_fsdp_ppo_max_resumes_exactly_from_sharded_checkpoints(tiny, tmp_path):
+    """Policy and critic with their optimizers in sharded checkpoints (torch.distributed.checkpoint), the running
+    reward moments and the KL controller in state.pt: a run killed after its step-2 checkpoint and resumed on two
+    processes repeats the uninterrupted run."""
+    out = tmp_path / "run"
+    common = dict(parallel="fsdp", save_every=2, keep_checkpoints=5, eval_every=2, reward_model=str(tiny / "reward"),
+                  reward_model_weight=1.0)
+    train = functools.partial(rl.run, reward_fn=even_token_share)
+    run_in_processes(train, config(tiny, out, **common))
+    uninterrupted = read_metrics(out)
+    assert (out / "checkpoints" / "step-00000002" / "sharded").is_dir()
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    run_in_processes(train, config(tiny, out, resume=True, **common))
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [steady(r) for r in resumed[2:]] == [steady(r) for r in uninterrupted[2:]]
+    assert uninterrupted[-1]["critic/value_loss"] > 0 and uninterrupted[-1]["kl/per_token"] > 0

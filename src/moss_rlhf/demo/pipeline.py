@@ -97,7 +97,7 @@ class DemoConfig(Config):
 
     @property
     def rl_label(self) -> str:
-        from moss_rlhf.stages.rl import RECIPE_NAMES
+        from moss_rlhf.recipes import RECIPE_NAMES
 
         gold = " against the gold judge" if self.rl_reward == "gold" else ""
         return {**RECIPE_NAMES, "dpo": "DPO", "kto": "KTO"}[self.algorithm] + gold

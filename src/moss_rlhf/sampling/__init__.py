@@ -109,6 +109,26 @@ class Sampler(Protocol):
     def sync_weights(self, model) -> None: ...
 
 
+def make_sampler(cfg, policy, tokenizer, dist) -> Sampler:
+    """The rollout engine ``cfg.rollout_engine`` names for ``policy``: the builtin loop on the policy itself, or a
+    colocated vLLM engine started from ``cfg.policy`` and given the policy's current weights (a resumed run's)."""
+    if cfg.rollout_engine == "builtin":
+        from moss_rlhf.sampling.builtin import BuiltinSampler
+
+        return BuiltinSampler(policy, tokenizer)
+    if dist.world_size > 1:
+        from moss_rlhf.config import ConfigError
+
+        raise ConfigError("--rollout-engine vllm runs on one process for now (an engine per process needs vLLM's "
+                          "external launcher); with several processes use --rollout-engine builtin")
+    from moss_rlhf.sampling.vllm import VLLMSampler
+
+    sampler = VLLMSampler(cfg.policy, tokenizer, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+                          memory_fraction=cfg.rollout_memory)
+    sampler.sync_weights(policy)
+    return sampler
+
+
 def prompt_seeds(seed: int, indices: Sequence[int]) -> list[int]:
     """Per-prompt seeds from a run seed and each prompt's place (its index in a file, its position in a training
     run's data stream): the same place gets the same seed whichever batch or process it lands in."""

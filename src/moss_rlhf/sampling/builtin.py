@@ -23,7 +23,9 @@ from moss_rlhf.sampling import Rollout, SamplingConfig, fresh_seeds
 
 class BuiltinSampler:
     """Samples from ``model`` itself: :meth:`sync_weights` only points the sampler at the model to use, since there
-    is no second copy of the weights to update."""
+    is no second copy of the weights to update — except for a model sharded by FSDP, whose forward is a collective
+    that processes sampling different lengths cannot run in step: the sampler then keeps a whole copy of its weights
+    (``distributed.plain_copy``), which :meth:`sync_weights` refreshes from the shards (every process calls it)."""
 
     def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None):
         from moss_rlhf.tokenizer import stop_token_ids
@@ -34,12 +36,19 @@ class BuiltinSampler:
             check_vocabulary(model, tokenizer)
         elif stop_ids is None or pad_id is None:
             raise TypeError("BuiltinSampler needs a tokenizer, or both stop_ids and pad_id")
-        self.model = model
+        from moss_rlhf.distributed import plain_copy
+
+        self.model = plain_copy(model)
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
         self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
 
     def sync_weights(self, model) -> None:
-        self.model = model
+        from moss_rlhf.distributed import copy_weights, is_sharded
+
+        if is_sharded(model):
+            copy_weights(model, self.model)
+        else:
+            self.model = model
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seeds: Sequence[int] | None = None,

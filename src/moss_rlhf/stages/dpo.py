@@ -88,6 +88,7 @@ class DPOConfig(TrainConfig):
     lora_alpha: int = option(16, "LoRA alpha", at_least=1)
 
     def check(self) -> None:
+        super().check()
         if not self.data:
             raise ConfigError("give --data PREFERENCES.jsonl (e.g. written by `moss-rlhf feedback export`)")
 
@@ -190,16 +191,19 @@ def mismatched_partners(prompts: list[list[dict]], seed: int) -> list[int]:
     return partner
 
 
-def kto_batch_point(model, micro_batches: list[dict], device: torch.device, precision: str) -> dict:
+def kto_batch_point(model, micro_batches: list[dict], device: torch.device, precision: str,
+                    counted: list[bool] | None = None) -> dict:
     """KTO's reference point over the whole global batch: the policy's and the reference's summed log-probs of the
-    mismatched pairs of every micro-batch of every process, without gradients (``train_lm``'s step constants)."""
+    mismatched pairs of every micro-batch of every process, without gradients (``train_lm``'s step constants);
+    ``counted``: False for a dummy micro-batch (see ``distributed.shard_batches``)."""
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for mb in micro_batches:
+        for mb, counts in zip(micro_batches, counted or [True] * len(micro_batches)):
             with autocast(device, precision):
                 sums, _ = reply_logprobs(model, {k: v.to(device) for k, v in mb.items() if k.startswith("kl_")}, "kl_")
-            totals += torch.stack([sums.sum().double(), mb["reference"][:, 1].sum().double().to(device),
-                                   torch.tensor(float(len(sums)), dtype=torch.float64, device=device)])
+            if counts:
+                totals += torch.stack([sums.sum().double(), mb["reference"][:, 1].sum().double().to(device),
+                                       torch.tensor(float(len(sums)), dtype=torch.float64, device=device)])
     distributed.all_reduce_sum(totals)
     return {"reference_point": kto_reference_point(*totals)}
 
@@ -247,14 +251,17 @@ def preference_evaluator(data: ReplyRows, loss_fn: PreferenceLoss, cfg: DPOConfi
     @torch.no_grad()
     def evaluate(model) -> dict[str, float]:
         model.eval()
-        indices = list(range(dist.rank, len(data), dist.world_size))
-        chunks = [data.batch(indices[s:s + cfg.batch_size]) for s in range(0, len(indices), cfg.batch_size)]
-        shared = kto_batch_point(model, chunks, dist.device, cfg.precision) if kto else {}
+        shares = distributed.shard_batches(len(data), cfg.batch_size, dist, model)
+        chunks = [data.batch(rows or [0]) for rows in shares]  # None: a dummy that keeps sharded processes in step
+        shared = kto_batch_point(model, chunks, dist.device, cfg.precision, [r is not None for r in shares]) \
+            if kto else {}
         totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=dist.device)
-        for chunk in chunks:
+        for chunk, rows in zip(chunks, shares):
             batch = {**{k: v.to(dist.device) for k, v in chunk.items()}, **shared}
             with autocast(dist.device, cfg.precision):
                 loss, margin, sums, counts, rewards, first = loss_fn.forward(model, batch)
+            if rows is None:
+                continue
             per_token = sums / counts.clamp(min=1)
             totals += torch.stack([loss.sum(), (margin > 0).sum() + 0.5 * (margin == 0).sum(),
                                    rewards[first].sum() - rewards[~first].sum() if kto else margin.sum(),

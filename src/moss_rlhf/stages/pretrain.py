@@ -45,6 +45,7 @@ class PretrainConfig(TrainConfig):
     lr: float = option(3e-3, "peak learning rate (AdamW)", above=0.0)
 
     def check(self) -> None:
+        super().check()
         if not self.data:
             raise ConfigError("give --data FILE (repeat for several): the text to pretrain on")
 

@@ -76,6 +76,7 @@ class RewardConfig(TrainConfig):
     eval_every: int = option(50, "evaluate every N steps (0: only at the end)", at_least=0)
 
     def check(self) -> None:
+        super().check()
         if not self.data:
             raise ConfigError("give --data PREFERENCES.jsonl (e.g. written by `moss-rlhf feedback export`)")
 
@@ -217,12 +218,12 @@ def pair_evaluator(data: TokenData, loss_fn: RewardLoss, cfg: RewardConfig, dist
     def evaluate(model) -> dict[str, float]:
         model.eval()
         totals = torch.zeros(4, device=dist.device)  # loss, correct, gap, pairs
-        indices = list(range(dist.rank, len(data), dist.world_size))
-        for start in range(0, len(indices), cfg.batch_size):
-            batch = data.batch(indices[start:start + cfg.batch_size])
-            batch = {k: v.to(dist.device) for k, v in batch.items()}
+        for rows in distributed.shard_batches(len(data), cfg.batch_size, dist, model):
+            batch = {k: v.to(dist.device) for k, v in data.batch(rows or [0]).items()}
             with autocast(dist.device, cfg.precision):
                 chosen, rejected, _, n = loss_fn.forward(model, batch)
+            if rows is None:  # a dummy batch that keeps a sharded model's processes in step
+                continue
             totals[0] += bradley_terry_loss(chosen, rejected, batch["margin"], cfg.label_smoothing, reduction="sum")
             totals[1] += (chosen > rejected).float().sum() + 0.5 * (chosen == rejected).float().sum()
             totals[2] += (chosen - rejected).sum()

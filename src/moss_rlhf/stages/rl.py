@@ -4,7 +4,8 @@ al. 2023, "Secrets of RLHF in Large Language Models Part I: PPO", arXiv 2307.049
 
 Models (``rollout.RLModels``): the policy and the frozen reference (both from SFT; with ``--lora-r`` the reference
 is the policy with its adapters off), the frozen reward model (unless the rewards are Python functions only), and
-for GAE a critic (initialised from the reward model, one value per token). Dropout is off in all. Every step:
+for GAE a critic (from the reward model, one value per token); dropout off in all, all sharded by ``--parallel fsdp``.
+Every step:
 
   1. rollout (``rollout.sample_groups``): ``group_size`` replies to each of ``rollout_batch`` prompts (per-reply
      seeds), scored by the reward sources (``rewards``: reward model and ``--reward-fn`` functions, weighted; the
@@ -17,12 +18,13 @@ for GAE a critic (initialised from the reward model, one value per token). Dropo
   3. update (``update.rl_update``): ``ppo_epochs`` passes in mini-batches; a policy step (clipped surrogate with
      ε_low/ε_high, the KL in the loss when placed there, entropy bonus, PPO-ptx; aggregated by token, by sequence or
      by a constant) and a critic step; for the first ``critic_warmup_steps`` steps only the critic learns;
-  4. monitor: reward (per source), KL, perplexity, length (and by outcome), entropy, clip fraction, advantage
-     statistics, the share of groups with equal rewards, and the paper's collapse signals; validate on held-out
-     prompts (with the caller's scorers, e.g. the demo's gold judge), keep the best policy in ``best/``,
-     checkpoint atomically (exact resume).
+  4. monitor: reward (per source), KL, perplexity, length (and by outcome), entropy, clip fraction, advantages,
+     equal-reward groups, memory, the paper's collapse signals; validate on held-out prompts (the caller's scorers
+     too, e.g. the demo's gold judge), keep the best policy in ``best/``, checkpoint atomically (exact resume).
 
-``--preset`` sets each published recipe's switches (explicit ones win). A NaN/Inf reward or update is never applied."""
+``--preset`` sets each published recipe's switches (``recipes``; explicit ones win). Rollouts come from the builtin
+sampler or a colocated vLLM engine (``--rollout-engine``; truncated importance sampling corrects the engines'
+difference). A NaN/Inf reward or update is never applied."""
 
 from __future__ import annotations
 
@@ -42,59 +44,21 @@ from moss_rlhf.data.splits import load_split
 from moss_rlhf.files import atomic_write_text
 from moss_rlhf.losses import AGGREGATIONS, AdaptiveKLController, FixedKLController, RunningMoments
 from moss_rlhf.models import LoraOptions, save_model
+from moss_rlhf.recipes import GROUP_BASELINES, PRESETS
 from moss_rlhf.rewards import RewardFn, RewardSources, load_reward_functions, shape_scores
 from moss_rlhf.rollout import collapse_signals, load_rl_models, make_experience, nonfinite_rollout, plan_batches, \
     sample_groups
 from moss_rlhf.runs import Progress, RunDir, plot_curves
-from moss_rlhf.sampling import SamplingConfig
-from moss_rlhf.sampling.builtin import BuiltinSampler
+from moss_rlhf.sampling import SamplingConfig, make_sampler
 from moss_rlhf.scoring import TextScorer, validate
 from moss_rlhf.tokenizer import load_tokenizer
-from moss_rlhf.training import Trainee, autocast, lm_batches, nonfinite, skip_or_stop
+from moss_rlhf.training import Trainee, autocast, lm_batches, memory_report, nonfinite, skip_or_stop
 from moss_rlhf.update import rl_update
-
-_CRITIC_FREE = dict(use_critic=False, reward_norm=False, reward_clip=0.0, advantage_clip=0.0, value_clip=0.0,
-                    critic_from_reward=False, max_grad_norm=1.0, critic_max_grad_norm=0.0, dynamic_sampling=False,
-                    overlong_buffer=0.0, std_scaling="group", whiten_advantages=False)
-_GRPO = dict(_CRITIC_FREE, advantage="grpo", group_size=4, kl_coef=0.04, kl_placement="loss", kl_estimator="k3",
-             loss_agg="seq_mean_token_mean")
-# Switches a preset decides; left at None on the command line they come from --preset.
-PRESETS: dict[str, dict] = {
-    # The paper's PPO-max: reward normalisation + clipping, per-token KL penalty in the reward, value clipping,
-    # advantage whitening, critic initialised from the reward model, global gradient clipping.
-    "ppo_max": dict(advantage="gae", group_size=1, use_critic=True, reward_norm=True, reward_clip=5.0, kl_coef=0.1,
-                    kl_placement="reward", kl_estimator="k1", whiten_advantages=True, advantage_clip=0.0,
-                    value_clip=0.2, critic_from_reward=True, max_grad_norm=1.0, critic_max_grad_norm=1.0,
-                    loss_agg="token_mean", std_scaling="group", dynamic_sampling=False, overlong_buffer=0.0),
-    # Plain PPO: raw rewards, no KL penalty, no whitening or clipping of anything but the policy ratio.
-    "vanilla": dict(advantage="gae", group_size=1, use_critic=True, reward_norm=False, reward_clip=0.0, kl_coef=0.0,
-                    kl_placement="reward", kl_estimator="k1", whiten_advantages=False, advantage_clip=0.0,
-                    value_clip=0.0, critic_from_reward=False, max_grad_norm=0.0, critic_max_grad_norm=0.0,
-                    loss_agg="token_mean", std_scaling="group", dynamic_sampling=False, overlong_buffer=0.0),
-    # DeepSeekMath's GRPO: group-normalised outcome advantages, k3 KL in the loss (β 0.04), per-sequence token mean.
-    "grpo": _GRPO,
-    # Dr.GRPO: no std scaling, token sums over a constant (no length or difficulty bias).
-    "dr_grpo": dict(_GRPO, std_scaling="none", loss_agg="seq_mean_token_sum_norm"),
-    # DAPO: clip-higher (0.28), dynamic sampling, token mean over the batch, soft overlong punishment, no KL.
-    "dapo": dict(_GRPO, kl_coef=0.0, clip_eps_high=0.28, dynamic_sampling=True, loss_agg="token_mean",
-                 overlong_buffer=0.2),
-    # RLOO: leave-one-out baselines, the KL (k1) in the sequence reward.
-    "rloo": dict(_CRITIC_FREE, advantage="rloo", group_size=4, kl_coef=0.05, kl_placement="reward", kl_estimator="k1",
-                 loss_agg="token_mean"),
-    # REINFORCE++: per-token KL in the reward, reward-to-go, whitened over the global batch.
-    "reinforce_pp": dict(_CRITIC_FREE, advantage="reinforce_pp", group_size=1, kl_coef=0.01, kl_placement="reward",
-                         kl_estimator="k1", whiten_advantages=True, loss_agg="token_mean"),
-    # ReMax: the greedy reply's reward as the baseline.
-    "remax": dict(_CRITIC_FREE, advantage="remax", group_size=1, kl_coef=0.01, kl_placement="reward",
-                  kl_estimator="k1", loss_agg="token_mean"),
-}
-GROUP_BASELINES = ("grpo", "rloo", "reinforce_pp_baseline")
-RECIPE_NAMES = {"ppo_max": "PPO-max", "vanilla": "PPO", "grpo": "GRPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO",
-                "rloo": "RLOO", "reinforce_pp": "REINFORCE++", "remax": "ReMax"}
 
 PLOT_KEYS = ["reward/raw_mean", "reward/normalized_mean", "kl/per_token", "policy/perplexity", "response/length",
              "policy/entropy", "policy/clipfrac", "advantage/std", "groups/equal_reward_share",
-             "critic/value_loss", "critic/explained_variance", "val/reward", "val/gold", "kl/coef"]
+             "critic/value_loss", "critic/explained_variance", "val/reward", "val/gold", "kl/coef",
+             "rollout/logprob_abs_diff"]
 
 
 @dataclass
@@ -132,6 +96,15 @@ class RLConfig(TrainConfig):
     top_p: float = option(1.0, "nucleus sampling (< 1 needs --accept-sampling-bias)", above=0.0, at_most=1.0)
     top_k: int = option(0, "top-k sampling, 0: off (needs --accept-sampling-bias)", at_least=0)
     repetition_penalty: float = option(1.0, "repetition penalty (≠ 1 needs --accept-sampling-bias)", above=0.0)
+    rollout_engine: str = option("builtin", "who samples: builtin (our KV-cache loop on the policy itself) or vllm "
+                                            "(a colocated vLLM engine, weights synced after every update; one "
+                                            "process; pip install 'moss-rlhf[vllm]')", choices=("builtin", "vllm"))
+    rollout_is: str = option("none", "correct for the engine sampling from μ ≠ π_old: tis (truncated importance "
+                                     "sampling, each token's policy loss × min(π_old/μ, --rollout-is-cap)) or none",
+                             choices=("none", "tis"))
+    rollout_is_cap: float = option(2.0, "the TIS cap C", at_least=1.0)
+    rollout_memory: float = option(0.3, "vllm: share of the device's memory for the engine (weights + KV cache)",
+                                   above=0.0, below=1.0)
     accept_sampling_bias: bool = option(False, "allow top-k/top-p/repetition penalty, scoring the ratio and KL "
                                                "against softmax(logits/T) all the same (off-policy)")
     dynamic_sampling: bool | None = option(None, "replace groups whose rewards are all equal by groups for other "
@@ -210,6 +183,7 @@ class RLConfig(TrainConfig):
     stop_on_collapse: bool = option(False, "stop the run at the first collapse warning", free_on_resume=True)
 
     def check(self) -> None:
+        super().check()
         if not self.prompts:
             raise ConfigError("give --prompts FILE (repeat for several): the prompts to sample responses to")
         if self.grad_accum != 1:
@@ -287,11 +261,11 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         return shape_scores(total, rollout, cfg.missing_eos_penalty, overlong, cfg.overlong_penalty,
                             cfg.max_new_tokens), parts
 
-    policy = Trainee.create(models.policy, cfg)
+    policy = Trainee.create(models.policy, cfg, dist)
     tracked = {"policy": models.policy, "policy_opt": policy.optimizer, "policy_schedule": policy.schedule}
     critic = None
     if models.critic is not None:
-        critic = Trainee.create(models.critic, cfg, cfg.critic_lr, cfg.critic_max_grad_norm)
+        critic = Trainee.create(models.critic, cfg, dist, cfg.critic_lr, cfg.critic_max_grad_norm)
         tracked.update(critic=models.critic, critic_opt=critic.optimizer, critic_schedule=critic.schedule)
     moments = RunningMoments()
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
@@ -302,11 +276,10 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     if cfg.resume:
         state.update(checkpoints.restore() or {})
         run_dir.truncate_metrics(state["step"])
-    step, best, first_stats = state["step"], state["best"], state["first_stats"]
-    for trainee in filter(None, (policy, critic)):
-        trainee.module = distributed.wrap_ddp(trainee.model, dist)
+    step, best, first_stats, skipped = state["step"], state["best"], state["first_stats"], state.get("skipped", 0)
+    models.shard_frozen(dist, cfg)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
-    sampler = BuiltinSampler(models.policy, tokenizer)
+    sampler = make_sampler(cfg, models.policy, tokenizer, dist)
     order = BatchOrder(len(prompts), plan.rollout_per_process, 1, dist.world_size, cfg.seed)
     ptx = (lm_batches(tokenizer, cfg.ptx_data, cfg.max_prompt_len + cfg.max_new_tokens, cfg.ptx_batch_size, dist,
                       cfg.seed) if cfg.ptx_coef > 0 else None)
@@ -317,7 +290,6 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
               f"reward = {sources.describe()}; {'a' if critic else 'no'} critic")
     progress = Progress(cfg.max_steps, step, "rl", enabled=cfg.progress and dist.is_main)
     metrics: dict[str, float] = {}
-    skipped = state.get("skipped", 0)
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         # 1. rollout: seeds from each prompt's place in the data stream, so a resumed run, or one on more
@@ -326,11 +298,12 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                                 order.positions(step, 0, dist.rank), sampling, training_score,
                                 group_size=cfg.group_size, seed=cfg.seed, max_prompt_len=cfg.max_prompt_len,
                                 dynamic_tries=cfg.dynamic_sampling_tries if cfg.dynamic_sampling else 0,
-                                greedy_baseline=cfg.advantage == "remax")
+                                greedy_baseline=cfg.advantage == "remax", lockstep=cfg.parallel == "fsdp")
         t_generate = time.perf_counter()
         with autocast(dist.device, cfg.precision):
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
-                                     cfg.score_batch_size, score_policy=plan.updates_per_step > 1)
+                                     cfg.score_batch_size,  # another engine's log-probs are not the trainer's
+                                     score_policy=plan.updates_per_step > 1 or cfg.rollout_engine != "builtin")
         t_score = time.perf_counter()
         # 2. advantages: a NaN reward is caught before it reaches the running moments
         problem = nonfinite_rollout(chunks, grouped.baseline)
@@ -358,6 +331,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         metrics.update({"time/generate_s": t_generate - t0, "time/score_s": t_score - t_generate,
                         "time/update_s": t_update - t_score, "time/step_s": t_update - t0,
                         "policy/lr": policy.schedule.get_last_lr()[0], "policy/trained": float(train_policy)})
+        metrics.update(memory_report({"policy": policy, "critic": critic, "reference": models.reference,
+                                      "reward_model": models.reward_model}, "rl", dist) if step == 1 else {})
         first_stats = first_stats or {k: metrics[k] for k in ("reward/raw_mean", "reward/raw_std")}
         warnings = collapse_signals(metrics, cfg, first_stats) if train_policy else []
         metrics["collapse/warnings"] = float(len(warnings))
@@ -371,9 +346,10 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
             if dist.is_main:
                 atomic_write_text(run_dir.path / "samples" / f"step-{step:06d}.jsonl",
                                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in samples))
-                if val[best_key] > best:
-                    best = val[best_key]
-                    save_model(models.policy, tokenizer, run_dir.path / "best")
+            if distributed.broadcast_object(val[best_key] > best):  # one decision: saving may be a collective
+                best = val[best_key]
+                save_model(models.policy, tokenizer, run_dir.path / "best", dist.is_main)
+                if dist.is_main:
                     atomic_write_text(run_dir.path / "best.json", json.dumps({"step": step, **val}, indent=1))
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1 or "val/reward" in metrics:
             run_dir.log(step, metrics)
@@ -387,8 +363,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
             break
     progress.close()
     checkpoints.save(step, best=best, first_stats=first_stats, skipped=skipped)
+    save_model(models.policy, tokenizer, run_dir.model_path, dist.is_main)
     if dist.is_main:
-        save_model(models.policy, tokenizer, run_dir.model_path)
         plot_curves(run_dir.path, PLOT_KEYS, title=f"rl ({cfg.preset})")
         keys = dict.fromkeys(("reward/raw_mean", "kl/per_token", "response/length", "val/reward", best_key))
         shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics)

@@ -43,6 +43,7 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = option(10, "linear warm-up steps before the cosine decay", at_least=0)
 
     def check(self) -> None:
+        super().check()
         if not self.data:
             raise ConfigError("give --data FILE (repeat for several): the conversations to fine-tune on")
         if self.pack and self.seq_len < self.max_len:

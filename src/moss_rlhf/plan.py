@@ -1,0 +1,128 @@
+"""``moss-rlhf plan``: how much device memory each model of a run takes per process — weights, gradients and AdamW
+state — for the chosen parallelism, before anything is loaded (the models are built on PyTorch's ``meta`` device
+from their ``config.json``, which allocates nothing).
+
+What it counts, per process of ``--processes``:
+
+* a trained model (policy, critic, the model of pretraining, SFT, reward or DPO): fp32 weights, fp32 gradients and
+  AdamW's two fp32 moments — 16 bytes per parameter — whole under DDP, 1/N under FSDP (``--cpu-offload`` moves the
+  shards and the optimizer step to the host);
+* a frozen model (reference, reward model): its weights only, whole under DDP, 1/N under FSDP;
+* under FSDP, one transformer block gathered whole for its forward or backward (two with prefetching), and for RL
+  the sampler's whole fp32 copy of the policy (sampling runs on it: see ``distributed``).
+
+Activations, the sampler's KV cache and the CUDA context come on top; ``--activation-checkpointing`` shrinks the
+first. The training loops log what they measure (``memory/*`` in ``metrics.jsonl``) for comparison.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moss_rlhf.config import Config, ConfigError, option
+
+MB = 2 ** 20
+
+
+@dataclass
+class PlanConfig(Config):
+    model: str = option("", "trained model: a size preset (tiny, small, base) or a saved model's directory (the "
+                            "policy of RL; the model of pretrain, SFT, reward, DPO)")
+    critic: str = option("", "trained critic (RL with GAE); a saved model's directory")
+    reference: str = option("", "frozen reference (RL, DPO)")
+    reward_model: str = option("", "frozen reward model (RL)")
+    vocab_size: int = option(8000, "vocabulary size for a size preset", at_least=1)
+    processes: int = option(1, "processes (GPUs) the run is spread over", at_least=1)
+    parallel: str = option("ddp", "ddp or fsdp", choices=("ddp", "fsdp"))
+    precision: str = option("fp32", "fp32, or bf16 (FSDP on a GPU gathers and computes in bf16)",
+                            choices=("fp32", "bf16"))
+    cpu_offload: bool = option(False, "fsdp: shards and optimizer state on the host")
+    rl: bool = option(False, "count the sampler's whole copy of the policy (online RL under FSDP)")
+
+    def check(self) -> None:
+        if not self.model:
+            raise ConfigError("give --model (a size preset or a saved model's directory)")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise ConfigError("--cpu-offload needs --parallel fsdp")
+
+
+def parameter_counts(name: str, vocab_size: int = 8000) -> tuple[int, int]:
+    """(all parameters, the largest transformer block's) of a preset or a saved model, built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
+
+    from moss_rlhf.models import PRESETS, check_model_path
+
+    if name in PRESETS:
+        config = LlamaConfig(**PRESETS[name], vocab_size=vocab_size, tie_word_embeddings=True)
+    else:
+        check_model_path(name, "--model")
+        config = AutoConfig.from_pretrained(name)
+    scorer = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if scorer else AutoModelForCausalLM).from_config(config)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    largest = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks),
+                  default=0)
+    return sum(p.numel() for p in model.parameters()), largest
+
+
+@dataclass
+class ModelMemory:
+    role: str
+    parameters: int
+    trained: bool
+    weights: float      # bytes per process, on the device
+    gradients: float
+    optimizer: float
+    host: float         # bytes per process on the host (CPU offload)
+
+
+def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
+    """Each model's memory per process, and the transient memory of FSDP (gathered blocks, the sampler's copy)."""
+    share = 1 / cfg.processes if cfg.parallel == "fsdp" else 1.0
+    rows, transient = [], 0.0
+    gathered_bytes = 2 if cfg.precision == "bf16" else 4
+    for role, name, trained in (("policy" if cfg.reference or cfg.reward_model else "model", cfg.model, True),
+                                ("critic", cfg.critic, True), ("reference", cfg.reference, False),
+                                ("reward model", cfg.reward_model, False)):
+        if not name:
+            continue
+        n, block = parameter_counts(name, cfg.vocab_size)
+        weights, gradients, optimizer = 4 * n * share, 4 * n * share * trained, 8 * n * share * trained
+        host = 0.0
+        if cfg.cpu_offload:
+            host, weights, gradients, optimizer = weights + gradients + optimizer, 0.0, 0.0, 0.0
+        rows.append(ModelMemory(role, n, trained, weights, gradients, optimizer, host))
+        if cfg.parallel == "fsdp" and cfg.processes > 1:
+            transient = max(transient, 2 * gathered_bytes * block * (1 + trained))  # weights (+ gradients)
+    if cfg.rl and cfg.parallel == "fsdp" and cfg.processes > 1:
+        transient += 4 * rows[0].parameters
+    return rows, transient
+
+
+def size(n_bytes: float) -> str:
+    return f"{n_bytes / 2 ** 30:.1f} GB" if n_bytes >= 2 ** 30 else f"{n_bytes / MB:.1f} MB"
+
+
+def describe(cfg: PlanConfig) -> str:
+    rows, transient = plan(cfg)
+    how = (f"{cfg.parallel} over {cfg.processes} process(es)" + (", CPU offload" if cfg.cpu_offload else ""))
+    lines = [f"memory per process ({how}); activations, KV cache and the CUDA context come on top",
+             f"{'model':<14}{'parameters':>15}{'weights':>11}{'gradients':>11}{'AdamW':>11}{'host':>11}"]
+    for r in rows:
+        lines.append(f"{r.role:<14}{r.parameters:>15,}{size(r.weights):>11}{size(r.gradients):>11}"
+                     f"{size(r.optimizer):>11}{size(r.host):>11}")
+    total = sum(r.weights + r.gradients + r.optimizer for r in rows)
+    lines.append(f"{'total':<14}{'':>15}{size(total):>11} on the device"
+                 + (f", {size(sum(r.host for r in rows))} on the host" if cfg.cpu_offload else ""))
+    if transient:
+        lines.append(f"{'transient':<14}{'':>15}{size(transient):>11} (FSDP: blocks gathered for compute"
+                     + (", the sampler's whole policy copy)" if cfg.rl else ")"))
+    return "\n".join(lines)
+
+
+def run(cfg: PlanConfig) -> str:
+    text = describe(cfg)
+    print(text)
+    return text

@@ -1,0 +1,208 @@
+"""FSDP2 (``--parallel fsdp``) against one process: every stage's run on two processes (gloo) with sharded models
+equals the single-process run on the same global batch; a sharded checkpoint resumes exactly; the gathered final
+model loads in plain transformers. The helpers (lockstep padding, whole copies of sharded weights) are checked on
+their own."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from moss_rlhf.config import ConfigError
+from moss_rlhf.plan import PlanConfig, plan
+from moss_rlhf.runs import read_metrics
+from moss_rlhf.stages import dpo, pretrain, reward, sft
+from moss_rlhf.stages.dpo import DPOConfig
+from moss_rlhf.stages.pretrain import PretrainConfig
+from moss_rlhf.stages.reward import RewardConfig
+from moss_rlhf.stages.sft import SFTConfig
+from tests.conftest import assert_weights_close, run_in_processes, single_thread, write_jsonl
+from tests.stages.test_reward import preference_rows, varied_rows
+
+COMMON = dict(max_steps=3, warmup_steps=1, log_every=1, eval_every=3, save_every=0, progress=False, device="cpu")
+
+
+def steady(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
+
+
+def stage_config(stage: str, out, tiny_model_dir, data_dir, corpus_file, conversations_file, tokenizer_dir,
+                 **overrides):
+    """A 3-step run of ``stage`` whose held-out set does not divide evenly over two processes (the lockstep
+    padding of evaluation is exercised)."""
+    values = {**COMMON, "out": str(out), "batch_size": 4, **overrides}
+    if stage == "pretrain":
+        return pretrain.run, PretrainConfig(**{"model": "tiny", "tokenizer": str(tokenizer_dir),
+                                               "data": [str(corpus_file)], "seq_len": 32, "lr": 3e-3,
+                                               "eval_batches": 3, **values})
+    if stage == "sft":
+        return sft.run, SFTConfig(**{"model": str(tiny_model_dir), "data": [str(conversations_file)], "seq_len": 64,
+                                     "max_len": 64, "lr": 3e-3, "eval_batches": 3, **values})
+    data = write_jsonl(data_dir / "prefs.jsonl", varied_rows(87) if stage == "dpo" else preference_rows(87))
+    if stage == "reward":
+        return reward.run, RewardConfig(**{"model": str(tiny_model_dir), "data": [str(data)], "max_len": 64,
+                                           "lr": 3e-3, **values})
+    return dpo.run, DPOConfig(**{"model": str(tiny_model_dir), "data": [str(data)], "max_len": 64, "lr": 2e-3,
+                                 "kl_prompts": 3, "kl_max_new_tokens": 6, **values})
+
+
+def final_weights(path) -> dict[str, torch.Tensor]:
+    """A model directory loaded by plain transformers (not by our code): a gathered FSDP model must load as any."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path)
+    scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures)
+    model = (AutoModelForSequenceClassification if scorer else AutoModelForCausalLM).from_pretrained(path)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo"])
+def test_fsdp_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, corpus_file, conversations_file,
+                                                   tokenizer_dir, stage):
+    """The same global batch (4 per process × 2 = 8 on one) with every weight, gradient and optimizer state
+    sharded: the same losses, held-out metrics and final weights as one process holding everything."""
+    args = (tiny_model_dir, tmp_path, corpus_file, conversations_file, tokenizer_dir)
+    run, single = stage_config(stage, tmp_path / "single", *args, batch_size=8)
+    with single_thread():
+        run(single)
+    run, sharded = stage_config(stage, tmp_path / "fsdp", *args, parallel="fsdp")
+    run_in_processes(run, sharded)
+    one, two = read_metrics(single.out), read_metrics(sharded.out)
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two):
+        keys = {k for k in a if isinstance(a[k], float) and "per_s" not in k and not k.startswith("memory/")}
+        assert keys <= set(b), keys - set(b)
+        bad = [(k, a[k], b[k]) for k in sorted(keys) if b[k] != pytest.approx(a[k], rel=1e-4, abs=1e-5)]
+        assert not bad, (a["step"], bad)
+    assert "eval/loss" in one[-1]
+    for kind in ("weights", "optimizer"):  # measured on each process: half of what one process holds
+        key = f"memory/model_{kind}_mb"
+        assert two[0][key] == pytest.approx(one[0][key] / 2, rel=0.02), key
+    if stage in ("sft", "dpo"):  # and what `moss-rlhf plan` estimates before loading anything
+        (estimate,), _ = plan(PlanConfig(model=str(tiny_model_dir), processes=2, parallel="fsdp"))
+        assert two[0]["memory/model_weights_mb"] == pytest.approx(estimate.weights / 2 ** 20, rel=0.02)
+        assert two[0]["memory/model_optimizer_mb"] == pytest.approx(estimate.optimizer / 2 ** 20, rel=0.02)
+    if stage == "dpo":
+        assert "eval/kl_per_reply" in one[-1]  # the KL monitor sampled from the sharded policy's whole copy
+    first, second = final_weights(f"{single.out}/model"), final_weights(f"{sharded.out}/model")
+    assert_weights_close(first, second)
+    assert any(not torch.equal(first[k], v) for k, v in final_weights(tiny_model_dir).items()
+               if k in first) or stage == "pretrain"  # the runs did train
+
+
+@pytest.mark.slow
+def test_a_sharded_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, corpus_file, conversations_file,
+                                              tokenizer_dir):
+    """Sharded model and optimizer state through torch.distributed.checkpoint: a run killed after its step-2
+    checkpoint and resumed repeats the uninterrupted run's losses and weights; a ddp run refuses that checkpoint."""
+    args = (tiny_model_dir, tmp_path, corpus_file, conversations_file, tokenizer_dir)
+    run, cfg = stage_config("sft", tmp_path / "run", *args, parallel="fsdp", max_steps=4, save_every=2,
+                            keep_checkpoints=3, eval_every=2)
+    run_in_processes(run, cfg)
+    uninterrupted, weights = read_metrics(cfg.out), final_weights(f"{cfg.out}/model")
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "sharded", "state.pt"]
+    assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # one file of shards per process
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
+    shutil.rmtree(tmp_path / "run" / "model")
+    run, resumed = stage_config("sft", tmp_path / "run", *args, parallel="fsdp", max_steps=4, save_every=2,
+                                keep_checkpoints=3, eval_every=2, resume=True)
+    run_in_processes(run, resumed)
+    assert steady(read_metrics(cfg.out)) == steady(uninterrupted)
+    for key, value in final_weights(f"{cfg.out}/model").items():
+        assert torch.equal(value, weights[key]), key
+
+    run, unsharded = stage_config("sft", tmp_path / "run", *args, max_steps=6, resume=True,
+                                  resume_override=["max_steps", "parallel"])
+    with pytest.raises(ConfigError, match="written by a --parallel fsdp run"):
+        run(unsharded)
+
+
+def test_fsdp_options_are_checked():
+    with pytest.raises(ConfigError, match="--cpu-offload needs --parallel fsdp"):
+        SFTConfig(data=["a.jsonl"], cpu_offload=True)
+    with pytest.raises(ConfigError, match="--lora-r is not supported"):
+        SFTConfig(data=["a.jsonl"], parallel="fsdp", lora_r=4)
+    with pytest.raises(ConfigError, match="--parallel must be one of"):
+        SFTConfig(data=["a.jsonl"], parallel="zero3")
+    from moss_rlhf import distributed
+    from moss_rlhf.training import Trainee
+
+    with pytest.raises(ConfigError, match="on a CPU they are there already"):
+        Trainee.create(torch.nn.Linear(2, 2), SFTConfig(data=["a.jsonl"], parallel="fsdp", cpu_offload=True),
+                       distributed.init("cpu"))
+
+
+def _lockstep_and_copies(model_dir: str, out: str) -> None:
+    from moss_rlhf import distributed
+    from moss_rlhf.models import load_causal_lm
+
+    d = distributed.init("cpu")
+    model = load_causal_lm(model_dir)
+    reference = load_causal_lm(model_dir)
+    # 5 items over 2 processes in batches of 2: rank 0 has [0, 2], [4]; rank 1 has [1, 3] and one dummy
+    assert distributed.shard_batches(5, 2, d, model) == ([[0, 2], [4]] if d.rank == 0 else [[1, 3]])
+    distributed.shard(model, d)
+    assert distributed.shard_batches(5, 2, d, model) == ([[0, 2], [4]] if d.rank == 0 else [[1, 3], None])
+    assert distributed.lockstep(3 if d.rank == 0 else 1, sharded=True) == (0 if d.rank == 0 else 2)
+    copy = distributed.plain_copy(model)
+    assert not distributed.is_sharded(copy)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+        torch.testing.assert_close(copy(input_ids=ids).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    distributed.reshard(model)  # the root's weights were left gathered by the forward
+    with torch.no_grad():  # a change to the shards reaches the copy through copy_weights
+        for p in model.parameters():
+            p.mul_(0.5)
+    distributed.copy_weights(model, copy)
+    assert not torch.equal(copy.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+    full = distributed.full_state_dict(model, d.is_main)
+    if d.is_main:
+        for name, tensor in copy.state_dict().items():
+            assert torch.equal(tensor, full[name]), name
+        torch.save(True, out)
+
+
+@pytest.mark.slow
+def test_lockstep_padding_and_whole_copies_of_sharded_weights(tmp_path, tiny_model_dir):
+    run_in_processes(_lockstep_and_copies, str(tiny_model_dir), str(tmp_path / "done.pt"))
+    assert (tmp_path / "done.pt").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_sft_like_one_process(tmp_path, tiny_model_dir, conversations_file):
+    """Multi-node as users launch it: two torchrun launchers (``--nnodes 2``, c10d rendezvous), one process each,
+    the same command on both "machines" — here localhost — equal one process on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    flags = ["--model", str(tiny_model_dir), "--data", str(conversations_file), "--seq-len", "64", "--max-len", "64",
+             "--lr", "3e-3", "--max-steps", "3", "--warmup-steps", "1", "--log-every", "1", "--eval-every", "3",
+             "--save-every", "0", "--no-progress", "--device", "cpu"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "two-nodes",
+                "-m", "moss_rlhf.cli", "sft", *flags, "--batch-size", "4", "--parallel", "fsdp",
+                "--out", str(tmp_path / "nodes")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    nodes = [subprocess.Popen(launcher, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    errors = [node.communicate(timeout=900)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], errors
+    from moss_rlhf.cli import main
+
+    with single_thread():
+        assert main(["sft", *flags, "--batch-size", "8", "--out", str(tmp_path / "single")]) == 0
+    one, two = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "nodes")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for key in ("train/loss", "train/grad_norm", "eval/loss"):
+            assert (key not in a and key not in b) or b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    assert_weights_close(final_weights(tmp_path / "single" / "model"), final_weights(tmp_path / "nodes" / "model"))
