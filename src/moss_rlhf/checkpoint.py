@@ -54,6 +54,7 @@ class Checkpointer:
                         distributed.is_sharded(m)}
         self.sharded_optimizers = {k: (owner, o) for k, o in objects.items() if isinstance(o, torch.optim.Optimizer)
                                    for owner in self.sharded.values() if _holds(owner, o)}
+        self.in_dcp = set(self.sharded) | set(self.sharded_optimizers)  # the rest goes to <name>/ and state.pt
 
     def latest(self) -> Path | None:
         """The newest intact checkpoint (its files match its manifest), or None."""
@@ -78,7 +79,7 @@ class Checkpointer:
                 distributed.barrier()  # every process has written its shards
             if self.is_main:
                 for name, obj in self.objects.items():
-                    if name in self.sharded or name in self.sharded_optimizers:
+                    if name in self.in_dcp:
                         continue
                     if isinstance(obj, torch.nn.Module):
                         save_model(obj, self.tokenizer, tmp / name)
@@ -118,7 +119,7 @@ class Checkpointer:
             return None
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state.get("objects", {}) and name not in
-                   state.get("adapters", {}) and name not in self.sharded and name not in self.sharded_optimizers]
+                   state.get("adapters", {}) and name not in self.in_dcp]
         written_sharded = (checkpoint / "sharded").is_dir()
         if bool(self.sharded) != written_sharded:
             raise ConfigError(f"{checkpoint}: written by a --parallel {'fsdp' if written_sharded else 'ddp'} run, "
@@ -130,7 +131,7 @@ class Checkpointer:
         if self.sharded:
             self._load_sharded(checkpoint / "sharded")
         for name, obj in self.objects.items():
-            if name in self.sharded or name in self.sharded_optimizers:
+            if name in self.in_dcp:
                 continue
             if isinstance(obj, torch.nn.Module):
                 load_weights(obj, checkpoint / name)

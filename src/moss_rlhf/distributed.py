@@ -220,15 +220,13 @@ def reshard(model: torch.nn.Module) -> None:
 
 
 def full_state_dict(model: torch.nn.Module, is_main: bool) -> dict[str, torch.Tensor] | None:
-    """The whole state dict of ``model``, on the CPU, on the main process (None on the others): gathered from the
-    shards when ``model`` is sharded (a collective: every process calls it)."""
-    if is_sharded(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The whole state dict of a sharded ``model``, gathered from the shards onto the main process's CPU (None on
+    the others); a collective: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        reshard(model)
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return state if is_main else None
-    return model.state_dict() if is_main else None
+    reshard(model)
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if is_main else None
 
 
 def lockstep(n_batches: int, sharded: bool) -> int:

@@ -3,15 +3,17 @@ PagedAttention"), behind the same sampler interface as the builtin loop: token i
 engine's own log-probs out, and :meth:`VLLMSampler.sync_weights` after every policy update.
 
 The engine runs colocated, in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor: it starts
-in seconds and shares the trainer's memory; on a GPU it sleeps while the trainer updates). Each reply draws from its
+in seconds and shares the trainer's memory; putting it to sleep on a GPU while the trainer updates is not wired yet).
+Each reply draws from its
 own seed (``SamplingParams.seed``), so a rollout is a function of prompts, seeds and weights, as with the builtin
 sampler. The log-probs are vLLM's ``processed_logprobs``: those of the distribution it sampled from (after the
 temperature, top-k and top-p), the quantity the trainer's recomputed log-probs are compared with (the mismatch
 metrics) and truncated importance sampling corrects for.
 
 Weights go to the engine in place (``reload_weights`` on its worker), one tensor at a time from a generator: a model
-sharded by FSDP is gathered tensor by tensor, LoRA adapters are merged first. vLLM is an optional extra (``pip
-install moss-rlhf[vllm]``); nothing imports this module unless ``--rollout-engine vllm`` asks for it.
+sharded by FSDP is gathered tensor by tensor, a LoRA layer's weight is sent merged (W + its adapters' ΔW). vLLM is
+an optional extra (``pip install moss-rlhf[vllm]``); nothing imports this module unless ``--rollout-engine vllm``
+asks for it.
 """
 
 from __future__ import annotations
@@ -93,17 +95,28 @@ class VLLMSampler:
 
 
 def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` in transformers' checkpoint names, one at a time: a sharded (FSDP) tensor gathered whole,
-    a LoRA model's merged weights."""
+    """``(name, tensor)`` in transformers' checkpoint names, one at a time: a sharded (FSDP) tensor gathered whole;
+    for a LoRA model each adapted layer's merged weight ``W + ΔW``, computed per layer (no copy of the model, and
+    the policy's own weights untouched: merging in place and back would leave rounding in them every step)."""
     from moss_rlhf.distributed import is_sharded, reshard
     from moss_rlhf.models import unwrap
 
     model = unwrap(model)
-    if hasattr(model, "merge_and_unload"):  # LoRA: merged into a copy (the policy keeps its adapters)
-        import copy
-
-        model = copy.deepcopy(model).merge_and_unload()
     if is_sharded(model):
         reshard(model)
-    for name, tensor in model.state_dict().items():
-        yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
+    if not hasattr(model, "get_base_model"):
+        for name, tensor in model.state_dict().items():
+            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
+        return
+    base = model.get_base_model()
+    adapted = {name: m for name, m in base.named_modules()
+               if hasattr(m, "base_layer") and hasattr(m, "get_delta_weight")}
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if "lora_" in name:
+                continue
+            owner, _, leaf = name.rpartition(".base_layer.")
+            layer = adapted.get(owner) if leaf == "weight" else None
+            if layer is not None:
+                tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
+            yield name.replace(".base_layer.", "."), tensor.detach()
