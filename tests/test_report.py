@@ -58,7 +58,21 @@ def pipeline(tmp_path) -> Path:
                              "val/gold": 4 + s / 40} for s in range(1, 121)])
     (root / "eval").mkdir()
     (root / "eval" / "ppo_vs_sft.json").write_text(json.dumps(_evaluation(), ensure_ascii=False), encoding="utf-8")
+    (root / "eval" / "stages").mkdir()
+    for name, gold in (("ppo_round1", 6.0), ("ppo_round2", 7.5), ("rl-grpo_round3", 9.0)):
+        (root / "eval" / "stages" / f"{name}.json").write_text(json.dumps(_stage_table(gold)), encoding="utf-8")
     return root
+
+
+def _stage_table(gold: float) -> dict:
+    def stage(name, mean):
+        return {"name": name, "path": f"p/{name}/model", "mean": mean, "by_task": {"sentiment": mean, "translation": mean / 2},
+                "flaws": {"wrong": 0.5, "rude": 0.1, "rambling": 0.2, "off_instruction": 0.0}, "clean": 0.3}
+
+    return {"judge": "gold", "temperature": 1.0, "n_prompts": 40, "tasks": ["sentiment", "translation"],
+            "stages": [stage("pretrained", 1.0), stage("SFT", 4.0), stage("PPO-max", gold)],
+            "samples": [{"task": "sentiment", "prompt": "p", "replies": [{"stage": n, "reply": "r", "score": 1.0}
+                                                                         for n in ("pretrained", "SFT", "PPO-max")]}]}
 
 
 @pytest.fixture()
@@ -90,6 +104,11 @@ def test_attention_section_compares_the_two_policies(pipeline_with_models):
 def test_sections_cover_every_stage(pipeline):
     sections = {s.title: s for s in build_sections(pipeline)}
     assert [t for t, s in sections.items() if not s.ran] == ["Attention before and after RLHF"]  # no models saved
+    first = build_sections(pipeline)[0]  # what each stage added: from PPO-max's last round
+    assert first.title == "What each stage added" and "ppo_round2.json" in first.note
+    assert first.tables[0].rows == [["sentiment", "1.00", "4.00", "7.50"], ["translation", "0.50", "2.00", "3.75"],
+                                    ["all tasks", "1.00", "4.00", "7.50"]]
+    assert first.tables[1].rows[-1] == ["none (clean)", "30.0%", "30.0%", "30.0%"]
     assert len(sections["PPO-max"].figures) == 1
     assert sections["Reward model"].tables[0].header[1:] == ["eval/accuracy", "train/accuracy", "train/loss",
                                                                "eval/reward_gap"]
@@ -167,6 +186,11 @@ def test_bad_inputs_name_file_and_line(tmp_path):
     (tmp_path / "p" / "eval" / "x.json").write_text('{"model_a": {}}', encoding="utf-8")
     with pytest.raises(DataError, match=r"x.json: model_b: missing"):
         build_sections(tmp_path / "p")
+    (tmp_path / "p" / "eval" / "x.json").unlink()
+    (tmp_path / "p" / "eval" / "stages").mkdir()
+    (tmp_path / "p" / "eval" / "stages" / "ppo_round1.json").write_text('{"stages": []}', encoding="utf-8")
+    with pytest.raises(DataError, match=r"ppo_round1.json: tasks: missing"):
+        build_sections(tmp_path / "p")
 
 
 def test_curves_skip_missing_and_non_finite_keys():
@@ -205,7 +229,11 @@ def test_report_renders_in_chromium(pipeline_with_models, tmp_path):
             page.wait_for_load_state("load")
             widths = page.eval_on_selector_all("img", "imgs => imgs.map(i => i.complete ? i.naturalWidth : 0)")
             assert len(widths) == 6 and all(w > 0 for w in widths), widths  # 4 stages, win rate, attention
-            assert page.locator("section").count() == 7  # 4 stages, RL compared, evaluation, attention
+            # what each stage added, 4 stages, RL compared, evaluation, attention
+            assert page.locator("section").count() == 8
+            first = page.locator("section").first
+            assert "What each stage added" in first.locator("h2").inner_text()
+            assert first.locator("table").count() == 3 and "7.50" in first.locator("table").first.inner_text()
             assert page.locator(".badge.missing").count() == 0
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)

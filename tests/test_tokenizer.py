@@ -122,3 +122,17 @@ def test_turn_end_is_the_reward_read_position_without_a_chat_template(base_token
         ids, mask = left_pad([reward_ids, other.tolist()], base_tokenizer.pad_token_id)
         rollout_read = sequence_scores(scorer, ids, mask)
     torch.testing.assert_close(rollout_read[0], trained_read[0], atol=1e-5, rtol=0)
+
+
+def test_every_cjk_character_is_a_token_of_its_own_unless_asked_otherwise():
+    # "鸟很慢" (bird, very, slow) is frequent enough in this corpus for BPE to merge it into one token
+    texts = ["黑鸟很慢。白鸟很慢。The bird is slow.", "红鸟很慢。猫很小。"] * 50
+    split = train_tokenizer(texts, vocab_size=400)
+    pieces = [split.decode([i]) for i in split("黑鸟很慢。", add_special_tokens=False)["input_ids"]]
+    assert pieces == ["黑", "鸟", "很", "慢", "。"]
+    merged = train_tokenizer(texts, vocab_size=400, split_cjk=False)
+    pieces = [merged.decode([i]) for i in merged("黑鸟很慢。", add_special_tokens=False)["input_ids"]]
+    assert len(pieces) < 5 and "".join(pieces) == "黑鸟很慢。"
+    # English words still merge as before, and mixed text round-trips
+    assert split.decode(split(" bird is slow", add_special_tokens=False)["input_ids"]) == " bird is slow"
+    assert len(split(" slow", add_special_tokens=False)["input_ids"]) == 1

@@ -25,6 +25,9 @@ PRESETS: dict[str, dict] = {
     # ~1.5M parameters with a 4k vocabulary: tests and the demo world on a laptop CPU.
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
                  intermediate_size=352, max_position_embeddings=512),
+    # ~2M parameters with the demo world's 1.7k vocabulary: between the two, for a demo model that knows its world.
+    "mini": dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=6,
+                 intermediate_size=512, max_position_embeddings=512),
     # ~14M parameters with an 8k vocabulary: the throughput benchmark and a stronger demo.
     "small": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6,
                   intermediate_size=1024, max_position_embeddings=1024),

@@ -26,7 +26,7 @@ MB = 2 ** 20
 
 @dataclass
 class PlanConfig(Config):
-    model: str = option("", "trained model: a size preset (tiny, small, base) or a saved model's directory (the "
+    model: str = option("", "trained model: a size preset (tiny, mini, small, base) or a saved model's directory (the "
                             "policy of RL; the model of pretrain, SFT, reward, DPO)")
     critic: str = option("", "trained critic (RL with GAE); a saved model's directory")
     reference: str = option("", "frozen reference (RL, DPO)")

@@ -17,6 +17,9 @@ Input contract — a pipeline directory; every part is optional, and a missing s
       rl-<recipe>/            more RL runs (``moss-rlhf demo --algorithm grpo``: rl-grpo/; against the gold judge:
                               rl-grpo-gold/), each with metrics.jsonl, config.yaml (its preset and reward sources)
                               and model/; a section each
+      eval/stages/*.json      what each stage added (``moss_rlhf.demo.stage_table``: the pretrained, SFT and RLHF
+                              models' gold score per task, flaw shares, replies side by side): the first section,
+                              from PPO-max's last round when there is one
       eval/*.json             written by `moss-rlhf evaluate --out PIPELINE/eval/NAME.json` (A: an RL run's model,
                               B: SFT); the comparison page puts every run's evaluation side by side
       reward-round2/, ppo-round2/, …   later feedback rounds, same layout (a section each; the attention
@@ -284,6 +287,47 @@ def evaluation_sections(evaluations: list[tuple[Path, dict]], n_samples: int) ->
     return sections
 
 
+def stages_section(root: Path) -> Section:
+    """The first screen: per task, the gold score after pretraining, after SFT and after RLHF; the flaw shares before
+    and after feedback; replies side by side."""
+    title = "What each stage added"
+    files = sorted((root / "eval" / "stages").glob("*.json")) if (root / "eval" / "stages").is_dir() else []
+    if not files:
+        return Section(title, ran=False, note="not run — no eval/stages/*.json (written by `moss-rlhf demo`)")
+
+    def rank(path: Path) -> tuple:
+        run, _, number = path.stem.rpartition("_round")
+        return (run == "ppo", int(number) if number.isdigit() else 0, path.stat().st_mtime)
+
+    path = max(files, key=rank)
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        stages, tasks = table["stages"], table["tasks"]
+        names = [stage["name"] for stage in stages]
+        scores = Table("gold score (0–10) by task", ["task", *names],
+                       [[task, *(f"{stage['by_task'][task]:.2f}" for stage in stages)] for task in tasks]
+                       + [["all tasks", *(f"{stage['mean']:.2f}" for stage in stages)]])
+        flaw_names = list(stages[0]["flaws"])
+        flaws = Table("share of replies with each flaw of the SFT data", ["flaw", *names],
+                      [[flaw.replace("_", "-"), *(f"{stage['flaws'][flaw]:.1%}" for stage in stages)]
+                       for flaw in flaw_names] + [["none (clean)", *(f"{stage['clean']:.1%}" for stage in stages)]])
+        samples = Table("replies side by side (gold score)", ["task", "prompt", *names],
+                        [[x["task"], x["prompt"], *(f"{r['reply']} ({r['score']:.1f})" for r in x["replies"])]
+                         for x in table["samples"]])
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), e.lineno, None, f"not valid JSON ({e.msg})") from None
+    except KeyError as e:
+        raise DataError(str(path), None, str(e.args[0]), "missing: expected a stage table written by "
+                                                          "`moss-rlhf demo`") from None
+    except (TypeError, IndexError, AttributeError) as e:
+        raise DataError(str(path), None, None, f"not a stage table written by `moss-rlhf demo` ({e})") from None
+    note = (f"{table['n_prompts']} held-out prompts, every model prompted with the chat template and sampled at "
+            f"temperature {table['temperature']:g}, scored by the gold judge ({path.relative_to(root)}). Each column is "
+            f"a stage: pretraining brings the knowledge, SFT the demonstrations' answers and their flaws, feedback the "
+            f"preference that removes the flaws.")
+    return Section(title, note=note, tables=[scores, flaws, samples])
+
+
 def stage_rounds(root: Path, stage: str) -> list[tuple[int, Path]]:
     """``stage/`` (round 1), then ``stage-round2/``, ``stage-round3/``… — the later rounds of feedback."""
     later = []
@@ -432,6 +476,7 @@ def build_sections(pipeline: str | Path, probe: str = DEFAULT_PROBE, n_samples: 
     root = Path(pipeline)
     evaluations = read_evaluations(root / "eval")
     return [
+        stages_section(root),
         training_section("Pretraining", root / "pretrain", LM_PANELS, "Causal-LM pretraining"),
         training_section("Supervised fine-tuning", root / "sft", LM_PANELS, "SFT on demonstrations"),
         *(reward_section(path, number) for number, path in stage_rounds(root, "reward")),

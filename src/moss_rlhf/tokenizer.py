@@ -17,6 +17,8 @@ from moss_rlhf.data.formats import Message
 BOS, EOS, PAD, MASK = "<|bos|>", "<|end|>", "<|pad|>", "<|mask|>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = [BOS, EOS, PAD, MASK, *ROLE_TOKENS]
+# CJK ideographs (with extension A and the compatibility block), CJK punctuation and full-width forms
+CJK_CHARACTER = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]"
 
 # Every turn is "<|role|>content<|end|>"; generation stops at <|end|>, which is also our eos token, so a chat reply
 # and a pretraining document end the same way.
@@ -46,19 +48,27 @@ class TokenizerConfig(Config):
     out: str = option("runs/tokenizer", "directory to save the tokenizer to (Hugging Face format)")
     vocab_size: int = option(4096, "vocabulary size, special tokens included", at_least=len(SPECIAL_TOKENS) + 256)
     min_frequency: int = option(2, "minimum pair frequency for a merge", at_least=1)
+    split_cjk: bool = option(True, "every CJK character a token of its own (BPE would merge Chinese words across "
+                                   "word boundaries)")
 
     def check(self) -> None:
         if not self.corpus:
             raise ConfigError("give --corpus FILE (repeat for several): the texts to train the tokenizer on")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2):
-    """Train byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast`` with our chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2, split_cjk: bool = True):
+    """Train byte-level BPE on ``texts``; returns a ``PreTrainedTokenizerFast`` with our chat template.
+
+    ``split_cjk``: every CJK character is a token of its own (BERT's Chinese-character rule). Chinese has no spaces,
+    so plain BPE merges across word boundaries ("鸟很慢" — bird, very, slow — became one token in the demo world),
+    and a small model must then learn each merged phrase apart instead of translating word by word."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CJK_CHARACTER), "isolated"), byte_level])
+                         if split_cjk else byte_level)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -146,7 +156,7 @@ def run(cfg: TokenizerConfig) -> str:
     texts = [t for t in corpus_texts(cfg.corpus) if t.strip()]
     if not texts:
         raise ConfigError(f"--corpus {', '.join(cfg.corpus)}: no text to train a tokenizer on")
-    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency, cfg.split_cjk)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(cfg.out)
     print(f"tokenizer: {len(tokenizer)} tokens trained on {len(texts)} documents -> {cfg.out}")

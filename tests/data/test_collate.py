@@ -63,6 +63,20 @@ def test_text_packing_cuts_the_stream_into_rows(tokenizer_dir):
         pack_texts(tokenizer, texts, seq_len=4096)
 
 
+def test_conversations_are_packed_as_the_chat_template_renders_them(tokenizer_dir):
+    from moss_rlhf.tokenizer import encode_chat
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    chat = [{"role": "user", "content": "Where did Lin go?"}, {"role": "assistant", "content": "Lin went to the park."}]
+    rows = pack_texts(tokenizer, ["猫很小。", chat, "Bo said thank you."], seq_len=4)
+    rendered = encode_chat(tokenizer, chat)  # <|bos|><|user|>…<|end|><|assistant|>…<|end|>: bos and eos included
+    assert rendered[0] == tokenizer.bos_token_id and rendered[-1] == tokenizer.eos_token_id
+    stream = ([tokenizer.bos_token_id] + tokenizer("猫很小。", add_special_tokens=False)["input_ids"]
+              + [tokenizer.eos_token_id] + rendered + [tokenizer.bos_token_id]
+              + tokenizer("Bo said thank you.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+    assert rows.flatten().tolist() == stream[: rows.numel()] and len(stream) - rows.numel() < 4
+
+
 def test_reply_example_ends_at_the_turn_end_and_keeps_its_end_when_cut(tokenizer_dir):
     tokenizer = load_tokenizer(str(tokenizer_dir))
     prompt = [{"role": "user", "content": "Where did Lin go? " * 20}]

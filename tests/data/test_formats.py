@@ -8,7 +8,7 @@ import json
 import pytest
 
 from moss_rlhf.data.formats import (DataError, LabelledReply, load_conversations, load_labelled_records,
-                                    load_preferences, load_prompts, load_texts, split_hh_transcript)
+                                    load_documents, load_preferences, load_prompts, load_texts, split_hh_transcript)
 from tests.conftest import HH_FILE, write_jsonl
 
 
@@ -118,6 +118,9 @@ def test_the_real_hh_rlhf_file_parses():
      r"bad\.jsonl:1: margin: expected a number"),
     (b'{"chosen": "no turns here", "rejected": "x"}\n', load_preferences, r"bad\.jsonl:1: chosen: expected a transcript"),
     (b'{"task": "x"}\n', load_prompts, r"bad\.jsonl:1: prompt: missing"),
+    (b'{"text": "ok"}\n{"body": "x"}\n', load_documents, r"bad\.jsonl:2: text: missing: expected \{\"text\"\} or a conv"),
+    (b'{"messages": [{"role": "user", "content": "x"}]}\n', load_documents,
+     r"bad\.jsonl:1: messages: needs at least one assistant turn"),
     (b'{"prompt": "q", "completion": "a", "label": "yes"}\n', load_labelled_records,
      r"bad\.jsonl:1: label: expected bool, got str"),
     (b'{"prompt": "q", "completion": "a"}\n', load_labelled_records, r"bad\.jsonl:1: label: missing"),

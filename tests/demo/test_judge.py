@@ -9,7 +9,7 @@ import statistics
 import pytest
 
 from moss_rlhf.demo import flaws
-from moss_rlhf.demo.judge import CRITERIA, SCORE_MAX, Judgement, judge, judge_many, task_of
+from moss_rlhf.demo.judge import CRITERIA, FLAW_NAMES, SCORE_MAX, Judgement, flaws_of, judge, judge_many, task_of
 from moss_rlhf.demo.tasks import TASKS, parse_prompt, reference_response, sample_prompt
 from moss_rlhf.demo.text import tokens
 from moss_rlhf.demo.world import World, build_world
@@ -227,3 +227,20 @@ def test_flawed_sft_scores_measurably_below_clean_sft(quick_world: World) -> Non
     for flaw in flaws.FLAWS:
         rows = [row for row in quick_world.sft if row["flaw"] == flaw]
         assert mean_score(rows) < HALF, flaw
+
+
+def test_flaws_read_from_the_judge_find_each_demonstrations_own_flaw(quick_world: World) -> None:
+    assert FLAW_NAMES == flaws.FLAWS
+    for row, clean in zip(quick_world.sft, quick_world.sft_clean):
+        prompt, reply = row["messages"][0]["content"], row["messages"][1]["content"]
+        found = flaws_of(prompt, reply)
+        assert flaws_of(prompt, clean["messages"][1]["content"]) == []
+        if row["flaw"] is None:
+            assert found == [], (prompt, reply)
+        elif row["task"] == "generation" and row["flaw"] == "off_instruction":
+            assert found == ["wrong"]  # a review of the opposite sentiment: only its content shows it
+        else:
+            assert row["flaw"] in found, (prompt, reply, found)
+            # a wrong-language answer is never also counted as wrong content
+            assert not {"wrong", "off_instruction"} <= set(found)
+    assert flaws_of("What is the meaning of life?", "Ugh, whatever.") == []  # nothing to check an unknown prompt by

@@ -34,6 +34,13 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                  "ppo-round2/metrics.jsonl", "eval/ppo_round2_vs_sft.json"):
         assert (out / path).exists(), path
     assert "round 2" in (out / "report.html").read_text(encoding="utf-8").lower()
+    # what each stage added: the pretrained, SFT and PPO-max models, the same replies as the evaluation's
+    table = json.loads((out / "eval" / "stages" / "ppo_round2.json").read_text(encoding="utf-8"))
+    assert [stage["name"] for stage in table["stages"]] == ["pretrained", "SFT", "PPO-max"]
+    second = json.loads((out / "eval" / "ppo_round2_vs_sft.json").read_text())
+    assert abs(second["models"]["SFT"]["mean_score"] - table["stages"][1]["mean"]) < 1e-9
+    assert state["done"]["evaluate@2"]["by_task"]["PPO-max"] == table["stages"][2]["by_task"]
+    assert "What each stage added" in (out / "report.html").read_text(encoding="utf-8")
 
     capsys.readouterr()
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
@@ -65,3 +72,15 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     store = Store(str(out / "feedback.db"))
     assert len(store.judgements()) > judgements_before  # new projects labelled; earlier rows all kept
     store.close()
+
+
+def test_budget_takes_the_model_size_and_step_overrides(tmp_path):
+    from moss_rlhf.config import ConfigError, validate
+    from moss_rlhf.demo.pipeline import DemoConfig, Pipeline
+
+    default = Pipeline(DemoConfig(out=str(tmp_path / "a"))).budget
+    assert (default.model_size, default.pretrain_steps) == ("tiny", 500)
+    budget = Pipeline(DemoConfig(out=str(tmp_path / "b"), model_size="mini", pretrain_steps=900)).budget
+    assert (budget.model_size, budget.pretrain_steps, budget.sft_steps) == ("mini", 900, default.sft_steps)
+    with pytest.raises(ConfigError, match="model_size|model-size"):
+        validate(DemoConfig(out=str(tmp_path / "c"), model_size="huge"))

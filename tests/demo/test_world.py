@@ -90,7 +90,7 @@ def test_only_final_files_are_left_behind(quick_dir: Path) -> None:
 def test_files_are_utf8_json_lines_with_readable_chinese(quick_dir: Path) -> None:
     text = (quick_dir / "pretrain.jsonl").read_text(encoding="utf-8")
     assert CJK.search(text) and "\\u" not in text  # ensure_ascii=False keeps Chinese readable
-    assert all(set(row) == {"text"} for row in _lines(quick_dir / "pretrain.jsonl"))
+    assert {tuple(row) for row in _lines(quick_dir / "pretrain.jsonl")} == {("text",), ("messages",)}
     for row in _lines(quick_dir / "sft.jsonl"):
         assert set(row) == {"messages", "task", "flaw"}
         assert [message["role"] for message in row["messages"]] == ["user", "assistant"]
@@ -107,7 +107,7 @@ def test_unknown_size_is_rejected() -> None:
 
 
 def test_default_sizes(default_world: World) -> None:
-    pretrain_bytes = sum(len(json.dumps({"text": t}, ensure_ascii=False).encode()) for t in default_world.pretrain)
+    pretrain_bytes = sum(len(json.dumps(r, ensure_ascii=False).encode()) for r in default_world.records()["pretrain.jsonl"])
     assert 1_500_000 <= pretrain_bytes <= 3_000_000
     assert 2000 <= len(default_world.sft) <= 4000 and len(default_world.sft_clean) == len(default_world.sft)
     assert 400 <= len(default_world.preference_prompts) <= 700
@@ -168,7 +168,7 @@ def test_eval_prompts_are_held_out_from_every_training_file(default_world: World
     eval_prompts = {row["prompt"] for row in default_world.eval_prompts}
     assert len(eval_prompts) == len(default_world.eval_prompts)  # no duplicates inside eval either
     assert not eval_prompts & _training_prompts(default_world)
-    chat_turns = {m.group(1) for text in default_world.pretrain for m in re.finditer(r"User: (.*)\n", text)}
+    chat_turns = {m.group(1) for text in default_world.pretrain_texts for m in re.finditer(r"User: (.*)\n", text)}
     assert chat_turns and not eval_prompts & chat_turns
 
     quick = {name: _lines(quick_dir / name) for name in FILE_NAMES}
@@ -188,7 +188,12 @@ def test_training_files_prefer_fresh_prompts(default_world: World) -> None:
 
 
 def test_pretrain_eval_holds_no_copy_of_a_pretrain_document(default_world: World) -> None:
-    assert not set(default_world.pretrain_eval) & set(default_world.pretrain)
+    from moss_rlhf.demo.corpus import document_key
+
+    assert not {document_key(d) for d in default_world.pretrain_eval} & set(default_world.pretrain_texts)
+    conversations = [d for d in default_world.pretrain if not isinstance(d, str)]
+    assert 0.1 < len(conversations) / len(default_world.pretrain) < 0.3  # pretraining renders them as chats
+    assert all(m["role"] == ("user", "assistant")[i % 2] for d in conversations for i, m in enumerate(d))
 
 
 # --- Content ------------------------------------------------------------------------------------
@@ -214,11 +219,35 @@ def test_prompts_and_clean_answers_are_short(default_world: World) -> None:
 
 
 def test_corpus_is_partly_bilingual_and_holds_reviews_of_both_sentiments(default_world: World) -> None:
-    bilingual = [text for text in default_world.pretrain if " = " in text and CJK.search(text)]
+    bilingual = [text for text in default_world.pretrain_texts if " = " in text and CJK.search(text)]
     assert 0.08 <= len(bilingual) / len(default_world.pretrain) <= 0.3
-    reviews = [text for text in default_world.pretrain if text.startswith("Review of the")]
+    reviews = [text for text in default_world.pretrain_texts if text.startswith("Review of the")]
     labels = Counter(polarity_label(text) for text in reviews)
     assert labels["positive"] > 0.3 * len(reviews) and labels["negative"] > 0.3 * len(reviews)
+
+
+def test_parallel_sentences_run_both_ways_round_and_agree_with_the_lexicon(default_world: World) -> None:
+    from moss_rlhf.demo import sentences as sx
+
+    directions, glossary_words = Counter(), 0
+    words = {english: chinese for template in sx.TRANSLATION_TEMPLATES for _, vocabulary in template.fields
+             for english, chinese in vocabulary.items()}
+    for text in default_world.pretrain_texts:
+        for line in text.split("\n"):
+            left, sep, right = line.partition(" = ")
+            if not sep:
+                continue
+            if left in sx.english_to_chinese():
+                assert sx.english_to_chinese()[left] == right
+                directions["en-zh"] += 1
+            elif left in sx.chinese_to_english():
+                assert sx.chinese_to_english()[left] == right
+                directions["zh-en"] += 1
+            elif "，" in right or "，" in left:
+                english, chinese = (left, right) if "，" in right else (right, left)
+                assert [words[w] for w in english.split(", ")] == chinese.split("，")
+                glossary_words += 1
+    assert min(directions.values()) > 0.4 * sum(directions.values()) and glossary_words > 500
 
 
 def test_facts_stated_in_the_corpus_agree_with_the_lexicon(default_world: World) -> None:
@@ -229,7 +258,7 @@ def test_facts_stated_in_the_corpus_agree_with_the_lexicon(default_world: World)
         "pet": re.compile(r"\b([A-Z][a-z]+) has a (?:pet )?([a-z]+)\."),
     }
     checked = 0
-    for text in default_world.pretrain:
+    for text in default_world.pretrain_texts:
         for slot, pattern in statements.items():
             for name, value in pattern.findall(text):
                 if name in lx.PEOPLE_BY_NAME:

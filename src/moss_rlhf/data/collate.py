@@ -12,7 +12,7 @@ import torch
 
 from moss_rlhf.config import UserError
 from moss_rlhf.data.formats import Message
-from moss_rlhf.tokenizer import stop_token_ids
+from moss_rlhf.tokenizer import encode_chat, stop_token_ids
 
 IGNORE = -100  # label of a token that carries no loss (prompt, padding)
 
@@ -37,13 +37,21 @@ class TokenData:
         return self.make_batch(indices)
 
 
-def pack_texts(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
+def pack_texts(tokenizer, texts: Sequence[str | list[Message]], seq_len: int) -> torch.Tensor:
     """Concatenate ``bos text eos`` documents and cut the stream into ``[N, seq_len]`` rows (the tail is dropped).
-    Packing wastes no compute on padding; documents attend across their boundary, as in GPT-style pretraining."""
+    A conversation (a list of messages) is rendered with the chat template instead, every token trained on, and
+    ends with eos. Packing wastes no compute on padding; documents attend across their boundary, as in GPT-style
+    pretraining."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    plain = [text for text in texts if isinstance(text, str)]
+    encoded = iter(tokenizer(plain, add_special_tokens=False)["input_ids"] if plain else [])
     stream: list[int] = []
-    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
-        stream.extend(bos + ids + [tokenizer.eos_token_id])
+    for text in texts:
+        if isinstance(text, str):
+            stream.extend(bos + next(encoded) + [tokenizer.eos_token_id])
+        else:
+            ids = encode_chat(tokenizer, text)
+            stream.extend(ids + ([] if ids and ids[-1] == tokenizer.eos_token_id else [tokenizer.eos_token_id]))
     n = len(stream) // seq_len
     if n == 0:
         raise UserError(f"the corpus has {len(stream)} tokens, fewer than one sequence of {seq_len} (--seq-len)")

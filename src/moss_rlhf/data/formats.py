@@ -260,6 +260,16 @@ def parse_text(row: dict, where: tuple[str, int | None]) -> str:
     return _field(row, "text", where)
 
 
+def parse_document(row: dict, where: tuple[str, int | None]) -> str | list[Message]:
+    """A pretraining document: ``{"text"}``, or a conversation (``{"messages"}``, ``{"prompt", "completion"}``) that
+    pretraining renders with the chat template (mid-training on chats, as in nanochat)."""
+    if "text" in row:
+        return parse_text(row, where)
+    if "messages" in row or "prompt" in row or "completion" in row:
+        return parse_conversation(row, where)
+    raise DataError(where[0], where[1], "text", 'missing: expected {"text"} or a conversation {"messages": [...]}')
+
+
 def parse_conversation(row: dict, where: tuple[str, int | None]) -> list[Message]:
     if "messages" in row:
         messages = _messages(row["messages"], where)
@@ -404,6 +414,10 @@ def _load(source: str | Path, parse) -> list:
 
 def load_texts(source: str | Path) -> list[str]:
     return _load(source, parse_text)
+
+
+def load_documents(source: str | Path) -> list[str | list[Message]]:
+    return _load(source, parse_document)
 
 
 def load_conversations(source: str | Path) -> list[list[Message]]:

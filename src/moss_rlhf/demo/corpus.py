@@ -4,7 +4,8 @@ A tiny model must pick up three things before SFT: the language of the world (it
 hundred words), the world's facts (who lives where, who does what), and a first taste of
 the chat format. So the corpus mixes profiles, short stories, product reviews of both
 sentiments, conversations between inhabitants, town descriptions, English–Chinese
-sentence pairs ("The red apple is sweet. = 红苹果很甜。") and User/Assistant exchanges.
+sentence pairs either way round ("The red apple is sweet. = 红苹果很甜。") with word glossaries, and
+conversations with clean answers (as messages, rendered with the chat template by pretraining).
 Every fact comes from :mod:`moss_rlhf.demo.lexicon`, so all documents agree with each
 other and with the judge.
 """
@@ -103,14 +104,22 @@ def conversation(rng: random.Random, sample_prompt: PromptSampler) -> str:
 
 
 def bilingual(rng: random.Random, sample_prompt: PromptSampler) -> str:
+    """Parallel sentences, each written either way round (a model that only ever read English first never learns to
+    translate into English), and now and then a glossary line of the words a sentence shape is built from."""
     lines = []
     for _ in range(rng.randint(3, 6)):
-        if rng.random() < 0.2:
+        roll = rng.random()
+        if roll < 0.15:
             person, slot = rng.choice(lx.PEOPLE), rng.choice(FACT_SLOTS)
-            lines.append(f"{fact_answer(person, slot)} = {fact_answer_zh(person, slot)}")
+            english, chinese = fact_answer(person, slot), fact_answer_zh(person, slot)
+        elif roll < 0.3:
+            vocabulary = dict(rng.choice(rng.choice(sx.TRANSLATION_TEMPLATES).fields)[1])
+            words = rng.sample(sorted(vocabulary), min(len(vocabulary), rng.randint(3, 5)))
+            english, chinese = ", ".join(words), "，".join(vocabulary[w] for w in words)
         else:
             pair = sx.sample_translation_pair(rng)
-            lines.append(f"{pair.english} = {pair.chinese}")
+            english, chinese = pair.english, pair.chinese
+        lines.append(f"{english} = {chinese}" if rng.random() < 0.5 else f"{chinese} = {english}")
     return "\n".join(lines)
 
 
@@ -123,43 +132,56 @@ def town_page(rng: random.Random, sample_prompt: PromptSampler) -> str:
     return " ".join(lines)
 
 
-def chat(rng: random.Random, sample_prompt: PromptSampler) -> str:
-    """User/Assistant exchanges with clean answers; ``sample_prompt`` yields training prompts only."""
-    turns = []
+def chat(rng: random.Random, sample_prompt: PromptSampler) -> list[dict[str, str]]:
+    """A conversation of one to three exchanges with clean answers, as messages: pretraining renders it with the chat
+    template, so the pretrained model already answers in the format SFT and RL will ask it in (the tokens
+    ``<|user|>`` and ``<|assistant|>`` mean something before SFT starts). ``sample_prompt`` yields training prompts
+    only."""
+    messages = []
     for _ in range(rng.randint(1, 3)):
         prompt = sample_prompt(rng)
-        turns.append(f"User: {prompt}\nAssistant: {reference_response(prompt)}")
-    return "\n\n".join(turns)
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": reference_response(prompt)}]
+    return messages
 
 
+Document = str | list[dict[str, str]]  # a text, or a conversation's messages
 # Every maker takes the prompt sampler so all share one signature; only ``chat`` uses it.
-DOCUMENT_KINDS: dict[str, tuple[Callable[[random.Random, PromptSampler], str], float]] = {
+DOCUMENT_KINDS: dict[str, tuple[Callable[[random.Random, PromptSampler], Document], float]] = {
     "profile": (profile, 0.14),
-    "story": (story, 0.22),
+    "story": (story, 0.18),
     "review": (product_review, 0.14),
-    "conversation": (conversation, 0.10),
-    "bilingual": (bilingual, 0.15),
+    "conversation": (conversation, 0.09),
+    "bilingual": (bilingual, 0.20),
     "town": (town_page, 0.05),
     "chat": (chat, 0.20),
 }
 
 
+def document_key(document: Document) -> str:
+    """A document as one string: itself, or a conversation as "User: …" / "Assistant: …" lines (for sizes, and for
+    comparing documents)."""
+    if isinstance(document, str):
+        return document
+    return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in document)
+
+
 def documents(
     rng: random.Random, target_bytes: int, sample_prompt: PromptSampler, exclude: frozenset[str] = frozenset()
-) -> list[str]:
+) -> list[Document]:
     """Documents of mixed kinds until their UTF-8 size reaches ``target_bytes``.
 
-    Texts in ``exclude`` are skipped, which keeps a held-out split free of exact copies of
-    training documents (short ones, like a single chat turn, do recur by chance).
+    Documents whose :func:`document_key` is in ``exclude`` are skipped, which keeps a held-out split free of exact
+    copies of training documents (short ones, like a single chat turn, do recur by chance).
     """
     makers = [maker for maker, _ in DOCUMENT_KINDS.values()]
     weights = [weight for _, weight in DOCUMENT_KINDS.values()]
-    written: list[str] = []
+    written: list[Document] = []
     total = 0
     while total < target_bytes:
-        text = rng.choices(makers, weights=weights, k=1)[0](rng, sample_prompt)
-        if text in exclude:
+        document = rng.choices(makers, weights=weights, k=1)[0](rng, sample_prompt)
+        key = document_key(document)
+        if key in exclude:
             continue
-        written.append(text)
-        total += len(text.encode("utf-8"))
+        written.append(document)
+        total += len(key.encode("utf-8"))
     return written

@@ -264,6 +264,35 @@ def gold_scores(conversations: Sequence[list[dict]], replies: Sequence[str]) -> 
     return [float(j.score) for j in judge_many(prompts, replies)]
 
 
+FLAW_NAMES: tuple[str, ...] = ("wrong", "rude", "rambling", "off_instruction")
+
+
+def flaws_of(prompt: str, response: str) -> list[str]:
+    """Which of the SFT data's four flaws (:mod:`moss_rlhf.demo.flaws`) the judge sees in ``response``, read from its
+    criteria: ``off_instruction`` — the answer is not in the language asked for (an untranslated source, Chinese to
+    an English question); ``wrong`` — in the right language but not right (``correct`` < 1: a wrong label, fact,
+    word or product; a review of the opposite sentiment counts here, since only its content shows it); ``rude`` —
+    a rude marker or shouting; ``rambling`` — repetitive (``non_degenerate`` < 1), or so long that conciseness is
+    worth nothing (3× the clean answer). On the SFT data this finds every demonstration's own flaw except the
+    opposite-sentiment reviews (``wrong`` here); its extra words make a rude translation ``wrong`` as well. Empty
+    for a clean answer and for prompts the world does not know."""
+    parsed = parse_prompt(prompt)
+    if parsed is None:
+        return []
+    parts = judge(prompt, response).breakdown
+    found = []
+    if parts["language"] < 1.0:
+        found.append("off_instruction")
+    elif parts["correct"] < 1.0:
+        found.append("wrong")
+    if parts["polite"] < 1.0:
+        found.append("rude")
+    too_long = len(tokens(response)) >= CONCISE_ZERO * len(tokens(reference_for(parsed)))
+    if too_long or parts["non_degenerate"] < 1.0:
+        found.append("rambling")
+    return found
+
+
 def task_of(prompt: str) -> str | None:
     """The task of a world prompt ("generation", "translation", ...), or None if unrecognised."""
     parsed = parse_prompt(prompt)

@@ -63,6 +63,8 @@ class DemoConfig(Config):
     annotators: int = option(3, "simulated annotators", at_least=1)
     annotator_error_rate: float = option(0.1, "simulated annotators' chance of flipping a judgement", at_least=0.0,
                                          at_most=1.0)
+    model_size: str = option("", "size preset of the pretrained model (tiny, mini, small; default: the budget's)",
+                             choices=("", "tiny", "mini", "small"))
     pretrain_steps: int = option(0, "override the pretraining steps (0: the preset's)", at_least=0)
     sft_steps: int = option(0, "override the SFT steps (0: the preset's)", at_least=0)
     reward_steps: int = option(0, "override the reward-model steps (0: the preset's)", at_least=0)
@@ -106,6 +108,7 @@ class DemoConfig(Config):
 @dataclass(frozen=True)
 class Budget:
     world_size: str
+    model_size: str
     pretrain_steps: int
     sft_steps: int
     pair_prompts: int
@@ -116,9 +119,9 @@ class Budget:
 
 
 BUDGETS = {
-    "default": Budget("default", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=300,
+    "default": Budget("default", "tiny", pretrain_steps=500, sft_steps=150, pair_prompts=500, reward_steps=300,
                       ppo_steps=60, eval_prompts=300, dpo_steps=150),
-    "quick": Budget("quick", pretrain_steps=80, sft_steps=40, pair_prompts=50, reward_steps=30, ppo_steps=6,
+    "quick": Budget("quick", "tiny", pretrain_steps=80, sft_steps=40, pair_prompts=50, reward_steps=30, ppo_steps=6,
                     eval_prompts=200, dpo_steps=10),
 }
 
@@ -139,8 +142,8 @@ class Pipeline:
         self.state_path = self.root / "pipeline.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"done": {}}
         base = BUDGETS["quick" if cfg.quick else "default"]
-        self.budget = replace(base, **{k: getattr(cfg, k) for k in ("pretrain_steps", "sft_steps", "reward_steps",
-                                                                      "ppo_steps") if getattr(cfg, k)})
+        self.budget = replace(base, **{k: getattr(cfg, k) for k in ("model_size", "pretrain_steps", "sft_steps",
+                                                                      "reward_steps", "ppo_steps") if getattr(cfg, k)})
 
     def forget_from(self, stage: str) -> None:
         """``--from STAGE``: that stage and every later one (all rounds) run again from scratch."""
@@ -194,7 +197,8 @@ def run(cfg: DemoConfig) -> dict:
                                                       budget.eval_prompts, root / "eval", cfg.seed)
 
     pipe.run("tokenizer", lambda: _tokenizer_stage(cfg, root, world))
-    policy = cfg.model or str(root / "pretrain" / "model")
+    pretrained = str(root / "pretrain" / "model")
+    policy = cfg.model or pretrained
     if not cfg.model:
         pipe.run("pretrain", lambda: _pretrain_stage(cfg, budget, root, world))
     pipe.run("sft", lambda: _sft_stage(cfg, budget, root, world, policy))
@@ -229,7 +233,7 @@ def run(cfg: DemoConfig) -> dict:
         evaluate_key = "evaluate" if cfg.rl_run == "ppo" else f"evaluate-{cfg.rl_run}"
         pipe.run(evaluate_key + tag, lambda: _evaluate_stage(cfg, root / "eval", world, str(run / "model"),
                                                              sft_model, eval_prompts, uses_world, reward_model,
-                                                             round_index))
+                                                             round_index, "" if cfg.model else pretrained))
         policy = str(run / "best") if (run / "best" / "config.json").exists() else str(run / "model")
     pipe.run("report", lambda: _report_stage(root), always=True)  # it shows every run the directory holds
     total = time.perf_counter() - started
@@ -274,7 +278,7 @@ def _pretrain_stage(cfg: DemoConfig, budget: Budget, root: Path, world: Path) ->
     pc = pretrain.PretrainConfig(
         out=str(root / "pretrain"), data=cfg.corpus or [str(world / "pretrain.jsonl")],
         eval_data=[] if cfg.corpus else [str(world / "pretrain_eval.jsonl")], tokenizer=str(root / "tokenizer"),
-        model="tiny", seq_len=128, batch_size=32, max_steps=budget.pretrain_steps, lr=3e-3, warmup_steps=20,
+        model=budget.model_size, seq_len=128, batch_size=32, max_steps=budget.pretrain_steps, lr=3e-3, warmup_steps=20,
         eval_every=max(1, budget.pretrain_steps // 4), save_every=100, resume=True, seed=cfg.seed,
         device=cfg.device, log_every=10)
     result = pretrain.run(pc)
@@ -431,8 +435,12 @@ def _dpo_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, referenc
 
 
 def _evaluate_stage(cfg: DemoConfig, out_dir: Path, world: Path, policy: str, sft_model: str, eval_prompts: str,
-                    uses_world: bool, reward_model: str, round_index: int) -> dict:
+                    uses_world: bool, reward_model: str, round_index: int, pretrained: str) -> dict:
+    """The RL run's final model against SFT (``moss-rlhf evaluate``); on the demo world also what each stage added
+    (pretrained, SFT, this run: per-task gold and flaw shares, the report's first screen)."""
     from moss_rlhf import evaluate
+    from moss_rlhf.demo.stage_table import StageModel, measure_stages
+    from moss_rlhf.models import resolve_device
 
     ec = evaluate.EvaluateConfig(model_a=policy, model_b=sft_model, name_a=f"{cfg.rl_label} (round {round_index})",
                                  name_b="SFT", prompts=eval_prompts, max_prompts=0,
@@ -446,11 +454,18 @@ def _evaluate_stage(cfg: DemoConfig, out_dir: Path, world: Path, policy: str, sf
     names = {report["model_a"]["name"]: "rl", report["model_b"]["name"]: "sft"}
     scores = {names[name]: stats["mean_score"] for name, stats in report["models"].items()}
     kl = (report.get("kl") or {}).get("per_sequence")
+    by_task = {}
+    if uses_world:
+        models = ([StageModel("pretrained", pretrained)] if pretrained else []) + [
+            StageModel("SFT", sft_model), StageModel(cfg.rl_label, policy)]
+        table = measure_stages(models, eval_prompts, out_dir / "stages" / f"{cfg.rl_run}_round{round_index}.json",
+                               seed=cfg.seed, device=str(resolve_device(cfg.device)))
+        by_task = {stage["name"]: stage["by_task"] for stage in table["stages"]}
     text = (f"{cfg.rl_label} vs SFT win rate {win['win_rate']:.1%} (95% interval {win['ci_low']:.1%}–"
             f"{win['ci_high']:.1%}, {win['wins']}/{win['ties']}/{win['losses']} win/tie/loss on {report['n_prompts']} "
             f"prompts); mean score {scores['sft']:.2f} → {scores['rl']:.2f}")
     return {"summary": text, "win_rate": win["win_rate"], "ci": [win["ci_low"], win["ci_high"]],
-            "score_sft": scores["sft"], "score_rl": scores["rl"], "kl_per_sequence": kl}
+            "score_sft": scores["sft"], "score_rl": scores["rl"], "kl_per_sequence": kl, "by_task": by_task}
 
 
 def _report_stage(root: Path) -> dict:

@@ -1,7 +1,8 @@
 """Self-supervised pretraining: the causal-LM objective on packed sequences (default), or the masked-LM objective
 (BERT's 80/10/10 masking of 15% of tokens) for encoder models.
 
-Reads text files (``{"text"}`` JSONL, ``.txt``, parquet, a ``datasets`` directory or hub id); trains a tokenizer if
+Reads text files (``{"text"}`` JSONL, ``.txt``, parquet, a ``datasets`` directory or hub id; conversation records are
+rendered with the chat template, as in mid-training on chats); trains a tokenizer if
 none is given; builds the model from a preset or loads a checkpoint; then runs
 the shared loop (``training.train_lm``): AdamW, warm-up + cosine, accumulation, clipping, bf16, evaluation,
 checkpoints and exact resume.
@@ -19,7 +20,7 @@ from moss_rlhf.checkpoint import seed_everything
 from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.data.collate import IGNORE, TokenData
 from moss_rlhf.data.corpus import corpus_texts
-from moss_rlhf.data.formats import load_texts
+from moss_rlhf.data.formats import load_documents
 from moss_rlhf.data.splits import load_split
 from moss_rlhf.models import check_vocabulary
 from moss_rlhf.runs import RunDir
@@ -29,11 +30,12 @@ from moss_rlhf.training import LoopResult, causal_loss, lm_evaluator, train_lm
 @dataclass
 class PretrainConfig(TrainConfig):
     out: str = option("runs/pretrain", "run directory")
-    data: list[str] = option([], "training text files or dataset ids")
+    data: list[str] = option([], "training text files or dataset ids ({\"text\"} records; conversation records are "
+                                 "rendered with the chat template)")
     eval_data: list[str] = option([], "held-out text files; default: --eval-fraction of --data")
     eval_fraction: float = option(0.02, "share of --data documents held out when no --eval-data is given",
                                   above=0.0, below=1.0)
-    model: str = option("tiny", "a size preset (tiny, small, base), a config.json path, or a model to continue "
+    model: str = option("tiny", "a size preset (tiny, mini, small, base), a config.json path, or a model to continue "
                                 "(hub id or save_pretrained directory)")
     tokenizer: str = option("", "tokenizer to use (hub id or directory); default: the model's own, or train one")
     vocab_size: int = option(4096, "vocabulary size when a tokenizer is trained", at_least=263)
@@ -111,7 +113,7 @@ def run(cfg: PretrainConfig) -> LoopResult:
     dist = distributed.init(cfg.device)
     seed_everything(cfg.seed)
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
-    texts, eval_texts = load_split(load_texts, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
+    texts, eval_texts = load_split(load_documents, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed,
                                    "documents in --data")
 
     tokenizer = prepare_tokenizer(cfg)
