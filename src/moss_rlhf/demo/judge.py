@@ -267,7 +267,7 @@ def gold_scores(conversations: Sequence[list[dict]], replies: Sequence[str]) -> 
 FLAW_NAMES: tuple[str, ...] = ("wrong", "rude", "rambling", "off_instruction")
 
 
-def flaws_of(prompt: str, response: str) -> list[str]:
+def flaws_of(prompt: str, response: str, judgement: Judgement | None = None) -> list[str]:
     """Which of the SFT data's four flaws (:mod:`moss_rlhf.demo.flaws`) the judge sees in ``response``, read from its
     criteria: ``off_instruction`` — the answer is not in the language asked for (an untranslated source, Chinese to
     an English question); ``wrong`` — in the right language but not right (``correct`` < 1: a wrong label, fact,
@@ -275,11 +275,12 @@ def flaws_of(prompt: str, response: str) -> list[str]:
     a rude marker or shouting; ``rambling`` — repetitive (``non_degenerate`` < 1), or so long that conciseness is
     worth nothing (3× the clean answer). On the SFT data this finds every demonstration's own flaw except the
     opposite-sentiment reviews (``wrong`` here); its extra words make a rude translation ``wrong`` as well. Empty
-    for a clean answer and for prompts the world does not know."""
+    for a clean answer and for prompts the world does not know. ``judgement``: ``judge(prompt, response)`` when the
+    caller has it already."""
     parsed = parse_prompt(prompt)
     if parsed is None:
         return []
-    parts = judge(prompt, response).breakdown
+    parts = (judgement or judge(prompt, response)).breakdown
     found = []
     if parts["language"] < 1.0:
         found.append("off_instruction")

@@ -63,8 +63,9 @@ def measure_stages(models: list[StageModel], prompts_file: str, out: str | Path,
     stages, replies_by_stage, scores_by_stage = [], [], []
     for model in models:
         replies = stage_replies(model.path, prompts, seed, device)
-        scores = [judge(p, r).score for p, r in zip(prompts, replies)]
-        flaws = [flaws_of(p, r) for p, r in zip(prompts, replies)]
+        judgements = [judge(p, r) for p, r in zip(prompts, replies)]
+        scores = [j.score for j in judgements]
+        flaws = [flaws_of(p, r, j) for p, r, j in zip(prompts, replies, judgements)]
         stages.append({
             "name": model.name, "path": model.path, "mean": sum(scores) / len(scores),
             "by_task": {task: _mean([s for s, t in zip(scores, tasks) if t == task]) for task in present},
