@@ -311,9 +311,19 @@ def stages_section(root: Path) -> Section:
         flaws = Table("share of replies with each flaw of the SFT data", ["flaw", *names],
                       [[flaw.replace("_", "-"), *(f"{stage['flaws'][flaw]:.1%}" for stage in stages)]
                        for flaw in flaw_names] + [["none (clean)", *(f"{stage['clean']:.1%}" for stage in stages)]])
-        samples = Table("replies side by side (gold score)", ["task", "prompt", *names],
-                        [[x["task"], x["prompt"], *(f"{r['reply']} ({r['score']:.1f})" for r in x["replies"])]
-                         for x in table["samples"]])
+        tables = [scores, flaws]
+        probe = table.get("reward_probe")
+        if probe:
+            kinds = probe["flaws"]
+            tables.append(Table("the reward model's pick between the clean reply and the same reply with each flaw "
+                                "(share of prompts where it prefers the clean one; the gold judge always does)",
+                                ["task", *(flaw.replace("_", "-") for flaw in kinds)],
+                                [[task, *(f"{shares[flaw]:.0%}" for flaw in kinds)]
+                                 for task, shares in probe["by_task"].items()]
+                                + [["all tasks", *(f"{probe['all'][flaw]:.0%}" for flaw in kinds)]]))
+        tables.append(Table("replies side by side (gold score)", ["task", "prompt", *names],
+                            [[x["task"], x["prompt"], *(f"{r['reply']} ({r['score']:.1f})" for r in x["replies"])]
+                             for x in table["samples"]]))
     except json.JSONDecodeError as e:
         raise DataError(str(path), e.lineno, None, f"not valid JSON ({e.msg})") from None
     except KeyError as e:
@@ -322,10 +332,10 @@ def stages_section(root: Path) -> Section:
     except (TypeError, IndexError, AttributeError) as e:
         raise DataError(str(path), None, None, f"not a stage table written by `moss-rlhf demo` ({e})") from None
     note = (f"{table['n_prompts']} held-out prompts, every model prompted with the chat template and sampled at "
-            f"temperature {table['temperature']:g}, scored by the gold judge ({path.relative_to(root)}). Each column is "
-            f"a stage: pretraining brings the knowledge, SFT the demonstrations' answers and their flaws, feedback the "
+            f"temperature {table['temperature']:g}, scored by the gold judge ({path.relative_to(root)}). Each column "
+            f"is a stage: pretraining brings the knowledge, SFT the demonstrations' answers and their flaws, feedback the "
             f"preference that removes the flaws.")
-    return Section(title, note=note, tables=[scores, flaws, samples])
+    return Section(title, note=note, tables=tables)
 
 
 def stage_rounds(root: Path, stage: str) -> list[tuple[int, Path]]:

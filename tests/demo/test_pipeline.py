@@ -79,7 +79,7 @@ def test_budget_takes_the_model_size_and_step_overrides(tmp_path):
     from moss_rlhf.demo.pipeline import DemoConfig, Pipeline
 
     default = Pipeline(DemoConfig(out=str(tmp_path / "a"))).budget
-    assert (default.model_size, default.pretrain_steps) == ("tiny", 500)
+    assert (default.model_size, default.pretrain_steps) == ("tiny", 1600)
     budget = Pipeline(DemoConfig(out=str(tmp_path / "b"), model_size="mini", pretrain_steps=900)).budget
     assert (budget.model_size, budget.pretrain_steps, budget.sft_steps) == ("mini", 900, default.sft_steps)
     with pytest.raises(ConfigError, match="model_size|model-size"):

@@ -7,7 +7,7 @@ import json
 import statistics
 
 from moss_rlhf.demo.judge import FLAW_NAMES, flaws_of, judge
-from moss_rlhf.demo.stage_table import StageModel, measure_stages, stage_replies
+from moss_rlhf.demo.stage_table import StageModel, measure_stages, reward_probe, stage_replies
 from moss_rlhf.demo.world import build_world
 from moss_rlhf.report import build_sections
 
@@ -60,3 +60,71 @@ def test_stage_table_agrees_with_evaluate_and_feeds_the_report(tmp_path, tiny_mo
     assert [row[0] for row in flaws.rows] == ["wrong", "rude", "rambling", "off-instruction", "none (clean)"]
     assert len(samples.rows) == 10 and samples.rows[0][2:] == [
         f"{r['reply']} ({r['score']:.1f})" for r in table["samples"][0]["replies"]]
+
+
+def test_reward_probe_counts_the_reward_models_choices(tmp_path, tiny_model_dir):
+    """The probe's shares are the reward model's choices between each prompt's clean reply and its flawed versions
+    (seeded), counted per task and flaw; a reward model with its head negated makes the opposite choice every time."""
+    import torch
+
+    from moss_rlhf.data.formats import Preference
+    from moss_rlhf.demo.flaws import FLAWS
+    from moss_rlhf.models import load_scorer, save_model, score_head
+    from moss_rlhf.stages.reward import score_pairs
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    prompts_file, rows = _prompts_file(tmp_path, n_per_task=3)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_scorer(str(tiny_model_dir), tokenizer)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(score_head(model).weight)
+    save_model(model, tokenizer, tmp_path / "rm")
+    score_head(model).weight.data.neg_()
+    save_model(model, tokenizer, tmp_path / "rm-negated")
+
+    probe = reward_probe(str(tmp_path / "rm"), str(prompts_file), seed=1)
+    assert probe["flaws"] == list(FLAWS) and list(probe["by_task"]) == ["generation", "translation", "sentiment",
+                                                                        "classification", "dialogue"]
+    # reference: every clean/flawed pair scored on its own, in the probe's order (its flawed replies, seeded)
+    import random
+
+    from moss_rlhf.demo.flaws import flawed_response
+    from moss_rlhf.demo.tasks import parse_prompt, reference_for
+
+    rng, pairs, keys = random.Random("reward-probe/1"), [], []
+    for row in rows:
+        parsed = parse_prompt(row["prompt"])
+        for flaw in FLAWS:
+            flawed = flawed_response(parsed, flaw, rng)
+            if flawed != reference_for(parsed):
+                pairs.append(Preference([{"role": "user", "content": row["prompt"]}], reference_for(parsed), flawed))
+                keys.append((row["task"], flaw))
+    # the gold judge prefers the clean reply every time: the probe measures a distinction the truth always makes
+    assert all(judge(p.prompt[0]["content"], p.chosen).score > judge(p.prompt[0]["content"], p.rejected).score
+               for p in pairs)
+    chosen, rejected = score_pairs(load_scorer(str(tmp_path / "rm"), tokenizer), tokenizer, pairs, max_len=192)
+    right = {}
+    for key, c, r in zip(keys, chosen.tolist(), rejected.tolist()):
+        right.setdefault(key, []).append(c > r)
+    assert 0 < sum(map(sum, right.values())) < len(pairs)  # a random head: some choices each way
+    assert probe["pairs"] == sum(map(len, right.values()))
+    for (task, flaw), choices in right.items():
+        assert probe["by_task"][task][flaw] == sum(choices) / len(choices), (task, flaw)
+    for flaw in FLAWS:
+        every = [x for (_, f), xs in right.items() if f == flaw for x in xs]
+        assert probe["all"][flaw] == sum(every) / len(every)
+
+    negated = reward_probe(str(tmp_path / "rm-negated"), str(prompts_file), seed=1)
+    for task, shares in probe["by_task"].items():
+        for flaw, share in shares.items():
+            assert abs(share + negated["by_task"][task][flaw] - 1) < 1e-12, (task, flaw)
+
+    # the stage table carries it, and the report shows it beside the flaw shares
+    out = tmp_path / "pipe" / "eval" / "stages" / "ppo_round1.json"
+    table = measure_stages([StageModel("SFT", str(tiny_model_dir))], str(prompts_file), out, seed=1,
+                           reward_model=str(tmp_path / "rm"))
+    assert table["reward_probe"] == probe
+    section = build_sections(tmp_path / "pipe")[0]
+    probe_table = section.tables[2]
+    assert probe_table.header == ["task", "wrong", "rude", "rambling", "off-instruction"]
+    assert probe_table.rows[-1] == ["all tasks", *(f"{probe['all'][f]:.0%}" for f in FLAWS)]

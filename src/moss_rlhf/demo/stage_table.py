@@ -12,7 +12,11 @@ Output (``DIR/eval/stages/<run>_round<N>.json``)::
     {"judge": "gold", "temperature": 1.0, "n_prompts": 300, "tasks": [...],
      "stages": [{"name", "path", "mean", "by_task": {task: mean}, "flaws": {flaw: share},
                  "clean": share}, ...],
-     "samples": [{"task", "prompt", "replies": [{"stage", "reply", "score"}, ...]}, ...]}
+     "samples": [{"task", "prompt", "replies": [{"stage", "reply", "score"}, ...]}, ...],
+     "reward_probe": {"flaws": [...], "by_task": {task: {flaw: share}}, "all": {flaw: share}, "pairs": n}}
+
+The reward probe (with a reward model) explains the last column: feedback can only remove a flaw the reward model
+sees, and it sees the manners (rude, rambling) far better than wrong content.
 """
 
 from __future__ import annotations
@@ -54,9 +58,10 @@ def stage_replies(model_dir: str, prompts: list[str], seed: int, device: str,
 
 
 def measure_stages(models: list[StageModel], prompts_file: str, out: str | Path, seed: int = 0, device: str = "cpu",
-                   samples_per_task: int = 3) -> dict:
-    """Score every model on the world prompts of ``prompts_file`` (``{"prompt", "task"}`` lines); write and return
-    the table (see the module docstring)."""
+                   samples_per_task: int = 3, reward_model: str = "") -> dict:
+    """Score every model on the world prompts of ``prompts_file`` (``{"prompt", "task"}`` lines), and with
+    ``reward_model`` probe what that reward model can tell apart (:func:`reward_probe`); write and return the table
+    (see the module docstring)."""
     rows = [json.loads(line) for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     prompts, tasks = [row["prompt"] for row in rows], [row["task"] for row in rows]
     present = [task for task in TASKS if task in tasks]
@@ -81,10 +86,59 @@ def measure_stages(models: list[StageModel], prompts_file: str, out: str | Path,
                                         for m, replies, scores in zip(models, replies_by_stage, scores_by_stage)]})
     table = {"judge": "gold", "temperature": 1.0, "n_prompts": len(rows), "tasks": present, "stages": stages,
              "samples": samples}
+    if reward_model:
+        table["reward_probe"] = reward_probe(reward_model, prompts_file, seed, device)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out), json.dumps(table, indent=2, ensure_ascii=False))
     return table
 
 
 def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def reward_probe(reward_model: str, prompts_file: str, seed: int = 0, device: str = "cpu") -> dict:
+    """What the reward model can tell apart: on every held-out prompt, the clean reply against the same prompt's reply
+    with each flaw of the SFT data (:func:`moss_rlhf.demo.flaws.flawed_response`). The gold judge prefers the clean
+    reply every time, so the share of prompts where the reward model does too is its accuracy on exactly the
+    distinctions feedback is meant to teach — per task and flaw, and over all prompts per flaw."""
+    import random
+
+    import torch
+
+    from moss_rlhf.data.formats import Preference
+    from moss_rlhf.demo.flaws import FLAWS, flawed_response
+    from moss_rlhf.demo.tasks import parse_prompt, reference_for
+    from moss_rlhf.models import load_scorer
+    from moss_rlhf.stages.reward import score_pairs
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    rows = [json.loads(line) for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng = random.Random(f"reward-probe/{seed}")
+    pairs, keys = [], []
+    for row in rows:
+        parsed = parse_prompt(row["prompt"])
+        if parsed is None:
+            continue
+        clean = reference_for(parsed)
+        for flaw in FLAWS:
+            flawed = flawed_response(parsed, flaw, rng)
+            if flawed != clean:
+                pairs.append(Preference([{"role": "user", "content": row["prompt"]}], clean, flawed))
+                keys.append((parsed.task, flaw))
+    tokenizer = load_tokenizer(reward_model)
+    model = load_scorer(reward_model, tokenizer, flag="reward model", trained=True).to(device)
+    with torch.no_grad():
+        chosen, rejected = score_pairs(model, tokenizer, pairs, max_len=192, device=device)
+    right: dict[tuple[str, str], list[bool]] = {}
+    for key, c, r in zip(keys, chosen.tolist(), rejected.tolist()):
+        right.setdefault(key, []).append(c > r)
+    tasks = [task for task in TASKS if any(key[0] == task for key in right)]
+    return {"flaws": list(FLAWS),
+            "by_task": {task: {flaw: _share(right.get((task, flaw), [])) for flaw in FLAWS} for task in tasks},
+            "all": {flaw: _share([x for (_, f), xs in right.items() if f == flaw for x in xs]) for flaw in FLAWS},
+            "pairs": len(pairs)}
+
+
+def _share(values: list[bool]) -> float:
     return sum(values) / len(values) if values else float("nan")

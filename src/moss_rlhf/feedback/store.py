@@ -712,7 +712,9 @@ class Store:
                 if mine is not None or (item.gold is None and taken >= item.project.annotators_per_item):
                     continue  # someone else filled it between the search and the lock: look again
                 order = [c.id for c in item.candidates]
-                random.SystemRandom().shuffle(order)
+                # shown order is random across items (no side is favoured) but fixed per (item, annotator), so a
+                # simulated labelling rerun with the same seed sees, and answers, the same screens
+                random.Random(f"{item.id}:{annotator_id}").shuffle(order)
                 try:
                     with s.begin_nested():
                         assignment = Assignment(item_id=item.id, annotator_id=annotator_id, shown_order=order)
