@@ -65,10 +65,13 @@ def test_stage_table_agrees_with_evaluate_and_feeds_the_report(tmp_path, tiny_mo
 def test_reward_probe_counts_the_reward_models_choices(tmp_path, tiny_model_dir):
     """The probe's shares are the reward model's choices between each prompt's clean reply and its flawed versions
     (seeded), counted per task and flaw; a reward model with its head negated makes the opposite choice every time."""
+    import random
+
     import torch
 
     from moss_rlhf.data.formats import Preference
-    from moss_rlhf.demo.flaws import FLAWS
+    from moss_rlhf.demo.flaws import FLAWS, flawed_response
+    from moss_rlhf.demo.tasks import parse_prompt, reference_for
     from moss_rlhf.models import load_scorer, save_model, score_head
     from moss_rlhf.stages.reward import score_pairs
     from moss_rlhf.tokenizer import load_tokenizer
@@ -86,11 +89,6 @@ def test_reward_probe_counts_the_reward_models_choices(tmp_path, tiny_model_dir)
     assert probe["flaws"] == list(FLAWS) and list(probe["by_task"]) == ["generation", "translation", "sentiment",
                                                                         "classification", "dialogue"]
     # reference: every clean/flawed pair scored on its own, in the probe's order (its flawed replies, seeded)
-    import random
-
-    from moss_rlhf.demo.flaws import flawed_response
-    from moss_rlhf.demo.tasks import parse_prompt, reference_for
-
     rng, pairs, keys = random.Random("reward-probe/1"), [], []
     for row in rows:
         parsed = parse_prompt(row["prompt"])

@@ -62,7 +62,7 @@ def measure_stages(models: list[StageModel], prompts_file: str, out: str | Path,
     """Score every model on the world prompts of ``prompts_file`` (``{"prompt", "task"}`` lines), and with
     ``reward_model`` probe what that reward model can tell apart (:func:`reward_probe`); write and return the table
     (see the module docstring)."""
-    rows = [json.loads(line) for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _prompt_rows(prompts_file)
     prompts, tasks = [row["prompt"] for row in rows], [row["task"] for row in rows]
     present = [task for task in TASKS if task in tasks]
     stages, replies_by_stage, scores_by_stage = [], [], []
@@ -97,6 +97,10 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def _prompt_rows(prompts_file: str) -> list[dict]:
+    return [json.loads(line) for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def reward_probe(reward_model: str, prompts_file: str, seed: int = 0, device: str = "cpu") -> dict:
     """What the reward model can tell apart: on every held-out prompt, the clean reply against the same prompt's reply
     with each flaw of the SFT data (:func:`moss_rlhf.demo.flaws.flawed_response`). The gold judge prefers the clean
@@ -113,7 +117,7 @@ def reward_probe(reward_model: str, prompts_file: str, seed: int = 0, device: st
     from moss_rlhf.stages.reward import score_pairs
     from moss_rlhf.tokenizer import load_tokenizer
 
-    rows = [json.loads(line) for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = _prompt_rows(prompts_file)
     rng = random.Random(f"reward-probe/{seed}")
     pairs, keys = [], []
     for row in rows:
@@ -135,10 +139,6 @@ def reward_probe(reward_model: str, prompts_file: str, seed: int = 0, device: st
         right.setdefault(key, []).append(c > r)
     tasks = [task for task in TASKS if any(key[0] == task for key in right)]
     return {"flaws": list(FLAWS),
-            "by_task": {task: {flaw: _share(right.get((task, flaw), [])) for flaw in FLAWS} for task in tasks},
-            "all": {flaw: _share([x for (_, f), xs in right.items() if f == flaw for x in xs]) for flaw in FLAWS},
+            "by_task": {task: {flaw: _mean(right.get((task, flaw), [])) for flaw in FLAWS} for task in tasks},
+            "all": {flaw: _mean([x for (_, f), xs in right.items() if f == flaw for x in xs]) for flaw in FLAWS},
             "pairs": len(pairs)}
-
-
-def _share(values: list[bool]) -> float:
-    return sum(values) / len(values) if values else float("nan")
