@@ -524,6 +524,98 @@ def test_info_nce_and_gradient_match_the_reference():
     assert L.info_nce(a[:1], b[:1], tau).item() == pytest.approx(0.0, abs=1e-7)  # no negative, nothing to learn
 
 
+def _plain_sinkhorn(scores, eps, iterations):
+    """SwAV's Sinkhorn–Knopp in plain floats: Q = exp(S/ε)ᵀ [K][N], normalised to total 1, then alternately each
+    prototype row to 1/K and each sample column to 1/N; returned ×N as [N][K]."""
+    n, k = len(scores), len(scores[0])
+    top = max(max(row) for row in scores)
+    q = [[math.exp((scores[i][c] - top) / eps) for i in range(n)] for c in range(k)]
+    total = sum(map(sum, q))
+    q = [[x / total for x in row] for row in q]
+    for _ in range(iterations):
+        q = [[x / (sum(row) * k) for x in row] for row in q]
+        columns = [sum(q[c][i] for c in range(k)) for i in range(n)]
+        q = [[q[c][i] / (columns[i] * n) for i in range(n)] for c in range(k)]
+    return [[q[c][i] * n for c in range(k)] for i in range(n)]
+
+
+def test_sinkhorn_codes_and_swav_loss_match_the_reference_with_gradients():
+    """SwAV (Caron et al. 2020) as Part II uses it: codes by Sinkhorn–Knopp (rows sum to 1, prototypes share the
+    batch), each view predicting the other's codes; value and gradient (through the predictions only, never the
+    codes) against plain floats and central differences; with one prototype the loss is 0."""
+    gen = torch.Generator().manual_seed(3)
+    a = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    b = a + 0.4 * torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    c = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    tau, eps = 0.5, 0.3
+
+    def cosines(rows, protos):
+        def cos(u, v):
+            return sum(x * y for x, y in zip(u, v)) / math.sqrt(sum(x * x for x in u) * sum(y * y for y in v))
+        return [[cos(u, v) for v in protos] for u in rows]
+
+    def reference(a_rows, b_rows, protos, codes_of_a=None):
+        """The per-row loss; the codes of view a come from ``codes_of_a`` (default: a itself) — targets, which the
+        gradient does not differentiate."""
+        sa, sb = cosines(a_rows, protos), cosines(b_rows, protos)
+        qa, qb = _plain_sinkhorn(cosines(codes_of_a or a_rows, protos), eps, 3), _plain_sinkhorn(sb, eps, 3)
+
+        def log_softmax(row):
+            top = max(z / tau for z in row)
+            norm = top + math.log(sum(math.exp(z / tau - top) for z in row))
+            return [z / tau - norm for z in row]
+        return [-0.5 * (sum(q * l for q, l in zip(qb[i], log_softmax(sa[i])))
+                        + sum(q * l for q, l in zip(qa[i], log_softmax(sb[i])))) for i in range(len(a_rows))]
+
+    codes = L.sinkhorn_codes(a @ c.T, eps, 3)
+    assert codes.tolist() == [pytest.approx(row, rel=1e-9) for row in _plain_sinkhorn((a @ c.T).tolist(), eps, 3)]
+    assert codes.sum(1).tolist() == pytest.approx([1.0] * 6)
+    balanced = L.sinkhorn_codes(a @ c.T, eps, 200)  # the iterations converge to the equal partition: N/K each
+    assert balanced.sum(0).tolist() == pytest.approx([2.0] * 3, rel=1e-6)
+
+    a_param = a.clone().requires_grad_(True)
+    loss = L.swav_loss(a_param, b, c, tau, eps)
+    assert loss.tolist() == pytest.approx(reference(a.tolist(), b.tolist(), c.tolist()), rel=1e-9)
+    loss.sum().backward()
+    h = 1e-6
+    for i, j in ((0, 0), (3, 2), (5, 3)):
+        up, down = a.clone(), a.clone()
+        up[i, j] += h
+        down[i, j] -= h
+        numeric = (sum(reference(up.tolist(), b.tolist(), c.tolist(), a.tolist()))
+                   - sum(reference(down.tolist(), b.tolist(), c.tolist(), a.tolist()))) / (2 * h)
+        assert a_param.grad[i, j].item() == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    assert L.swav_loss(a, b, c[:1], tau, eps).abs().max().item() < 1e-12  # one cluster: nothing to predict
+
+
+def test_metarm_difference_objective_matches_the_reference():
+    """J: per group the mean over its pairs of σ(|r_i − r_j|), averaged over groups — unequal group sizes, a group
+    of equal rewards (σ(0) = ½, and the gradient there is 0), and the gradient against central differences."""
+    rewards = torch.tensor([0.5, -1.0, 2.0, 0.3, 0.3, 1.0, -0.2, 0.7, 0.1], dtype=torch.float64)
+    sizes = [3, 2, 4]
+
+    def reference(values):
+        out, start = [], 0
+        for size in sizes:
+            group = values[start:start + size]
+            start += size
+            pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+            out.append(sum(1 / (1 + math.exp(-abs(group[i] - group[j]))) for i, j in pairs) / len(pairs))
+        return sum(out) / len(out)
+
+    param = rewards.clone().requires_grad_(True)
+    objective = L.reward_difference_objective(param, sizes)
+    assert objective.item() == pytest.approx(reference(rewards.tolist()), rel=1e-12)
+    objective.backward()
+    for k in (0, 2, 5, 8):
+        up, down = rewards.tolist(), rewards.tolist()
+        up[k] += 1e-6
+        down[k] -= 1e-6
+        assert param.grad[k].item() == pytest.approx((reference(up) - reference(down)) / 2e-6, rel=1e-5)
+    assert param.grad[3].item() == pytest.approx(0.0) and param.grad[4].item() == pytest.approx(0.0)
+    assert L.reward_difference_objective(torch.zeros(2), [2]).item() == pytest.approx(0.5)
+
+
 def test_preference_losses_refuse_what_they_cannot_compute():
     x = torch.zeros(2)
     with pytest.raises(ValueError, match="unknown preference loss"):

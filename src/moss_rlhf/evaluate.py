@@ -31,8 +31,6 @@ from moss_rlhf.config import ConfigError, option
 from moss_rlhf.files import atomic_write_text
 from moss_rlhf.sampling import SamplingConfig
 
-# ``--judge gold``: the demo world's gold judge, by name (this module imports nothing of the demo)
-JUDGE_ALIASES = {"gold": "moss_rlhf.demo.judge:gold_scores"}
 
 # --------------------------------------------------------------------------------------------------------------------
 # Statistics (pure)
@@ -277,7 +275,7 @@ def run(cfg: EvaluateConfig) -> dict:
     models = {"a": load_causal_lm(cfg.model_a, flag="--model-a").to(device).eval(),
               "b": load_causal_lm(cfg.model_b, flag="--model-b").to(device).eval()}
     tokenizers = {"a": load_tokenizer(cfg.model_a, "--model-a"), "b": load_tokenizer(cfg.model_b, "--model-b")}
-    judge = text_scorer(JUDGE_ALIASES.get(cfg.judge, cfg.judge), device)
+    judge = text_scorer(cfg.judge, device)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
     ppl_path = cfg.perplexity_data
 

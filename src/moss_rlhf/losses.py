@@ -10,7 +10,8 @@ What lives here (no model, no data, no I/O):
   accumulation over micro-batches is exactly equivalent to one big batch);
 * reward modelling: the Bradley-Terry pairwise loss with an optional margin and the
   label smoothing (or per-pair soft labels) of "Secrets of RLHF in Large Language
-  Models Part II" (Wang et al. 2024), and the InfoNCE term of its contrastive variant;
+  Models Part II" (Wang et al. 2024), the two terms of its contrastive variant (SimCSE's InfoNCE, SwAV's swapped
+  prediction of Sinkhorn codes) and MetaRM's difference objective (Dou et al. 2024);
 * offline preference optimisation: DPO and its family (cDPO, robust DPO, IPO, SLiC hinge, SimPO, ORPO's odds
   ratio) from summed reply log-probs, and KTO's loss for unpaired desirable / undesirable replies;
 * PPO-max (Zheng et al. 2023, "Secrets of RLHF ... Part I: PPO", arXiv 2307.04964):
@@ -156,6 +157,48 @@ def info_nce(view_a: Tensor, view_b: Tensor, temperature: float) -> Tensor:
     a, b = F.normalize(view_a.float(), dim=-1), F.normalize(view_b.float(), dim=-1)
     logits = a @ b.T / temperature
     return -torch.log_softmax(logits, dim=-1).diagonal()
+
+
+def sinkhorn_codes(scores: Tensor, epsilon: float, iterations: int = 3) -> Tensor:
+    """SwAV's codes (Caron et al. 2020): a soft assignment ``[N, K]`` of N rows to K prototypes from their scores
+    ``[N, K]``, ``exp(scores / ε)`` rescaled by Sinkhorn–Knopp so that the prototypes share the batch equally (each
+    column sums to about N/K) and each row sums to 1 — the equal partition that keeps every row from collapsing
+    onto one prototype. No gradient flows through it."""
+    with torch.no_grad():
+        scores = _upcast(scores)
+        q = torch.exp((scores - scores.max()) / epsilon).T  # [K, N]
+        q /= q.sum()
+        k, n = q.shape
+        for _ in range(iterations):
+            q /= q.sum(dim=1, keepdim=True) * k  # each prototype: mass 1/K
+            q /= q.sum(dim=0, keepdim=True) * n  # each row: mass 1/N
+        return (q * n).T
+
+
+def swav_loss(view_a: Tensor, view_b: Tensor, prototypes: Tensor, temperature: float, epsilon: float = 0.05,
+              iterations: int = 3) -> Tensor:
+    """Per-row SwAV loss ``[N]`` of two views ``[N, H]`` and prototypes ``[K, H]`` (all compared by cosine): each
+    view predicts the other's Sinkhorn codes, ``-½ Σ_k (q_b log p_a + q_a log p_b)`` with
+    ``p = softmax(cos(z, c_k) / τ)`` — a cluster-level contrast, where InfoNCE contrasts single rows."""
+    a, b, c = (F.normalize(_upcast(x), dim=-1) for x in (view_a, view_b, prototypes))
+    scores_a, scores_b = a @ c.T, b @ c.T
+    q_a, q_b = sinkhorn_codes(scores_a, epsilon, iterations), sinkhorn_codes(scores_b, epsilon, iterations)
+    return -0.5 * ((q_b * torch.log_softmax(scores_a / temperature, -1)).sum(-1)
+                   + (q_a * torch.log_softmax(scores_b / temperature, -1)).sum(-1))
+
+
+def reward_difference_objective(rewards: Tensor, group_sizes: list[int]) -> Tensor:
+    """MetaRM's difference objective J (Dou et al. 2024, "MetaRM: Shifted Distributions Alignment via
+    Meta-Learning"): over groups of replies to one prompt (``rewards`` ``[Σ sizes]``, group after group), the mean
+    over the group's pairs of ``σ(|r_i − r_j|)``, averaged over the groups. It grows as the reward model tells
+    replies of the same prompt apart; MetaRM takes a gradient *ascent* step on it."""
+    terms, start = [], 0
+    for size in group_sizes:
+        r = _upcast(rewards[start:start + size])
+        start += size
+        i, j = torch.triu_indices(size, size, offset=1, device=r.device)
+        terms.append(torch.sigmoid((r[i] - r[j]).abs()).mean())
+    return torch.stack(terms).mean()
 
 
 # ----------------------------------------------------------------------------- offline preference optimisation

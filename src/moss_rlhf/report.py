@@ -374,7 +374,10 @@ def run_description(run_dir: Path) -> tuple[str, str, bool]:
     functions = cfg.get("reward_fn") or []
     weight = cfg.get("reward_model_weight")
     uses_model = (weight if weight is not None else 0.0 if functions else 1.0) > 0
-    sources = (["the reward model"] if uses_model else []) + \
+    # the pipeline's reward models by directory: reward/ (plain), reward-part2/, reward-metarm-round2/ …
+    model_dir = Path(str(cfg.get("reward_model") or "reward/model")).parent.name
+    named = "the reward model" + ("" if model_dir in ("reward", "") else f" ({model_dir}/)")
+    sources = ([named] if uses_model else []) + \
         ["the gold judge" if f == "moss_rlhf.demo.judge:gold_scores" else f for f in functions]
     return RECIPE_NAMES.get(preset, preset), " + ".join(sources), uses_model
 

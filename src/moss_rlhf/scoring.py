@@ -17,6 +17,8 @@ import torch
 from moss_rlhf.config import ConfigError
 
 TextScorer = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
+# ``gold``: the demo world's gold judge, by name (this module imports nothing of the demo)
+SCORER_ALIASES = {"gold": "moss_rlhf.demo.judge:gold_scores"}
 
 
 def load_function(spec: str, flag: str) -> Callable:
@@ -57,7 +59,8 @@ def reward_model_scorer(model, tokenizer, max_len: int = 512, batch_size: int = 
 
 
 def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len: int = 512) -> TextScorer:
-    """A reward-model directory or a ``package.module:function`` scorer."""
+    """A reward-model directory, a ``package.module:function`` scorer or an alias (``gold``)."""
+    spec = SCORER_ALIASES.get(spec, spec)
     if ":" in spec and not Path(spec).exists():
         return load_function(spec, flag)
     from moss_rlhf.models import check_model_path, check_vocabulary, load_scorer
@@ -68,6 +71,24 @@ def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len:
     model = load_scorer(spec, tokenizer, flag=flag, trained=True)
     check_vocabulary(model, tokenizer, flag)
     return reward_model_scorer(model.to(device), tokenizer, max_len)
+
+
+def named_scorers(specs: Sequence[str], device: torch.device, flag: str, max_len: int = 512
+                  ) -> dict[str, TextScorer]:
+    """``NAME=SPEC`` scorers, in order; a bare ``SPEC`` is named after its alias, its function or its directory."""
+    scorers: dict[str, TextScorer] = {}
+    for item in specs:
+        name, spec = item.split("=", 1) if "=" in item else ("", item)
+        name = name or (spec if spec in SCORER_ALIASES else spec.rpartition(":")[2] if ":" in spec else Path(spec).name)
+        if not name or name in scorers or name in VALIDATION_KEYS:
+            raise ConfigError(f"{flag} {item!r}: " + ("an empty name" if not name else f"a second scorer named "
+                              f"{name!r}" if name in scorers else f"val/{name} is validation's own metric")
+                              + "; give NAME=SPEC")
+        scorers[name] = text_scorer(spec, device, flag, max_len)
+    return scorers
+
+
+VALIDATION_KEYS = ("reward", "length")  # validate's own val/<key> metrics: no scorer takes these names
 
 
 @torch.no_grad()

@@ -53,14 +53,27 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     # DPO learns from the same labelled pairs, without the reward model
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "dpo"]) == 0
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "kto"]) == 0
+    # Part II's reward model (strength ensemble, then its treatment) and MetaRM rounds join the same directory too
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--reward-recipe", "part2",
+                 "--ppo-steps", "2"]) == 0
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--rounds", "2", "--metarm",
+                 "--ppo-steps", "2"]) == 0
     for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
                  "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json",
                  "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json",
-                 "kto/model/model.safetensors", "eval/kto_round1_vs_sft.json"):
+                 "kto/model/model.safetensors", "eval/kto_round1_vs_sft.json",
+                 "strength/strength.jsonl", "reward-part2/model/model.safetensors",
+                 "eval/rl-ppo_max-part2_round1_vs_sft.json", "meta-round2/samples.jsonl",
+                 "reward-metarm-round2/model/model.safetensors", "eval/rl-ppo_max-metarm_round2_vs_sft.json"):
         assert (out / path).exists(), path
+    state = json.loads((out / "pipeline.json").read_text())
+    assert "pairs@2" in state["done"] and state["done"]["reward-part2"]["gold_accuracy"] is not None
+    meta = [json.loads(line) for line in (out / "meta-round2" / "samples.jsonl").read_text().splitlines()]
+    assert len(meta) == 4 * len({row["prompt"] for row in meta})  # 4 replies per prompt, from round 1's PPO-max
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
     assert "DPO from the preference pairs" in html and "KTO from the preference pairs" in html
+    assert "the reward model (reward-part2/)" in html and "the reward model (reward-metarm-round2/)" in html
 
     from moss_rlhf.feedback.store import Store
 
@@ -84,3 +97,25 @@ def test_budget_takes_the_model_size_and_step_overrides(tmp_path):
     assert (budget.model_size, budget.pretrain_steps, budget.sft_steps) == ("mini", 900, default.sft_steps)
     with pytest.raises(ConfigError, match="model_size|model-size"):
         validate(DemoConfig(out=str(tmp_path / "c"), model_size="huge"))
+
+
+def test_reward_variants_have_runs_of_their_own_and_bad_combinations_are_refused(tmp_path):
+    """Part II's reward model and MetaRM rounds name their directories apart from the plain runs' (so one pipeline
+    directory holds and compares all), `--from-stage reward` redoes them with the reward stage, and options that
+    cannot go together are refused."""
+    from moss_rlhf.config import ConfigError, validate
+    from moss_rlhf.demo.pipeline import DemoConfig, stage_of
+
+    plain, part2 = DemoConfig(out="x"), DemoConfig(out="x", reward_recipe="part2")
+    assert (plain.reward_run, plain.rl_run) == ("reward", "ppo")
+    assert (part2.reward_run, part2.rl_run, part2.rl_label) == ("reward-part2", "rl-ppo_max-part2",
+                                                               "PPO-max (Part II reward model)")
+    metarm = DemoConfig(out="x", rounds=2, metarm=True, algorithm="grpo")
+    assert (metarm.reward_run, metarm.rl_run) == ("reward-metarm", "rl-grpo-metarm")
+    assert [stage_of(k) for k in ("strength", "reward-part2", "meta@2", "reward-metarm@2", "rl-grpo-metarm@2",
+                                  "evaluate-rl-grpo-metarm@2")] == ["reward"] * 4 + ["ppo", "evaluate"]
+    for bad, match in ((dict(metarm=True), "--rounds 2"), (dict(rounds=2, metarm=True, algorithm="dpo"), "RL"),
+                       (dict(reward_recipe="part2", algorithm="kto"), "does not use one"),
+                       (dict(reward_recipe="part2", rl_reward="gold"), "does not use one")):
+        with pytest.raises(ConfigError, match=match):
+            validate(DemoConfig(out=str(tmp_path), **bad))

@@ -160,3 +160,99 @@ def test_a_nonfinite_loss_stops_reward_training(tmp_path, tiny_model_dir):
     with pytest.raises(NonFiniteError, match="reward: step"):
         reward.run(config(tmp_path, tiny_model_dir, data, lr=1e3, warmup_steps=0, max_steps=20, eval_every=0))
     assert not (tmp_path / "rm" / "model").exists()
+
+
+def meta_rows(n_prompts: int, k: int, seed: int = 1) -> list[dict]:
+    """Unlabelled replies of a "shifted policy": k per prompt, as `moss-rlhf generate --num-samples k` writes them."""
+    rng = random.Random(seed)
+    return [{"prompt": f"Where did {name} go?", "response": f"{name} went to {rng.choice(PLACES)}" + "!" * j}
+            for name in NAMES[:n_prompts] for j in range(k)]
+
+
+@pytest.fixture
+def math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def test_metarm_gradient_is_the_exact_meta_gradient(tmp_path, tiny_model_dir, math_attention):
+    """MetaRM's loss is L(θ') at θ' = θ + η ∇J(θ) (J: the difference objective on the meta batch), and its gradient
+    is d/dθ L(θ + η ∇J(θ)) — checked against plain second-order autograd through a
+    float64 model (SDPA's math kernel, which has a double backward), each reply scored alone by
+    transformers' own pooling, the Bradley–Terry loss written out."""
+    from moss_rlhf.data.collate import reply_example
+    from moss_rlhf.data.formats import load_sample_groups
+    from moss_rlhf.losses import reward_difference_objective
+    from moss_rlhf.models import load_scorer
+    from moss_rlhf.stages.reward import RewardLoss, pair_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prefs = load_preferences(write_jsonl(tmp_path / "p.jsonl", preference_rows(3)))
+    groups = load_sample_groups(write_jsonl(tmp_path / "meta.jsonl", meta_rows(2, 3)))
+    cfg = RewardConfig(data=["x"], max_len=64, use_margin=False, meta_lr=0.5, meta_batch=2, meta_hvp_eps=1e-3)
+    scorer = load_scorer(str(tiny_model_dir), tokenizer).double()
+    torch.nn.init.normal_(scorer.score.weight, std=0.02, generator=torch.Generator().manual_seed(2))
+    batch = pair_data(tokenizer, prefs, cfg, meta=groups).batch([0, 1, 2])
+    assert batch["meta_sizes"].tolist() == [3, 3]
+    value = RewardLoss(cfg, None)(scorer, batch)
+    value.backward()
+    names, params = zip(*[(n, p) for n, p in scorer.named_parameters() if p.requires_grad])
+    got = [p.grad.clone() for p in params]
+
+    def score(weights, conversation, reply):  # one unpadded row, scored by transformers at its last token
+        ids = torch.tensor([reply_example(tokenizer, conversation, reply, 64).input_ids])
+        return torch.func.functional_call(scorer, dict(zip(names, weights)), (), {"input_ids": ids}).logits[0, 0]
+
+    objective = reward_difference_objective(torch.stack([score(params, g.prompt, r) for g in groups
+                                                         for r in g.responses]), [3, 3])
+    ascent = torch.autograd.grad(objective, params, create_graph=True)
+    adapted = [p + 0.5 * g for p, g in zip(params, ascent)]
+    loss = sum(-torch.nn.functional.logsigmoid(score(adapted, p.prompt, p.chosen) - score(adapted, p.prompt, p.rejected))
+               for p in prefs)
+    expected = torch.autograd.grad(loss, params, retain_graph=True)
+    first_order = torch.autograd.grad(loss, adapted)  # ∇L(θ') alone: what dropping the Hessian term would give
+    assert float(value.detach()) == pytest.approx(float(loss.detach()), rel=1e-9)
+    plain = torch.autograd.grad(sum(-torch.nn.functional.logsigmoid(score(params, p.prompt, p.chosen)
+                                                                    - score(params, p.prompt, p.rejected))
+                                    for p in prefs), params)
+
+    def norm(tensors):
+        return float(torch.sqrt(sum((t ** 2).sum() for t in tensors)))
+    error, without_hessian, without_meta = (norm([a - b for a, b in zip(other, expected)]) / norm(expected)
+                                            for other in (got, first_order, plain))
+    # transformers' RMSNorm and rotary work in float32 even in a float64 model, which limits the finite difference
+    # to ~1e-4; leaving out the Hessian term, or the meta step, is off by far more
+    assert error < 5e-4 and without_hessian > 20 * error and without_meta > 0.5, (error, without_hessian,
+                                                                                   without_meta)
+
+
+def test_metarm_run_keeps_the_shifted_replies_apart_and_refuses_bad_meta_sets(tmp_path, tiny_model_dir):
+    """`moss-rlhf reward --meta-data FILE` learns the preference, spreads the rewards of the meta set's replies wider
+    than the same run without it, and a meta set with one reply per prompt is refused with its file and line."""
+    from moss_rlhf.cli import main
+    from moss_rlhf.data.formats import DataError, load_sample_groups
+    from moss_rlhf.losses import reward_difference_objective
+    from moss_rlhf.models import load_scorer
+    from moss_rlhf.scoring import reward_model_scorer
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
+    meta_file = write_jsonl(tmp_path / "meta.jsonl", meta_rows(6, 4))
+    groups = load_sample_groups(meta_file)
+    spread = {}
+    for name, extra in (("plain", {}), ("metarm", {"meta_data": [str(meta_file)], "meta_lr": 0.5})):
+        result = reward.run(config(tmp_path / name, tiny_model_dir, data, max_steps=15, eval_every=0, **extra))
+        assert result.eval_metrics["eval/accuracy"] > 0.9
+        model_dir = tmp_path / name / "rm" / "model"
+        tokenizer = load_tokenizer(str(model_dir))
+        scorer = load_scorer(str(model_dir), tokenizer)
+        rewards = reward_model_scorer(scorer, tokenizer, max_len=64)([g.prompt for g in groups for _ in g.responses],
+                                                                     [r for g in groups for r in g.responses])
+        spread[name] = float(reward_difference_objective(torch.tensor(rewards), [len(g.responses) for g in groups]))
+    assert spread["metarm"] > spread["plain"], spread
+    bad = write_jsonl(tmp_path / "bad.jsonl", meta_rows(2, 2)[:3])
+    with pytest.raises(DataError, match=r"bad.jsonl:3: response: 1 of 2 prompts have a single reply"):
+        load_sample_groups(bad)
+    assert main(["reward", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "x"),
+                 "--meta-data", str(bad), "--no-progress"]) == 2

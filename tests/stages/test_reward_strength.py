@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -240,13 +241,28 @@ def test_strength_and_eval_on_a_slice_of_real_hh_rlhf(tmp_path, tiny_model_dir):
     assert sum(b["pairs"] for b in buckets) == 80 and all(a["high"] <= b["low"] for a, b in zip(buckets, buckets[1:]))
 
 
+def dropout_views_of_the_difference(scorer, batch, p: float, seed: int):
+    """The contrastive terms' two views, recomputed: the final hidden states at each reply's last token, chosen minus
+    rejected, through two feature-dropout masks drawn after ``torch.manual_seed(seed)``."""
+    import torch
+
+    from moss_rlhf.models import final_hidden_states
+
+    hidden = final_hidden_states(scorer, batch["input_ids"], batch["attention_mask"]).detach()
+    last = batch["attention_mask"].sum(-1) - 1
+    at_score = hidden[torch.arange(hidden.shape[0]), last]
+    n = hidden.shape[0] // 2
+    torch.manual_seed(seed)
+    return [torch.nn.functional.dropout(at_score[:n] - at_score[n:], p, training=True) for _ in range(2)]
+
+
 def test_contrastive_term_is_info_nce_of_two_dropout_views_of_the_difference(tmp_path, tiny_model_dir):
     """The loss with --contrastive-weight w is the plain loss plus w × InfoNCE of two feature-dropout views of the
     pairs' difference representations (same RNG state: the same masks), and a run with it on learns the preference."""
     import torch
 
     from moss_rlhf.losses import info_nce
-    from moss_rlhf.models import final_hidden_states, load_scorer
+    from moss_rlhf.models import load_scorer
     from moss_rlhf.stages import reward
     from moss_rlhf.stages.reward import RewardConfig, RewardLoss, pair_data
     from moss_rlhf.tokenizer import load_tokenizer
@@ -260,12 +276,7 @@ def test_contrastive_term_is_info_nce_of_two_dropout_views_of_the_difference(tmp
     plain = float(RewardLoss(RewardConfig(data=["x"], max_len=64), None)(scorer, batch).detach())
     torch.manual_seed(7)
     with_term = float(RewardLoss(cfg, None)(scorer, batch).detach())
-    hidden = final_hidden_states(scorer, batch["input_ids"], batch["attention_mask"]).detach()
-    last = batch["attention_mask"].sum(-1) - 1
-    at_score = hidden[torch.arange(12), last]
-    difference = at_score[:6] - at_score[6:]
-    torch.manual_seed(7)
-    views = [torch.nn.functional.dropout(difference, 0.2, training=True) for _ in range(2)]
+    views = dropout_views_of_the_difference(scorer, batch, 0.2, seed=7)
     assert with_term == pytest.approx(plain + 0.3 * float(info_nce(*views, 0.1).sum()), rel=1e-5)
 
     data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
@@ -273,3 +284,57 @@ def test_contrastive_term_is_info_nce_of_two_dropout_views_of_the_difference(tmp
                                      contrastive_weight=0.1, max_steps=20, batch_size=8, lr=3e-3, warmup_steps=2,
                                      eval_every=0, progress=False, device="cpu", max_len=64))
     assert result.eval_metrics["eval/accuracy"] > 0.9
+
+
+def test_swav_term_is_swapped_prediction_over_trained_prototypes(tmp_path, tiny_model_dir):
+    """--contrastive-method swav: the loss is the plain loss plus w × SwAV's loss of two dropout views of the pairs'
+    difference representations against the prototypes; a run trains the prototypes with the model (they move, and a
+    resumed run restores them), learns the preference, and its model loads in plain transformers."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from moss_rlhf.losses import swav_loss
+    from moss_rlhf.models import load_scorer
+    from moss_rlhf.stages import reward
+    from moss_rlhf.stages.reward import RewardConfig, RewardLoss, pair_data
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    prefs = load_preferences(write_jsonl(tmp_path / "p.jsonl", preference_rows(6)))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    scorer = load_scorer(str(tiny_model_dir), tokenizer)
+    prototypes = torch.nn.Parameter(torch.randn(4, scorer.config.hidden_size))
+    scorer.register_parameter("swav_prototypes", prototypes)
+    cfg = RewardConfig(data=["x"], contrastive_weight=0.3, contrastive_method="swav", contrastive_temperature=0.1,
+                       contrastive_dropout=0.2, swav_epsilon=0.05, max_len=64)
+    batch = pair_data(tokenizer, prefs, cfg).batch(list(range(6)))
+    plain = float(RewardLoss(RewardConfig(data=["x"], max_len=64), None)(scorer, batch).detach())
+    torch.manual_seed(7)
+    with_term = RewardLoss(cfg, None, prototypes)(scorer, batch)
+    views = dropout_views_of_the_difference(scorer, batch, 0.2, seed=7)
+    expected = plain + 0.3 * float(swav_loss(*views, prototypes.detach(), 0.1, 0.05).sum())
+    assert float(with_term.detach()) == pytest.approx(expected, rel=1e-5)
+    with_term.backward()
+    assert prototypes.grad is not None and prototypes.grad.abs().sum() > 0
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(120))
+    args = dict(out=str(tmp_path / "rm"), model=str(tiny_model_dir), data=[str(data)], contrastive_weight=0.1,
+                contrastive_method="swav", swav_prototypes=8, max_steps=20, batch_size=8, lr=3e-3, warmup_steps=2,
+                eval_every=0, save_every=10, progress=False, device="cpu", max_len=64)
+    result = reward.run(RewardConfig(**args))
+    assert result.eval_metrics["eval/accuracy"] > 0.9
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "rm" / "model" / "model.safetensors"))
+    initial = torch.randn(8, scorer.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    assert saved["swav_prototypes"].shape == (8, scorer.config.hidden_size)
+    assert not torch.allclose(saved["swav_prototypes"], initial)  # trained with the model
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model")
+    assert loaded.score.weight.shape[0] == 1
+    # resumed from the step-10 checkpoint: the prototypes come back with the model, and the run ends where it did
+    shutil.copytree(tmp_path / "rm", tmp_path / "rm2")
+    checkpoints = sorted(p for p in (tmp_path / "rm2" / "checkpoints").iterdir() if p.is_dir())
+    shutil.rmtree(checkpoints[-1])
+    resumed = reward.run(RewardConfig(**{**args, "out": str(tmp_path / "rm2"), "resume": True}))
+    assert resumed.train_loss == pytest.approx(result.train_loss, rel=1e-5)
+    again = load_file(str(tmp_path / "rm2" / "model" / "model.safetensors"))
+    assert torch.equal(again["swav_prototypes"], saved["swav_prototypes"])

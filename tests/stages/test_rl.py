@@ -480,3 +480,34 @@ def test_fsdp_ppo_max_resumes_exactly_from_sharded_checkpoints(tiny, tmp_path):
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [steady(r) for r in resumed[2:]] == [steady(r) for r in uninterrupted[2:]]
     assert uninterrupted[-1]["critic/value_loss"] > 0 and uninterrupted[-1]["kl/per_token"] > 0
+
+
+def test_validation_scorers_from_the_command_line_pick_best_and_never_train(tiny, tmp_path, monkeypatch, capsys):
+    """`moss-rlhf rl --val-scorer NAME=SPEC`: a Python function and a reward-model directory score each validation's
+    replies as val/NAME (the saved samples carry each reply's scores); the first picks best/; neither enters the
+    training reward; a name that validation already uses is refused before anything loads."""
+    from moss_rlhf.scoring import text_scorer
+
+    (tmp_path / "val_scorers.py").write_text("def chars(prompts, responses):\n"
+                                             "    return [float(len(r)) for r in responses]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["rl", "--out", str(tmp_path / "run"), "--policy", str(tiny / "model"), "--reward-model",
+            str(tiny / "reward"), "--prompts", str(tiny / "prompts.jsonl"), "--eval-prompts", str(tiny / "eval.jsonl"),
+            "--eval-size", "8", "--rollout-batch", "8", "--mini-batch", "8", "--batch-size", "4", "--max-new-tokens",
+            "12", "--max-steps", "3", "--lr", "1e-2", "--eval-every", "1", "--save-every", "0", "--no-progress",
+            "--device", "cpu", "--val-scorer", "chars=val_scorers:chars", "--val-scorer", f"rm={tiny / 'reward'}"]
+    assert main(args) == 0
+    assert "reward = 1 × the reward model;" in capsys.readouterr().out
+    rows = [r for r in read_metrics(tmp_path / "run") if "val/chars" in r]
+    assert len(rows) == 3
+    assert all("reward/chars" not in row and "reward/rm" not in row for row in rows)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step-000003.jsonl").read_text()
+               .splitlines()]
+    assert [s["chars"] for s in samples] == [float(len(s["response"])) for s in samples]
+    rm = text_scorer(str(tiny / "reward"), torch.device("cpu"))([[{"role": "user", "content": s["prompt"]}]
+                                                                 for s in samples], [s["response"] for s in samples])
+    assert [s["rm"] for s in samples] == pytest.approx(rm, abs=1e-5)
+    assert rows[-1]["val/rm"] == pytest.approx(sum(rm) / len(rm), abs=1e-5)
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["val/chars"] == max(r["val/chars"] for r in rows)
+    assert main(args[:-2] + ["--val-scorer", str(tiny / "reward"), "--out", str(tmp_path / "bad")]) == 2
+    assert "val/reward is validation's own metric" in capsys.readouterr().err

@@ -452,6 +452,39 @@ def load_prompt_records(source: str | Path) -> list[PromptRecord]:
     return _load(source, parse_prompt_record)
 
 
+@dataclass
+class SampleGroup:
+    """Unlabelled replies sampled for one prompt: MetaRM's meta set, the shifted policy's replies."""
+
+    prompt: list[Message]
+    responses: list[str]
+
+
+def load_sample_groups(source: str | Path) -> list[SampleGroup]:
+    """``{prompt | messages, response}`` rows (what ``moss-rlhf generate --num-samples K --out FILE`` writes),
+    grouped by prompt in first-seen order; every prompt needs at least two replies."""
+    groups: dict[str, SampleGroup] = {}
+    first_line: dict[str, int | None] = {}
+    for name, line, row in iter_rows(source):
+        prompt = parse_prompt(row, (name, line)) if isinstance(row, dict) else None
+        if prompt is None:
+            raise DataError(name, line, None, "expected a JSON object {prompt, response}")
+        if not isinstance(row.get("response"), str):
+            raise DataError(name, line, "response", f"expected the sampled reply as a string, got "
+                                                    f"{type(row.get('response')).__name__}")
+        key = json.dumps(prompt, ensure_ascii=False)
+        groups.setdefault(key, SampleGroup(prompt, [])).responses.append(row["response"])
+        first_line.setdefault(key, line)
+    if not groups:
+        raise DataError(str(source), None, None, "no rows: expected {prompt, response} rows, several per prompt")
+    single = [key for key, group in groups.items() if len(group.responses) < 2]
+    if single:
+        raise DataError(str(source), first_line[single[0]], "response",
+                        f"{len(single)} of {len(groups)} prompts have a single reply; replies are compared within a "
+                        f"prompt: sample at least 2 per prompt (`moss-rlhf generate --num-samples K`)")
+    return list(groups.values())
+
+
 def load_records(source: str | Path) -> list[dict]:
     """Raw rows (for extra fields such as a demo task name), still with file/line errors for bad JSON."""
     return [row for _, _, row in iter_rows(source)]

@@ -8,8 +8,11 @@ with the options MOSS-RLHF uses ("Secrets of RLHF in Large Language Models Part 
 reply (weight β) that keeps the backbone a language model. Ties and "both bad" are not pairs; the feedback export
 leaves them out. With pairs scored by ``moss-rlhf reward strength`` (an ensemble's preference strength), Part II's
 treatments of noisy labels, each a switch: drop the weakest share, flip the labels below a threshold, soft labels,
-an adaptive margin, reweighting by the ensemble's confidence; and its contrastive term (SimCSE-style InfoNCE on the
-pairs' difference representations).
+an adaptive margin, reweighting by the ensemble's confidence; its contrastive terms on the pairs' difference
+representations (SimCSE-style InfoNCE, or SwAV-style swapped prediction of Sinkhorn codes over learned prototypes);
+and MetaRM (Dou et al. 2024, arXiv 2405.00438): with ``--meta-data`` (unlabelled replies of the shifted policy, several
+per prompt) each step first takes a gradient ascent step on the reward model's ability to tell those replies apart,
+and the preference loss is minimised at the adapted weights.
 
 Each reply is rendered as PPO's rollouts and evaluation see it (``collate.reply_example``: ending at the reply's turn
 end), and the score is read at that turn end. The result is a Hugging Face ``*ForSequenceClassification`` directory
@@ -21,6 +24,7 @@ clipping, bf16, checkpoints, exact resume.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass
 
@@ -31,9 +35,9 @@ from moss_rlhf.checkpoint import seed_everything
 from moss_rlhf.config import ConfigError, TrainConfig, option
 from moss_rlhf.files import atomic_write_text
 from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, reply_example
-from moss_rlhf.data.formats import Preference, load_preferences, preference_record
+from moss_rlhf.data.formats import Preference, SampleGroup, load_preferences, load_sample_groups, preference_record
 from moss_rlhf.data.splits import load_split
-from moss_rlhf.losses import bradley_terry_loss, info_nce
+from moss_rlhf.losses import bradley_terry_loss, info_nce, reward_difference_objective, swav_loss
 from moss_rlhf.models import check_vocabulary, final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
@@ -64,11 +68,30 @@ class RewardConfig(TrainConfig):
     adaptive_margin: float = option(0.0, "add this × max(mean strength, 0) to each pair's margin", at_least=0.0)
     reweight: bool = option(False, "weight each pair by the ensemble's confidence |2σ(mean strength) − 1| "
                                    "(normalised to mean 1)")
-    contrastive_weight: float = option(0.0, "weight of the SimCSE-style contrastive term on each pair's difference "
+    contrastive_weight: float = option(0.0, "weight of the contrastive term on each pair's difference "
                                             "representation h(chosen) − h(rejected) (Part II; 0: off)", at_least=0.0)
-    contrastive_temperature: float = option(0.05, "temperature τ of the contrastive term", above=0.0)
+    contrastive_method: str = option("simcse", "the contrastive term: simcse (InfoNCE between two views of each "
+                                               "pair) or swav (each view predicts the other's Sinkhorn codes over "
+                                               "learned prototypes)", choices=("simcse", "swav"))
+    contrastive_temperature: float = option(0.05, "temperature τ of the contrastive term (SwAV's paper: 0.1)",
+                                            above=0.0)
     contrastive_dropout: float = option(0.1, "feature dropout that makes the contrastive term's two views",
                                         above=0.0, below=1.0)
+    swav_prototypes: int = option(16, "swav: number of prototypes (cluster centres, trained with the model)",
+                                  at_least=2)
+    swav_epsilon: float = option(0.05, "swav: Sinkhorn entropy ε of the codes (smaller: harder assignments)",
+                                 above=0.0)
+    # MetaRM (Dou et al. 2024): the shifted policy's unlabelled replies keep the reward model discriminative there
+    meta_data: list[str] = option([], "MetaRM's meta set: replies sampled from the shifted (RL) policy, {prompt, "
+                                      "response} rows, at least 2 per prompt (`moss-rlhf generate --num-samples K "
+                                      "--out FILE`); one process only")
+    meta_lr: float = option(0.01, "MetaRM: the inner step size η of the gradient ascent on the difference objective",
+                            above=0.0)
+    meta_batch: int = option(4, "MetaRM: meta-set prompts (each with all its replies) per micro-batch; the meta "
+                                "step is taken per micro-batch, so --grad-accum is not one big batch here",
+                             at_least=1)
+    meta_hvp_eps: float = option(0.01, "MetaRM: radius of the finite difference that gives the Hessian-vector "
+                                       "product (relative to the gradient's norm)", above=0.0)
     max_steps: int = option(200, "optimizer steps to run", at_least=1)
     batch_size: int = option(16, "pairs per micro-batch per process", at_least=1)
     lr: float = option(1e-4, "peak learning rate (AdamW)", above=0.0)
@@ -115,11 +138,15 @@ def treat_by_strength(prefs: list[Preference], cfg: RewardConfig) -> tuple[list[
     return out, {"dropped": len(prefs) - len(out), "flipped": flipped}
 
 
-def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig, training: bool = True) -> TokenData:
+def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig, training: bool = True,
+              meta: list[SampleGroup] | None = None) -> TokenData:
     """Token pairs with, per pair, its margin, its target probability that the chosen reply wins (1, or the
     ensemble's σ(mean strength) with ``--soft-labels``) and its weight (1, or the ensemble's confidence). Held-out
-    pairs (``training=False``) are measured as labelled: no strength treatment."""
+    pairs (``training=False``) are measured as labelled: no strength treatment. With a ``meta`` set each batch also
+    carries ``--meta-batch`` of its groups (chosen by the batch's first pair indices, so a resumed run sees the same
+    ones), their replies one row each."""
     pairs = [pair_examples(tokenizer, p, cfg.max_len) for p in prefs]
+    meta_rows = [[reply_example(tokenizer, g.prompt, r, cfg.max_len) for r in g.responses] for g in meta or []]
     margins = torch.tensor([p.margin if cfg.use_margin else 0.0 for p in prefs], dtype=torch.float32)
     targets, weights = torch.ones(len(prefs)), torch.ones(len(prefs))
     if training and uses_strength(cfg) and prefs:
@@ -138,6 +165,11 @@ def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig, training: b
         padded["margin"] = margins[indices]
         padded["target"], padded["weight"] = targets[indices], weights[indices]
         padded["n_targets"] = torch.tensor(len(indices))
+        if meta_rows:
+            groups = [meta_rows[i % len(meta_rows)] for i in indices[:cfg.meta_batch]]
+            rows = pad_examples([row for group in groups for row in group], tokenizer.pad_token_id)
+            padded["meta_input_ids"], padded["meta_attention_mask"] = rows["input_ids"], rows["attention_mask"]
+            padded["meta_sizes"] = torch.tensor([len(group) for group in groups])
         return padded
 
     return TokenData(len(pairs), batch)
@@ -147,17 +179,35 @@ class RewardLoss:
     """Bradley–Terry loss (+ β × the chosen reply's mean token LM loss), summed over the pairs of a batch: each pair
     contributes the same whatever else shares its micro-batch, so accumulation equals one big batch.
 
-    With ``--contrastive-weight`` the SimCSE-style term of Part II joins it: each pair's difference representation
-    (the final hidden states at the two replies' score positions, chosen minus rejected) is seen twice through
-    independent feature dropout, and InfoNCE asks each view to pick its twin among the micro-batch's other pairs —
-    so the representation the score head reads keeps pairs apart instead of collapsing onto one "easy" feature. Its
-    negatives are the micro-batch's pairs, so this term (alone) depends on how a batch is split."""
+    With ``--contrastive-weight`` a term of Part II joins it on each pair's difference representation (the final
+    hidden states at the two replies' score positions, chosen minus rejected), seen twice through independent
+    feature dropout: SimCSE's InfoNCE asks each view to pick its twin among the micro-batch's other pairs, SwAV's
+    swapped prediction asks each view to predict the other's equal-partition cluster codes over learned prototypes
+    — either way the representation the score head reads keeps pairs apart instead of collapsing onto one "easy"
+    feature. Its negatives (or its partition) are the micro-batch's pairs, so this term (alone) depends on how a
+    batch is split. With a meta set the batch's loss is MetaRM's (:meth:`metarm_loss`)."""
 
-    def __init__(self, cfg: RewardConfig, lm_head: torch.nn.Parameter | None):
+    def __init__(self, cfg: RewardConfig, lm_head: torch.nn.Parameter | None,
+                 prototypes: torch.nn.Parameter | None = None):
         self.cfg = cfg
         self.lm_head = lm_head
+        self.prototypes = prototypes
+        self._names: dict[int, str] = {}
+
+    def current(self, model, param: torch.nn.Parameter) -> torch.Tensor:
+        """``param`` (one of the model's) as the model holds it now: under MetaRM's ``functional_call``, the adapted
+        weights."""
+        module = unwrap(model)
+        if id(param) not in self._names:
+            self._names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        return functools.reduce(getattr, self._names[id(param)].split("."), module)
 
     def __call__(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "meta_input_ids" in batch and torch.is_grad_enabled():
+            return self.metarm_loss(model, batch)
+        return self.pair_loss(model, batch)
+
+    def pair_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         chosen, rejected, aux_sum, n_pairs = self.forward(model, batch)
         # a soft target p is label smoothing of 1 − p; --label-smoothing ε then smooths that target once more
         eps = self.cfg.label_smoothing
@@ -166,32 +216,90 @@ class RewardLoss:
         loss = (per_pair * batch["weight"]).sum() if "weight" in batch else per_pair.sum()
         return loss + aux_sum
 
+    def metarm_loss(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """MetaRM (Dou et al. 2024): θ' = θ + η ∇J(θ), a gradient ascent step on the difference objective J of the
+        meta batch (``losses.reward_difference_objective``: how far apart the reward model puts the shifted
+        policy's replies to one prompt), then the pair loss L at θ'. The returned value is L(θ'); its gradient is
+        the meta-gradient ∇_θ L(θ + η∇J(θ)) = ∇L(θ') + η H_J(θ) ∇L(θ'), with the Hessian-vector product taken as a
+        central difference of ∇J at θ ± r ∇L(θ') (as DARTS does): two more gradients of J, and no second-order
+        autograd through attention kernels that have none."""
+        module = unwrap(model)
+        names, params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
+        meta = {"input_ids": batch["meta_input_ids"], "attention_mask": batch["meta_attention_mask"]}
+        sizes = batch["meta_sizes"].tolist()
+
+        def at(values, fn, inputs):  # fn(module, inputs) with the weights `values` in place of the parameters
+            return torch.func.functional_call(_Apply(module, fn), {f"model.{n}": v for n, v in zip(names, values)},
+                                              (inputs,))
+
+        def meta_gradient(values):
+            leaves = [v.detach().requires_grad_() for v in values]
+            objective = reward_difference_objective(at(leaves, self.rewards, meta), sizes)
+            grads = torch.autograd.grad(objective, leaves, allow_unused=True)
+            return [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, grads)]
+
+        eta = self.cfg.meta_lr
+        adapted = [p + eta * g for p, g in zip(params, meta_gradient(params))]
+        loss = at(adapted, self.pair_loss, batch)
+        loss_grads = [torch.zeros_like(p) if g is None else g
+                      for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+        radius = self.cfg.meta_hvp_eps / torch.sqrt(sum((g.float() ** 2).sum() for g in loss_grads)).clamp(min=1e-12)
+        plus = meta_gradient([p + radius * g for p, g in zip(params, loss_grads)])
+        minus = meta_gradient([p - radius * g for p, g in zip(params, loss_grads)])
+        total = [g + eta * (a - b) / (2 * radius) for g, a, b in zip(loss_grads, plus, minus)]
+        # a surrogate whose value is 0 and whose gradient is the meta-gradient: the shared loop's backward applies it
+        surrogate = sum((p * t.detach()).sum() for p, t in zip(params, total))
+        return loss.detach() + surrogate - surrogate.detach()
+
+    def rewards(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One reward per row, read at its last real token."""
+        return self.scores_and_features(model, batch)[0]
+
+    def scores_and_features(self, model, batch):
+        mask = batch["attention_mask"]
+        hidden = final_hidden_states(model, batch["input_ids"], mask)
+        values = score_head(unwrap(model))(hidden).squeeze(-1)
+        values = values.to(torch.promote_types(values.dtype, torch.float32))  # bf16 up; float64 (tests) stays
+        last = mask.long().sum(-1) - 1  # right padding: the last real token
+        return values.gather(1, last[:, None]).squeeze(1), hidden, last
+
     def forward(self, model, batch):
         """Rewards of the chosen and the rejected replies, the auxiliary terms' weighted sum (LM, contrastive) and
         the pair count."""
-        mask = batch["attention_mask"]
-        hidden = final_hidden_states(model, batch["input_ids"], mask)
-        values = score_head(unwrap(model))(hidden).squeeze(-1).float()
-        last = mask.long().sum(-1) - 1  # right padding: the last real token
-        rewards = values.gather(1, last[:, None]).squeeze(1)
+        rewards, hidden, last = self.scores_and_features(model, batch)
         n = rewards.shape[0] // 2
         aux_sum = torch.zeros((), device=rewards.device)
         if self.cfg.contrastive_weight > 0 and torch.is_grad_enabled():
             at_score = hidden[torch.arange(2 * n, device=hidden.device), last].float()
             difference = at_score[:n] - at_score[n:]
-            p = self.cfg.contrastive_dropout
+            p, tau = self.cfg.contrastive_dropout, self.cfg.contrastive_temperature
             views = [torch.nn.functional.dropout(difference, p, training=True) for _ in range(2)]
-            aux_sum = aux_sum + self.cfg.contrastive_weight * info_nce(*views, self.cfg.contrastive_temperature).sum()
+            term = (swav_loss(*views, self.current(model, self.prototypes), tau, self.cfg.swav_epsilon)
+                    if self.cfg.contrastive_method == "swav" else info_nce(*views, tau))
+            aux_sum = aux_sum + self.cfg.contrastive_weight * term.sum()
         if self.lm_head is not None:
             targets = batch["labels"][:n, 1:]
             counted = targets != IGNORE
             # the projection at the reply's tokens only; each pair's token losses are averaged within the pair
-            token_loss = torch.nn.functional.cross_entropy((hidden[:n, :-1][counted] @ self.lm_head.T).float(),
+            head = self.current(model, self.lm_head)
+            token_loss = torch.nn.functional.cross_entropy((hidden[:n, :-1][counted] @ head.T).float(),
                                                            targets[counted], reduction="none")
             rows = counted.nonzero()[:, 0]
             per_pair = torch.zeros(n, device=rewards.device).index_add(0, rows, token_loss)
             aux_sum = aux_sum + self.cfg.lm_coef * (per_pair / counted.sum(1).clamp(min=1)).sum()
         return rewards[:n], rewards[n:], aux_sum, n
+
+
+class _Apply(torch.nn.Module):
+    """``fn(model, inputs)`` as a module's forward, so that ``torch.func.functional_call`` can run it with other
+    weights."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, inputs):
+        return self.fn(self.model, inputs)
 
 
 @torch.no_grad()
@@ -263,10 +371,26 @@ def run(cfg: RewardConfig) -> LoopResult:
             model.register_parameter("aux_lm_head", torch.nn.Parameter(lm.get_output_embeddings().weight.clone()))
             lm_head = model.aux_lm_head
         del lm
-    loss_fn = RewardLoss(cfg, lm_head)
-    train, evaluation = pair_data(tokenizer, prefs, cfg), pair_data(tokenizer, held_out, cfg, training=False)
+    prototypes = None
+    if cfg.contrastive_weight > 0 and cfg.contrastive_method == "swav":
+        # trained with the model (so they are in its optimizer and checkpoints); seeded by --seed
+        generator = torch.Generator().manual_seed(cfg.seed)
+        model.register_parameter("swav_prototypes", torch.nn.Parameter(
+            torch.randn(cfg.swav_prototypes, model.config.hidden_size, generator=generator)))
+        prototypes = model.swav_prototypes
+    meta = [group for path in cfg.meta_data for group in load_sample_groups(path)]
+    if meta and (dist.world_size > 1 or cfg.parallel == "fsdp"):
+        raise ConfigError("--meta-data (MetaRM) runs in one process: its meta step reads the whole model's weights "
+                          "and gradients; run it without torchrun")
+    loss_fn = RewardLoss(cfg, lm_head, prototypes)
+    train = pair_data(tokenizer, prefs, cfg, meta=meta)
+    evaluation = pair_data(tokenizer, held_out, cfg, training=False)
     if dist.is_main:
-        print(f"reward: {len(prefs)} training pairs, {len(held_out)} held out; from {cfg.model}")
+        print(f"reward: {len(prefs)} training pairs, {len(held_out)} held out; from {cfg.model}"
+              + (f"; MetaRM on {len(meta)} prompts' {sum(len(g.responses) for g in meta)} sampled replies "
+                 f"(η {cfg.meta_lr:g})" if meta else "")
+              + (f"; {cfg.contrastive_method} contrastive term × {cfg.contrastive_weight:g}"
+                 if cfg.contrastive_weight else ""))
     result = train_lm(cfg, model, tokenizer, train, loss_fn, run_dir, dist,
                       evaluate=pair_evaluator(evaluation, loss_fn, cfg, dist), desc="reward")
     if dist.is_main and result.eval_metrics:

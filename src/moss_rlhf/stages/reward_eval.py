@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moss_rlhf.config import Config, ConfigError, option
-from moss_rlhf.evaluate import JUDGE_ALIASES
 from moss_rlhf.files import atomic_write_text
+
 
 @dataclass
 class RewardEvalConfig(Config):
@@ -176,7 +176,7 @@ def run(cfg: RewardEvalConfig) -> dict:
                [sum(t != -100 for t in r.labels) for _, r in examples])
     judge_scores = None
     if cfg.judge:
-        judge = text_scorer(JUDGE_ALIASES.get(cfg.judge, cfg.judge), device, "--judge", cfg.max_len)
+        judge = text_scorer(cfg.judge, device, "--judge", cfg.max_len)
         prompts = [p.prompt for p in prefs]
         judge_scores = ([float(s) for s in judge(prompts, [p.chosen for p in prefs])],
                         [float(s) for s in judge(prompts, [p.rejected for p in prefs])])

@@ -50,7 +50,7 @@ from moss_rlhf.rollout import collapse_signals, load_rl_models, make_experience,
     sample_groups
 from moss_rlhf.runs import Progress, RunDir, plot_curves
 from moss_rlhf.sampling import SamplingConfig, make_sampler
-from moss_rlhf.scoring import TextScorer, validate
+from moss_rlhf.scoring import TextScorer, named_scorers, validate
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import Trainee, autocast, lm_batches, memory_report, nonfinite, skip_or_stop
 from moss_rlhf.update import rl_update
@@ -169,9 +169,14 @@ class RLConfig(TrainConfig):
     log_every: int = option(1, "write metrics every N steps", at_least=1)
     eval_every: int = option(10, "validate on held-out prompts every N steps (0: only at the end)", at_least=0)
     save_every: int = option(20, "checkpoint every N steps (0: only at the end)", at_least=0)
+    val_scorer: list[str] = option([], "validation-only scorer [NAME=]SPEC, repeatable: a reward-model directory, a "
+                                       "function(prompts, responses) as package.module:function, or 'gold' (the demo "
+                                       "world's judge); reported as val/NAME beside val/reward, never part of the "
+                                       "training reward", free_on_resume=True)
     best_metric: str = option("auto", "what picks best/: 'reward' (the training reward on the held-out prompts), "
-                                      "the name of a validation scorer the caller passes (the demo: 'gold'), or "
-                                      "'auto' (the first such scorer, else reward)", free_on_resume=True)
+                                      "the name of a validation scorer (--val-scorer, or one the caller passes: the "
+                                      "demo's 'gold'), or 'auto' (the first such scorer, else reward)",
+                              free_on_resume=True)
     collapse_kl: float = option(0.5, "warn when KL per token to the reference exceeds this", above=0.0,
                                 free_on_resume=True)
     collapse_perplexity: float = option(1.1, "warn when the policy's perplexity of its replies falls below this",
@@ -228,7 +233,9 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     ``scorers`` are extra validation scores (``val/<name>``; the demo passes its gold judge), which never reach the
     training signal. Returns the last step's metrics."""
     cfg = resolve_preset(cfg)
-    scorers = scorers or {}
+    dist = distributed.init(cfg.device)
+    scorers = {**(scorers or {}), **named_scorers(cfg.val_scorer, dist.device, "--val-scorer",
+                                                  cfg.max_prompt_len + cfg.max_new_tokens)}
     best_name = next(iter(scorers), "reward") if cfg.best_metric == "auto" else cfg.best_metric
     if best_name != "reward" and best_name not in scorers:
         raise ConfigError(f"--best-metric {cfg.best_metric}: no validation scorer of that name (given: "
@@ -237,7 +244,6 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     functions = load_reward_functions(cfg.reward_fn, cfg.reward_fn_weight)
     rm_weight = cfg.reward_model_weight if cfg.reward_model_weight is not None else \
         0.0 if functions or reward_fn else 1.0
-    dist = distributed.init(cfg.device)
     plan = plan_batches(cfg, dist.world_size)
     seed_everything(cfg.seed)
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
