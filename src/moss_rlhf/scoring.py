@@ -67,7 +67,7 @@ def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len:
     from moss_rlhf.tokenizer import load_tokenizer
 
     check_model_path(spec, flag)
-    tokenizer = load_tokenizer(spec)
+    tokenizer = load_tokenizer(spec, flag)
     model = load_scorer(spec, tokenizer, flag=flag, trained=True)
     check_vocabulary(model, tokenizer, flag)
     return reward_model_scorer(model.to(device), tokenizer, max_len)
@@ -78,12 +78,16 @@ def named_scorers(specs: Sequence[str], device: torch.device, flag: str, max_len
     """``NAME=SPEC`` scorers, in order; a bare ``SPEC`` is named after its alias, its function or its directory."""
     scorers: dict[str, TextScorer] = {}
     for item in specs:
-        name, spec = item.split("=", 1) if "=" in item else ("", item)
-        name = name or (spec if spec in SCORER_ALIASES else spec.rpartition(":")[2] if ":" in spec else Path(spec).name)
-        if not name or name in scorers or name in VALIDATION_KEYS:
-            raise ConfigError(f"{flag} {item!r}: " + ("an empty name" if not name else f"a second scorer named "
-                              f"{name!r}" if name in scorers else f"val/{name} is validation's own metric")
-                              + "; give NAME=SPEC")
+        if "=" in item:
+            name, spec = item.split("=", 1)
+        else:
+            spec = item
+            name = spec if spec in SCORER_ALIASES else spec.rpartition(":")[2] if ":" in spec else Path(spec).name
+        problem = ("an empty name or SPEC" if not name or not spec else
+                   f"a second scorer named {name!r}" if name in scorers else
+                   f"val/{name} is validation's own metric" if name in VALIDATION_KEYS else None)
+        if problem:
+            raise ConfigError(f"{flag} {item!r}: {problem}; give NAME=SPEC")
         scorers[name] = text_scorer(spec, device, flag, max_len)
     return scorers
 
