@@ -140,25 +140,30 @@ def test_a_kill_inside_a_write_leaves_the_previous_or_the_new_copy(tmp_path, tin
             with torch.no_grad():
                 model.lm_head.weight.fill_(float(step))
             if {what!r} == "checkpoint":
-                checkpointer.save(step, step=step)
+                checkpointer.save(step)
             else:
                 save_model(model, None, {str(tmp_path / 'model')!r})
+            if step == 1:
+                open({str(tmp_path / 'wrote-once')!r}, "w").close()
         """)
     rng = random.Random(7)
+    wrote_once = tmp_path / "wrote-once"
     for _ in range(4):
+        wrote_once.unlink(missing_ok=True)
         proc = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
-        time.sleep(rng.uniform(3.5, 5.0))
+        while not wrote_once.exists() and proc.poll() is None:  # the kill comes after a first write, however slow
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.2, 1.5))
+        assert proc.poll() is None, "the writer stopped on its own"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         if what == "checkpoint":
             checkpointer = Checkpointer(tmp_path / "ckpt", {"model": load_causal_lm(str(tiny_model_dir))})
             visible = sorted((tmp_path / "ckpt").glob("step-*"))
-            assert not visible or checkpointer.latest() == visible[-1]  # a published checkpoint is a whole one
-            values = checkpointer.restore()
-            if values is not None:  # and it holds the weights of its own step
-                assert float(checkpointer.objects["model"].lm_head.weight[0, 0]) == values["step"]
+            assert visible and checkpointer.latest() == visible[-1]  # a published checkpoint is a whole one
+            values = checkpointer.restore()  # and it holds the weights of its own step
+            assert float(checkpointer.objects["model"].lm_head.weight[0, 0]) == values["step"]
         else:
             recover_directory(tmp_path / "model")
-            if (tmp_path / "model").exists():
-                loaded = load_causal_lm(str(tmp_path / "model"))
-                assert torch.all(loaded.lm_head.weight == loaded.lm_head.weight[0, 0])
+            loaded = load_causal_lm(str(tmp_path / "model"))
+            assert torch.all(loaded.lm_head.weight == loaded.lm_head.weight[0, 0])

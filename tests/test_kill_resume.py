@@ -1,6 +1,6 @@
-"""Kill -9 at random moments — a checkpoint is written every step, so many kills land inside one, and some inside the
-final model's write — then ``--resume`` until the run finishes: every stage ends with the metrics and the weights of
-the uninterrupted run, bit for bit, on one process and on two (torchrun, gloo)."""
+"""Kill -9 at random points of a run's progress — a checkpoint is written every step, so some kills land inside one
+— then ``--resume`` until the run finishes: every stage ends with the metrics and the weights of the uninterrupted
+run, bit for bit, on one process and on two (torchrun, gloo)."""
 
 from __future__ import annotations
 
@@ -44,24 +44,41 @@ def weights(out) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
+def last_checkpoint_step(out) -> int:
+    steps = [int(c.name.split("-")[1]) for c in (out / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
+def kill_after_step(proc: subprocess.Popen, out, step: int, delay: float) -> bool:
+    """Kill the run ``delay`` seconds after it checkpointed ``step``: progress, not the clock, decides when, so a fast
+    machine cannot finish before the kill and a slow one cannot be killed while it still loads."""
+    while proc.poll() is None and last_checkpoint_step(out) < step:
+        time.sleep(0.02)
+    time.sleep(delay)  # lands the kill anywhere in the next steps, inside a checkpoint write or between two
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)
+    return True
+
+
 def killed_then_resumed_equals_uninterrupted(tmp_path, argv: list[str], seed: int, processes: int = 1,
-                                             kills: int = 3, window: tuple[float, float] = (2.5, 9.0)) -> None:
+                                             kills: int = 3) -> None:
     from moss_rlhf.runs import read_metrics
 
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
     finish(argv, reference, processes)
+    max_steps = int(argv[argv.index("--max-steps") + 1])
     rng = random.Random(seed)
+    # Increasing steps in the first two thirds: every resumed run gets past the last kill and none reaches the end.
+    targets = sorted(rng.sample(range(1, 2 * max_steps // 3), kills))
     killed, mid_write = 0, 0
-    for _ in range(kills):
+    for step in targets:
         proc = start(argv, interrupted, processes)
-        time.sleep(rng.uniform(*window))
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            killed += 1
+        killed += kill_after_step(proc, interrupted, step, delay=rng.uniform(0.0, 0.15))
         proc.wait()
         mid_write += any(interrupted.glob("checkpoints/.step-*.tmp")) or any(interrupted.glob(".model.*"))
     print(f"{argv[0]}: {killed} kills while running, {mid_write} of them inside a checkpoint or model write")
-    assert killed >= 1  # the kills must interrupt something, or this tests nothing
+    assert killed == kills  # each kill must interrupt a running stage, or this tests nothing
     finish(argv, interrupted, processes)
     assert steady(read_metrics(interrupted)) == steady(read_metrics(reference))
     expected, got = weights(reference), weights(interrupted)
@@ -124,4 +141,4 @@ def test_sft_on_two_processes(tmp_path, tiny_model_dir, conversations_file):
     killed_then_resumed_equals_uninterrupted(tmp_path, [
         "sft", "--model", str(tiny_model_dir), "--data", str(conversations_file), "--batch-size", "4",
         "--max-len", "64", "--seq-len", "64", "--max-steps", "30", "--eval-every", "10", *COMMON], seed=5,
-        processes=2, window=(5.0, 14.0))
+        processes=2)
