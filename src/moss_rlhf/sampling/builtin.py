@@ -1,8 +1,8 @@
-"""The built-in sampler: a batched loop over the transformers forward pass with a KV cache.
+"""The built-in sampler: a batched loop over the model's forward pass with a KV cache (``sampling.decoders``).
 
 Why our own loop rather than ``model.generate``: for the small models this project trains on CPUs, the per-token
 overhead of the generic ``generate`` (logits-processor lists, stopping criteria, cache bookkeeping) dominates the
-arithmetic; a plain loop over ``forward(past_key_values=...)`` does the same sampling with less work per token and
+arithmetic; a plain loop of one forward per token does the same sampling with less work per token and
 returns exactly what RL needs (tokens, masks, sampling log-probs). Prompts are left-padded, positions count real
 tokens only, a finished row keeps emitting padding, and the repetition penalty sees only real tokens (never the
 padding, which may share its id with the end token).
@@ -82,15 +82,14 @@ class BuiltinSampler:
 def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, stop_ids: list[int],
             pad_id: int, uniforms: torch.Tensor | None, on_token) -> Rollout:
     from moss_rlhf.models import position_ids_of
+    from moss_rlhf.sampling.decoders import decoder_for
 
     device = prompt_ids.device
     batch = prompt_ids.shape[0]
     stop = torch.tensor(stop_ids, device=device, dtype=torch.long)
     positions = position_ids_of(prompt_mask)
-    mask = prompt_mask.long()
-    cache_kw, extra = _forward_kwargs(model)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
-    past, logits = _cache_of(out), out.logits[:, -1, :].float()
+    decoder = decoder_for(model, prompt_ids.shape[1] + cfg.max_new_tokens)
+    logits = decoder.start(prompt_ids, prompt_mask, positions, cfg.max_new_tokens)
     vocab = logits.shape[-1]
     seen = None
     if cfg.repetition_penalty != 1.0:
@@ -126,10 +125,7 @@ def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sam
             on_token(t, choice)
         if not alive.any() or t == cfg.max_new_tokens - 1:
             break
-        mask = torch.cat([mask, alive.long()[:, None]], dim=1)
-        out = model(input_ids=choice[:, None], attention_mask=mask, position_ids=next_position,
-                    use_cache=True, **{cache_kw: past})
-        past, logits = _cache_of(out), out.logits[:, -1, :].float()
+        logits = decoder.step(choice, next_position)
         next_position = next_position + 1
     width = max(int(lengths.max()) if batch else 0, 1)
     response_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
@@ -163,19 +159,3 @@ def invert_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     cdf = probs.double().cumsum(-1)
     u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
-def _forward_kwargs(model) -> tuple[str, dict]:
-    """The KV-cache argument's name (``cache`` from transformers 5.2x, ``past_key_values`` before) and, where the
-    model supports it, ``logits_to_keep=1`` so the prompt's forward pass computes only the last position's logits.
-    Asked of the model under any wrapper (a LoRA model's own forward takes ``**kwargs``)."""
-    from moss_rlhf.models import accepts
-
-    cache_kw = "cache" if accepts(model, "cache") else "past_key_values"
-    extra = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
-    return cache_kw, extra
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values

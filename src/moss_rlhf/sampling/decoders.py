@@ -1,0 +1,148 @@
+"""How the built-in sampler runs a model one token at a time: the prompt pass, then one forward per new token.
+
+Two decoders with the same two calls (``start`` for the prompt, ``step`` for each new token):
+
+* :class:`GenericDecoder` — the transformers forward with its own KV cache; works for every causal LM.
+* :class:`LlamaFamilyDecoder` — for the Llama-shaped decoders (Llama, Mistral, Qwen2, Qwen3: pre-norm blocks of
+  rotary attention and a gated MLP). The prompt pass is still the transformers forward; each new token then runs
+  through the model's own modules (norms, projections, rotary embedding, MLP, head — so LoRA layers and biases
+  act as they do in training) with the KV cache in buffers allocated once for the whole reply.
+
+Why a second decoder: for the small models this project trains on CPUs, a decode step is mostly overhead, not
+arithmetic. Profiled on the RL benchmark's 1M model (64 rows, 32 new tokens), 31% of generation time was
+``torch.cat`` growing the cache by one position per layer per token and 13% the fused attention kernel copying
+the cache it is given; what the generic forward also does per token (mask building, cache bookkeeping, output
+records) adds the rest. Writing the new position into a preallocated buffer and attending with two batched
+matrix products over a view of it makes a step ~3× cheaper, with logits equal to the generic forward's up to
+float rounding (tested against it, and the sampler's greedy tokens against the generic decoder's).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# the transformers model types whose blocks LlamaFamilyDecoder reproduces
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class GenericDecoder:
+    """The transformers forward with ``use_cache=True``. Rows never attend to each other, so the padding a finished
+    row goes on emitting changes only that row's logits, which nobody reads: new positions are never masked."""
+
+    def __init__(self, model):
+        from moss_rlhf.models import accepts
+
+        self.model = model
+        self.cache_kw = "cache" if accepts(model, "cache") else "past_key_values"
+        # the prompt pass computes only the last position's logits where the model supports it
+        self.prompt_kw = {"logits_to_keep": 1} if accepts(model, "logits_to_keep") else {}
+        self.cache = None
+        self.mask = None
+
+    def start(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int):
+        """Logits ``[B, V]`` (float32) after the left-padded prompts ``ids`` (``mask``: 1 on real tokens)."""
+        self.mask = mask.long()
+        out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True,
+                         **self.prompt_kw)
+        self.cache = _cache_of(out)
+        return out.logits[:, -1, :].float()
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, V]`` (float32) after one more token per row: ``tokens [B]`` at ``positions [B, 1]``."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions,
+                         use_cache=True, **{self.cache_kw: self.cache})
+        self.cache = _cache_of(out)
+        return out.logits[:, -1, :].float()
+
+
+class LlamaFamilyDecoder(GenericDecoder):
+    """The prompt pass through the transformers forward (:class:`GenericDecoder`), whose cache is then copied into
+    one ``[B, kv_heads, prompt + max_new_tokens, head_dim]`` key and value buffer per layer; each step writes its
+    position there and attends over the filled part, with an additive mask that hides the prompts' padding."""
+
+    def __init__(self, model):
+        from moss_rlhf.models import base_model
+
+        super().__init__(model)
+        self.lm = base_model(model)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.bias = torch.empty(0)
+        self.length = 0
+
+    def start(self, ids, mask, positions, max_new_tokens):
+        logits = super().start(ids, mask, positions, max_new_tokens)
+        batch, width = ids.shape
+        total = width + max_new_tokens
+        self.keys, self.values = [], []
+        for layer_keys, layer_values in _cached_tensors(self.cache):
+            for kept, filled in ((self.keys, layer_keys), (self.values, layer_values)):
+                buffer = filled.new_empty(batch, filled.shape[1], total, filled.shape[3])
+                buffer[:, :, :width] = filled
+                kept.append(buffer)
+        self.bias = torch.zeros(batch, 1, 1, total, dtype=self.keys[0].dtype, device=ids.device)
+        self.bias[:, 0, 0, :width].masked_fill_(mask == 0, float("-inf"))
+        self.length = width
+        self.cache = None  # the buffers hold everything now
+        return logits
+
+    def step(self, tokens, positions):
+        model = self.lm.model
+        hidden = model.embed_tokens(tokens[:, None])
+        cos, sin = model.rotary_emb(hidden, positions)
+        for layer, keys, values in zip(model.layers, self.keys, self.values):
+            hidden = hidden + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin, keys, values)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        self.length += 1
+        return self.lm.lm_head(model.norm(hidden))[:, -1, :].float()
+
+    def _attention(self, attn, x: torch.Tensor, cos, sin, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        batch, at, head_dim = x.shape[0], self.length, attn.head_dim
+        q = attn.q_proj(x).view(batch, 1, -1, head_dim)
+        k = attn.k_proj(x).view(batch, 1, -1, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        keys[:, :, at] = k[:, :, 0]
+        values[:, :, at] = attn.v_proj(x).view(batch, -1, head_dim)
+        kv_heads = keys.shape[1]
+        # grouped-query attention without repeating the cache: each kv head serves its group of query heads
+        q = q.reshape(batch, kv_heads, -1, head_dim)
+        scores = torch.matmul(q, keys[:, :, :at + 1].transpose(-1, -2)) * attn.scaling + self.bias[..., :at + 1]
+        weights = scores.float().softmax(-1).to(values.dtype)
+        out = torch.matmul(weights, values[:, :, :at + 1])
+        return attn.o_proj(out.reshape(batch, 1, -1))
+
+
+def decoder_for(model, longest: int):
+    """The fastest decoder that reproduces ``model`` for replies of up to ``longest`` positions (prompt and reply):
+    :class:`LlamaFamilyDecoder` for a Llama-shaped model whose attention is full over that length, otherwise
+    :class:`GenericDecoder`."""
+    from moss_rlhf.models import base_model
+
+    lm = base_model(model)
+    config = getattr(lm, "config", None)
+    if getattr(config, "model_type", None) not in LLAMA_FAMILY or not hasattr(getattr(lm, "model", None), "layers"):
+        return GenericDecoder(model)
+    windows = [getattr(layer.self_attn, "sliding_window", None) for layer in lm.model.layers]
+    if config.model_type == "mistral":  # Mistral keeps its window on the config
+        windows = [getattr(config, "sliding_window", None)] * len(windows)
+    if any(w is not None and w < longest for w in windows):
+        return GenericDecoder(model)
+    return LlamaFamilyDecoder(model)
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _cached_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's ``[B, kv_heads, length, head_dim]`` keys and values (cache layers from transformers 4.56, lists
+    before)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
