@@ -2,13 +2,14 @@
 that generates: PPO's rollouts and validation, ``evaluate``, the feedback pair maker, ``moss-rlhf generate`` and the
 assistant (and through it the terminal chat and the server).
 
-A sampler has two calls::
+A sampler has three calls::
 
     sampler.generate(prompts, cfg, seeds) -> Rollout   # prompts: token-id lists; seeds: one per prompt
+    sampler.release()                                   # before a policy update: free what the engine holds
     sampler.sync_weights(model)                         # after a policy update: sample from the new weights
 
 :class:`moss_rlhf.sampling.builtin.BuiltinSampler` (a KV-cache loop over the transformers forward) is the first
-implementation; an inference engine such as vLLM can stand behind the same two calls.
+implementation; an inference engine such as vLLM can stand behind the same three calls.
 
 Seeds are per prompt: prompt ``i``'s random draws come from its own generator seeded with ``seeds[i]``, so its reply
 depends neither on the other prompts of its batch nor on the batch size or the number of processes. A resumed run
@@ -105,6 +106,8 @@ class Sampler(Protocol):
 
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig,
                  seeds: Sequence[int] | None = None) -> Rollout: ...
+
+    def release(self) -> None: ...
 
     def sync_weights(self, model) -> None: ...
 

@@ -50,6 +50,9 @@ class BuiltinSampler:
         else:
             self.model = model
 
+    def release(self) -> None:
+        """Nothing to free: the sampler holds no memory of its own between rollouts."""
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seeds: Sequence[int] | None = None,
                  on_token=None) -> Rollout:

@@ -3,10 +3,13 @@ PagedAttention"), behind the same sampler interface as the builtin loop: token i
 engine's own log-probs out, and :meth:`VLLMSampler.sync_weights` after every policy update.
 
 The engine runs colocated, in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor: it starts
-in seconds and shares the trainer's memory; putting it to sleep on a GPU while the trainer updates is not wired yet).
-Each reply draws from its
-own seed (``SamplingParams.seed``), so a rollout is a function of prompts, seeds and weights, as with the builtin
-sampler. The log-probs are vLLM's ``processed_logprobs``: those of the distribution it sampled from (after the
+in seconds and shares the trainer's memory). On a GPU it sleeps while the trainer updates: :meth:`release` (called
+by the RL loop once a step's rollouts are scored) frees its weights and KV cache (vLLM's sleep level 2 — the
+weights would be replaced anyway), and :meth:`sync_weights` wakes the weights, loads the new ones into them, then
+wakes the KV cache, so the update has the device to itself and the two never hold their peak memory at once (as
+veRL and OpenRLHF colocate). On a CPU vLLM has no sleep mode, and :meth:`release` does nothing. Each reply draws
+from its own seed (``SamplingParams.seed``), so a rollout is a function of prompts, seeds and weights, as with the
+builtin sampler. The log-probs are vLLM's ``processed_logprobs``: those of the distribution it sampled from (after the
 temperature, top-k and top-p), the quantity the trainer's recomputed log-probs are compared with (the mismatch
 metrics) and truncated importance sampling corrects for.
 
@@ -32,7 +35,8 @@ class VLLMSampler:
     ``stop_ids`` and padding with ``pad_id`` as the builtin sampler does."""
 
     def __init__(self, model_path: str, tokenizer, *, seed: int = 0, max_model_len: int = 1024,
-                 memory_fraction: float = 0.3, cpu_cache_gib: int = 1, dtype: str = "float32"):
+                 memory_fraction: float = 0.3, cpu_cache_gib: int = 1, dtype: str = "float32",
+                 sleep: bool | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # not lines per weight sync in the run's output
         try:
@@ -44,6 +48,8 @@ class VLLMSampler:
 
         self.stop_ids = stop_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id
+        self.sleeps = torch.cuda.is_available() if sleep is None else sleep  # vLLM sleeps on CUDA and ROCm only
+        self.asleep = False
         # on a GPU the engine takes ``memory_fraction`` of it; on a CPU an explicit KV cache (vLLM's automatic size
         # subtracts this process's memory, the trainer's included, from its share and may come out negative)
         memory = ({"gpu_memory_utilization": memory_fraction} if torch.cuda.is_available()
@@ -51,18 +57,32 @@ class VLLMSampler:
         # token ids in and out: vLLM needs no tokenizer (it stops at our stop ids)
         self.llm = LLM(model=str(model_path), skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=True,
                        distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
-                       max_model_len=max_model_len, **memory)
+                       max_model_len=max_model_len, enable_sleep_mode=self.sleeps, **memory)
+
+    def release(self) -> None:
+        """Free the engine's device memory until the next :meth:`sync_weights` (a no-op where vLLM cannot sleep)."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def sync_weights(self, model) -> None:
         """Put ``model``'s weights into the engine, in place, one tensor at a time (every process calls this when
-        ``model`` is sharded: the tensors are gathered)."""
+        ``model`` is sharded: the tensors are gathered); an engine put to sleep by :meth:`release` wakes first (its
+        weights) and last (its KV cache, once the new weights are in)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": engine_weights(model),
                                                            "is_checkpoint_format": True})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seeds: Sequence[int] | None = None,
                  on_token=None) -> Rollout:
+        if self.asleep:
+            raise RuntimeError("the vLLM engine is asleep: sync_weights(policy) wakes it with the current weights")
         from vllm import SamplingParams
 
         seeds = list(seeds) if seeds is not None else fresh_seeds(len(prompts))

@@ -310,6 +310,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
                                      cfg.score_batch_size,  # another engine's log-probs are not the trainer's
                                      score_policy=plan.updates_per_step > 1 or cfg.rollout_engine != "builtin")
+        sampler.release()  # until the next sync_weights: an engine's device memory goes to the update (vLLM sleeps)
         t_score = time.perf_counter()
         # 2. advantages: a NaN reward is caught before it reaches the running moments
         problem = nonfinite_rollout(chunks, grouped.baseline)
