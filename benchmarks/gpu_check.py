@@ -1,7 +1,7 @@
 """One prepared check for a lent GPU (an H200 here): moss-rlhf on a Qwen2-0.5B-shaped model in bf16, in one table.
 
-    bash benchmarks/gpu_check.sh                 # on the GPU machine: about 5 minutes
-    python benchmarks/gpu_check.py --smoke       # anywhere: the same code paths on a tiny model, CPU, fp32, ~1 minute
+    bash benchmarks/gpu_check.sh                 # on the GPU machine: sized for under 8 minutes (not yet timed)
+    python benchmarks/gpu_check.py --smoke       # anywhere: the same code paths on a tiny model, CPU, fp32, ~20 s
 
 What it measures, each part on its own (a part that fails prints its error and the others still run):
   1. the bf16 GEMM peak: the best of ten 8192³ products timed with CUDA events — the MFU denominator;
