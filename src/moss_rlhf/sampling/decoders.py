@@ -13,8 +13,9 @@ arithmetic. Profiled on the RL benchmark's 1M model (64 rows, 32 new tokens), 31
 ``torch.cat`` growing the cache by one position per layer per token and 13% the fused attention kernel copying
 the cache it is given; what the generic forward also does per token (mask building, cache bookkeeping, output
 records) adds the rest. Writing the new position into a preallocated buffer and attending with two batched
-matrix products over a view of it makes a step ~3× cheaper, with logits equal to the generic forward's up to
-float rounding (tested against it, and the sampler's greedy tokens against the generic decoder's).
+matrix products over a view of it took that generation from 0.24 to 0.145 s, prompt pass and sampling included,
+with logits equal to the generic forward's up to float rounding (tested against it, and the sampler's greedy
+tokens against the generic decoder's).
 """
 
 from __future__ import annotations
@@ -141,8 +142,8 @@ def _cache_of(out):
 
 
 def _cached_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each layer's ``[B, kv_heads, length, head_dim]`` keys and values (cache layers from transformers 4.56, lists
-    before)."""
+    """Each layer's ``[B, kv_heads, length, head_dim]`` keys and values (a cache of layers in recent transformers,
+    of key and value lists in older ones)."""
     if hasattr(cache, "layers"):
         return [(layer.keys, layer.values) for layer in cache.layers]
     return list(zip(cache.key_cache, cache.value_cache))
