@@ -206,3 +206,25 @@ def test_two_nodes_on_localhost_train_sft_like_one_process(tmp_path, tiny_model_
         for key in ("train/loss", "train/grad_norm", "eval/loss"):
             assert (key not in a and key not in b) or b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     assert_weights_close(final_weights(tmp_path / "single" / "model"), final_weights(tmp_path / "nodes" / "model"))
+
+
+def test_shutdown_ends_only_the_process_group_it_started():
+    """vLLM's in-process engine starts a process group of its own and tears it down at exit; destroyed under it by
+    our shutdown, it raised a traceback at every exit of a vLLM run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import free_port
+
+    script = textwrap.dedent(f"""
+        import torch.distributed as dist
+        from moss_rlhf import distributed
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        distributed.init("cpu")  # one process: starts nothing
+        distributed.shutdown()
+        assert dist.is_initialized(), "shutdown destroyed a group another library started"
+        dist.destroy_process_group()
+        """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+_started_here = False  # whether init() started the process group (shutdown() ends only that one)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -61,6 +63,8 @@ def init(device: str = "auto") -> Dist:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        global _started_here
+        _started_here = True
     return Dist(rank, world_size, local_rank, dev)
 
 
@@ -267,5 +271,9 @@ def shard_batches(n_items: int, batch_size: int, d: Dist, model: torch.nn.Module
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Destroy the process group this module started — not one another library started in this process (vLLM's
+    in-process engine makes its own and tears it down at exit: destroyed under it, it raised at exit)."""
+    global _started_here
+    if _started_here and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _started_here = False
