@@ -134,6 +134,9 @@ def test_fsdp_options_are_checked():
     with pytest.raises(ConfigError, match="on a CPU they are there already"):
         Trainee.create(torch.nn.Linear(2, 2), SFTConfig(data=["a.jsonl"], parallel="fsdp", cpu_offload=True),
                        distributed.init("cpu"))
+    one_gpu = distributed.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"))
+    with pytest.raises(ConfigError, match="one process does not shard"):  # never silently ignored
+        distributed.shard(torch.nn.Linear(2, 2), one_gpu, cpu_offload=True)
 
 
 def _lockstep_and_copies(model_dir: str, out: str) -> None:

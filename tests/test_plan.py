@@ -41,6 +41,8 @@ def test_plan_options_are_checked(capsys, tiny_model_dir):
 
     with pytest.raises(ConfigError, match="--cpu-offload needs"):
         PlanConfig(model="tiny", cpu_offload=True)
+    with pytest.raises(ConfigError, match="one process does not shard"):
+        PlanConfig(model="tiny", parallel="fsdp", cpu_offload=True)
     assert main(["plan", "--model", "/nonexistent/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["plan", "--model", str(tiny_model_dir), "--processes", "8", "--parallel", "fsdp"]) == 0

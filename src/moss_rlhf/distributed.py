@@ -156,6 +156,11 @@ def shard(model: torch.nn.Module, d: Dist, cpu_offload: bool = False, precision:
 
         raise ConfigError("--cpu-offload moves the shards from the GPU to the host; on a CPU they are there already")
     if d.world_size == 1:
+        if cpu_offload:  # not silently ignored: the user expects the host to hold the model
+            from moss_rlhf.config import ConfigError
+
+            raise ConfigError("--cpu-offload offloads FSDP2 shards, and one process does not shard: start several "
+                              "processes with torchrun, or leave --cpu-offload out")
         return model
     import warnings
 

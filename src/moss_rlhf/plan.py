@@ -44,6 +44,9 @@ class PlanConfig(Config):
             raise ConfigError("give --model (a size preset or a saved model's directory)")
         if self.cpu_offload and self.parallel != "fsdp":
             raise ConfigError("--cpu-offload needs --parallel fsdp")
+        if self.cpu_offload and self.processes == 1:
+            raise ConfigError("--cpu-offload offloads FSDP2 shards, and one process does not shard: give --processes "
+                              "2 or more, or leave --cpu-offload out")
 
 
 def parameter_counts(name: str, vocab_size: int = 8000) -> tuple[int, int]:
