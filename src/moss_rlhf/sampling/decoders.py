@@ -21,6 +21,7 @@ tokens against the generic decoder's).
 from __future__ import annotations
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the one rotation all four families use
 
 # the transformers model types whose blocks LlamaFamilyDecoder reproduces
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
@@ -99,8 +100,6 @@ class LlamaFamilyDecoder(GenericDecoder):
         return self.lm.lm_head(model.norm(hidden))[:, -1, :].float()
 
     def _attention(self, attn, x: torch.Tensor, cos, sin, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         batch, at, head_dim = x.shape[0], self.length, attn.head_dim
         q = attn.q_proj(x).view(batch, 1, -1, head_dim)
         k = attn.k_proj(x).view(batch, 1, -1, head_dim)
