@@ -114,6 +114,7 @@ def _process_entry(rank: int, world_size: int, port: int, fn, args) -> None:
 
     try:
         fn(*args)
+        distributed.shutdown(wait_for_all=True)
     finally:
         distributed.shutdown()
 

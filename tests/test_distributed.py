@@ -231,3 +231,23 @@ def test_shutdown_ends_only_the_process_group_it_started():
         """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _write_then_leave(marker) -> None:
+    """Rank 0 writes the marker (as it writes the final model) and leaves; rank 1 leaves at once and then looks."""
+    import time
+
+    from moss_rlhf import distributed
+
+    d = distributed.init("cpu")
+    if d.rank == 0:
+        time.sleep(0.5)  # slower than its peer (only makes a missing wait show; a waiting end passes at any speed)
+        marker.write_text("final model")
+    distributed.shutdown(wait_for_all=True)
+    assert marker.exists(), "a process left before its peer had finished"
+
+
+def test_a_clean_end_waits_for_every_process(tmp_path):
+    """A process that tore its group down while its peer was still writing the final model aborted in gloo's
+    teardown on a busy machine: a clean end waits for all, so no process leaves before the last is done."""
+    run_in_processes(_write_then_leave, tmp_path / "done")

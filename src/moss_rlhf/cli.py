@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = from_args(args._config, args)
         args._run(cfg)
+        distributed.shutdown(wait_for_all=True)
     except UserError as e:
         print(f"moss-rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -275,10 +275,16 @@ def shard_batches(n_items: int, batch_size: int, d: Dist, model: torch.nn.Module
     return batches + [None] * lockstep(len(batches), is_sharded(model))
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = False) -> None:
     """Destroy the process group this module started — not one another library started in this process (vLLM's
-    in-process engine makes its own and tears it down at exit: destroyed under it, it raised at exit)."""
+    in-process engine makes its own and tears it down at exit: destroyed under it, it raised at exit).
+
+    ``wait_for_all`` (a run that ended well, on every process) first waits for the others: a process that tears
+    its group down and exits while a peer is still writing the final model or in a last collective can abort in
+    gloo's teardown. Never after an error: the peers may be blocked in another collective, and would match it."""
     global _started_here
     if _started_here and dist.is_available() and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
     _started_here = False
