@@ -31,8 +31,10 @@ def steady(rows: list[dict]) -> list[dict]:
 def stage_config(stage: str, out, tiny_model_dir, data_dir, corpus_file, conversations_file, tokenizer_dir,
                  **overrides):
     """A 3-step run of ``stage`` whose held-out set does not divide evenly over two processes (the lockstep
-    padding of evaluation is exercised)."""
+    padding of evaluation is exercised). ``lora_r=0`` is left out (pretrain and reward have no LoRA)."""
     values = {**COMMON, "out": str(out), "batch_size": 4, **overrides}
+    if not values.get("lora_r", 1):
+        del values["lora_r"]
     if stage == "pretrain":
         return pretrain.run, PretrainConfig(**{"model": "tiny", "tokenizer": str(tokenizer_dir),
                                                "data": [str(corpus_file)], "seq_len": 32, "lr": 3e-3,
@@ -59,16 +61,17 @@ def final_weights(path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "dpo"])
+@pytest.mark.parametrize("stage, lora_r", [("pretrain", 0), ("sft", 0), ("reward", 0), ("dpo", 0), ("dpo", 4)])
 def test_fsdp_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, corpus_file, conversations_file,
-                                                   tokenizer_dir, stage):
+                                                   tokenizer_dir, stage, lora_r):
     """The same global batch (4 per process × 2 = 8 on one) with every weight, gradient and optimizer state
-    sharded: the same losses, held-out metrics and final weights as one process holding everything."""
+    sharded: the same losses, held-out metrics and final weights as one process holding everything. With LoRA the
+    frozen base is sharded beside the adapters, and the final model is merged from the gathered shards."""
     args = (tiny_model_dir, tmp_path, corpus_file, conversations_file, tokenizer_dir)
-    run, single = stage_config(stage, tmp_path / "single", *args, batch_size=8)
+    run, single = stage_config(stage, tmp_path / "single", *args, batch_size=8, lora_r=lora_r)
     with single_thread():
         run(single)
-    run, sharded = stage_config(stage, tmp_path / "fsdp", *args, parallel="fsdp")
+    run, sharded = stage_config(stage, tmp_path / "fsdp", *args, parallel="fsdp", lora_r=lora_r)
     run_in_processes(run, sharded)
     one, two = read_metrics(single.out), read_metrics(sharded.out)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
@@ -78,11 +81,12 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, cor
         bad = [(k, a[k], b[k]) for k in sorted(keys) if b[k] != pytest.approx(a[k], rel=1e-4, abs=1e-5)]
         assert not bad, (a["step"], bad)
     assert "eval/loss" in one[-1]
-    for kind in ("weights", "optimizer"):  # measured on each process: half of what one process holds
-        key = f"memory/model_{kind}_mb"
+    memory = [k for k in one[0] if k.startswith("memory/")]  # the trained model's weights and optimizer state,
+    assert len(memory) == (3 if stage == "dpo" and not lora_r else 2)  # and the reference DPO's KL monitor keeps
+    for key in memory:  # measured on each process: half of what one process holds
         assert two[0][key] == pytest.approx(one[0][key] / 2, rel=0.02), key
     if stage in ("sft", "dpo"):  # and what `moss-rlhf plan` estimates before loading anything
-        (estimate,), _ = plan(PlanConfig(model=str(tiny_model_dir), processes=2, parallel="fsdp"))
+        (estimate,), _ = plan(PlanConfig(model=str(tiny_model_dir), processes=2, parallel="fsdp", lora_r=lora_r))
         assert two[0]["memory/model_weights_mb"] == pytest.approx(estimate.weights / 2 ** 20, rel=0.02)
         assert two[0]["memory/model_optimizer_mb"] == pytest.approx(estimate.optimizer / 2 ** 20, rel=0.02)
     if stage == "dpo":
@@ -94,28 +98,32 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, tiny_model_dir, cor
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("lora_r", [0, 4])
 def test_a_sharded_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, corpus_file, conversations_file,
-                                              tokenizer_dir):
+                                              tokenizer_dir, lora_r):
     """Sharded model and optimizer state through torch.distributed.checkpoint: a run killed after its step-2
-    checkpoint and resumed repeats the uninterrupted run's losses and weights; a ddp run refuses that checkpoint."""
+    checkpoint and resumed repeats the uninterrupted run's losses and weights; a ddp run refuses that checkpoint.
+    With LoRA the checkpoint holds the adapters and their optimizer state, not the frozen base again."""
     args = (tiny_model_dir, tmp_path, corpus_file, conversations_file, tokenizer_dir)
-    run, cfg = stage_config("sft", tmp_path / "run", *args, parallel="fsdp", max_steps=4, save_every=2,
-                            keep_checkpoints=3, eval_every=2)
+    options = dict(parallel="fsdp", max_steps=4, save_every=2, keep_checkpoints=3, eval_every=2, lora_r=lora_r)
+    run, cfg = stage_config("sft", tmp_path / "run", *args, **options)
     run_in_processes(run, cfg)
     uninterrupted, weights = read_metrics(cfg.out), final_weights(f"{cfg.out}/model")
     checkpoint = tmp_path / "run" / "checkpoints" / "step-00000002"
     assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "sharded", "state.pt"]
     assert len(list((checkpoint / "sharded").glob("*.distcp"))) == 2  # one file of shards per process
+    saved = sum(f.stat().st_size for f in (checkpoint / "sharded").iterdir())
+    whole = sum(v.numel() * v.element_size() for v in weights.values())
+    assert saved > 2 * whole if not lora_r else saved < whole  # weights + Adam's two moments, or adapters + theirs
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000004")  # as if killed after the step-2 checkpoint
     shutil.rmtree(tmp_path / "run" / "model")
-    run, resumed = stage_config("sft", tmp_path / "run", *args, parallel="fsdp", max_steps=4, save_every=2,
-                                keep_checkpoints=3, eval_every=2, resume=True)
+    run, resumed = stage_config("sft", tmp_path / "run", *args, resume=True, **options)
     run_in_processes(run, resumed)
     assert steady(read_metrics(cfg.out)) == steady(uninterrupted)
     for key, value in final_weights(f"{cfg.out}/model").items():
         assert torch.equal(value, weights[key]), key
 
-    run, unsharded = stage_config("sft", tmp_path / "run", *args, max_steps=6, resume=True,
+    run, unsharded = stage_config("sft", tmp_path / "run", *args, max_steps=6, resume=True, lora_r=lora_r,
                                   resume_override=["max_steps", "parallel"])
     with pytest.raises(ConfigError, match="written by a --parallel fsdp run"):
         run(unsharded)
@@ -124,8 +132,6 @@ def test_a_sharded_checkpoint_resumes_exactly(tmp_path, tiny_model_dir, corpus_f
 def test_fsdp_options_are_checked():
     with pytest.raises(ConfigError, match="--cpu-offload needs --parallel fsdp"):
         SFTConfig(data=["a.jsonl"], cpu_offload=True)
-    with pytest.raises(ConfigError, match="--lora-r is not supported"):
-        SFTConfig(data=["a.jsonl"], parallel="fsdp", lora_r=4)
     with pytest.raises(ConfigError, match="--parallel must be one of"):
         SFTConfig(data=["a.jsonl"], parallel="zero3")
     from moss_rlhf import distributed

@@ -4,6 +4,7 @@ halves under FSDP on two processes — against the models' own counts and the me
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moss_rlhf.config import ConfigError
 from moss_rlhf.plan import PlanConfig, parameter_counts, plan
@@ -13,10 +14,24 @@ def test_parameter_counts_come_from_the_config_alone(tiny_model_dir):
     from moss_rlhf.models import load_causal_lm
 
     model = load_causal_lm(str(tiny_model_dir))
-    n, block = parameter_counts(str(tiny_model_dir))
-    assert n == sum(p.numel() for p in model.parameters())
+    n, block, trained = parameter_counts(str(tiny_model_dir))
+    assert n == trained == sum(p.numel() for p in model.parameters())
     assert block == sum(p.numel() for p in model.model.layers[0].parameters())
     assert parameter_counts("tiny", vocab_size=4000)[0] > n  # a preset, with its own vocabulary
+
+
+def test_lora_trains_only_the_adapters(tiny_model_dir):
+    """The adapters counted as the stages add them (every linear layer): r × (fan-in + fan-out) each; the base
+    frozen, so a LoRA model's gradients and AdamW state are the adapters' alone."""
+    from moss_rlhf.models import load_causal_lm
+
+    model = load_causal_lm(str(tiny_model_dir))
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in name]
+    adapters = sum(4 * (m.in_features + m.out_features) for m in linears)
+    n, _, trained = parameter_counts(str(tiny_model_dir), lora_r=4)
+    assert (n, trained) == (sum(p.numel() for p in model.parameters()) + adapters, adapters)
+    (policy,), _ = plan(PlanConfig(model=str(tiny_model_dir), lora_r=4))
+    assert (policy.weights, policy.gradients, policy.optimizer) == (4 * n, 4 * adapters, 8 * adapters)
 
 
 def test_fsdp_shares_every_model_over_the_processes(tiny_model_dir):

@@ -11,8 +11,9 @@ Layout of a checkpoint::
 
 With models sharded by FSDP (``--parallel fsdp``), those models and their optimizers go to ``sharded/`` instead, through
 ``torch.distributed.checkpoint``: every process writes its own shards (no process ever holds a whole model or
-optimizer), and a resumed run must have as many processes. The final model is still one ``save_pretrained``
-directory (``models.save_model`` gathers it once).
+optimizer), and a resumed run must have as many processes. Only trainable weights go there: frozen ones (a LoRA
+model's base) are the start model's, loaded again on resume, so a LoRA checkpoint holds the adapters, not the base
+again. The final model is still one ``save_pretrained`` directory (``models.save_model`` gathers it once).
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place (``files.atomic_directory``), so
 a run killed at any moment leaves either the previous checkpoint or the new one, never half of one; only the last
@@ -148,7 +149,7 @@ class Checkpointer:
 
         for model in self.sharded.values():
             distributed.reshard(model)  # its shards, not the root's weights a forward left gathered
-        state = {name: get_model_state_dict(model) for name, model in self.sharded.items()}
+        state = {name: get_model_state_dict(model, options=_trainable_only()) for name, model in self.sharded.items()}
         state.update({name: get_optimizer_state_dict(model, optimizer)
                       for name, (model, optimizer) in self.sharded_optimizers.items()})
         return state
@@ -165,9 +166,16 @@ class Checkpointer:
             raise ConfigError(f"{folder}: cannot load the sharded checkpoint ({reason[:300]}); a sharded run "
                               f"resumes with the same models and number of processes") from None
         for name, model in self.sharded.items():
-            set_model_state_dict(model, state[name])
+            set_model_state_dict(model, state[name], options=_trainable_only())
         for name, (model, optimizer) in self.sharded_optimizers.items():
             set_optimizer_state_dict(model, optimizer, state[name])
+
+
+def _trainable_only():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen weights are left out, and so not missed on loading (dcp.load has already checked every trainable one)
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def _holds(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:

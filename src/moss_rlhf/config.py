@@ -103,8 +103,6 @@ class TrainConfig(Config):
         """The checks every training loop shares (a stage's own ``check`` calls this first)."""
         if self.cpu_offload and self.parallel != "fsdp":
             raise ConfigError("--cpu-offload needs --parallel fsdp")
-        if self.parallel == "fsdp" and getattr(self, "lora_r", 0):
-            raise ConfigError("--parallel fsdp with --lora-r is not supported yet; use --parallel ddp with LoRA")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ A single process needs none of this and never initialises a process group, so ev
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -190,16 +191,29 @@ def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
     gathered one tensor at a time); ``model`` itself when it is not sharded."""
     if not is_sharded(model):
         return model
-    from torch.distributed.fsdp import FSDPModule
-
-    plain_class = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
     device = next(model.buffers(), next(model.parameters())).device  # buffers sit on the compute device
-    with torch.device("meta"):
-        copy = plain_class(model.config)
-    copy.to_empty(device=device)
+    copy = unsharded_skeleton(model).to_empty(device=device)
     copy_weights(model, copy)
     copy.eval()
     return copy.requires_grad_(False)
+
+
+def unsharded_skeleton(model: torch.nn.Module) -> torch.nn.Module:
+    """A module of sharded ``model``'s structure, unsharded and on the meta device (it holds no memory): its
+    transformers class built from its config, with the same LoRA adapters when it has them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from moss_rlhf.models import base_model
+
+    base = base_model(model)
+    plain_class = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        skeleton = plain_class(base.config)
+        if hasattr(model, "peft_config"):
+            from peft import get_peft_model
+
+            skeleton = get_peft_model(skeleton, copy.deepcopy(model.peft_config["default"]))
+    return skeleton
 
 
 def copy_weights(sharded: torch.nn.Module, plain: torch.nn.Module) -> None:

@@ -194,8 +194,10 @@ def kl_on_prompts(policy, reference, tokenizer, prompts: list[list[dict]], *, ma
 
     if not prompts:
         return {}
-    # a sharded policy samples and is scored on the sampler's whole copy: processes draw different lengths
+    # a sharded policy samples and is scored on the sampler's whole copy, a sharded reference on a whole copy made
+    # for this evaluation alone: processes draw different lengths, and a sharded forward is a collective
     sampler, sampling = BuiltinSampler(unwrap(policy), tokenizer), SamplingConfig(max_new_tokens, temperature=1.0)
+    reference = distributed.plain_copy(reference) if reference is not None else None
     totals = torch.zeros(3, dtype=torch.float64, device=dist.device)
     mine = list(range(dist.rank, len(prompts), dist.world_size))
     with torch.no_grad():

@@ -303,24 +303,27 @@ def save_model(model, tokenizer, path: str | Path, write: bool = True) -> None:
     directory or the new one, never half of one); LoRA adapters are merged first so the result loads in plain
     transformers. A model sharded by FSDP is gathered first, once, into one directory: every process calls this,
     and the one with ``write`` (the main one) writes."""
-    from moss_rlhf.distributed import full_state_dict, is_sharded
+    from moss_rlhf.distributed import full_state_dict, is_sharded, unsharded_skeleton
 
     model = unwrap(model)
-    state = full_state_dict(model, write) if is_sharded(model) else None
-    if not write:
+    gathered = is_sharded(model)
+    if gathered:  # onto the main process's CPU, into a skeleton that takes the tensors as they are (no second copy)
+        state = full_state_dict(model, write)
+        if not write:
+            return
+        model = unsharded_skeleton(model)
+        model.load_state_dict(state, assign=True)
+        model.tie_weights()
+    elif not write:
         return
-    if state is not None:  # the gathered dict names tied weights twice (lm_head = embeddings): keep the owner's name
-        own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-        state = {name: tensor for name, tensor in state.items() if name in own}
-    tensors = state.items() if state is not None else model.named_parameters()
-    bad = [name for name, p in tensors if not torch.isfinite(p).all()]
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteError(f"refusing to save {path}: {len(bad)} weight tensor(s) hold NaN or Inf "
                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     if hasattr(model, "merge_and_unload"):  # a copy: the training model keeps its adapters
-        model = copy.deepcopy(model).merge_and_unload()
+        model = (model if gathered else copy.deepcopy(model)).merge_and_unload()
     with atomic_directory(path) as tmp, quiet_transformers():
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

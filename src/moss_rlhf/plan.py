@@ -8,6 +8,8 @@ What it counts, per process of ``--processes``:
   AdamW's two fp32 moments — 16 bytes per parameter — whole under DDP, 1/N under FSDP (``--cpu-offload`` moves the
   shards and the optimizer step to the host);
 * a frozen model (reference, reward model): its weights only, whole under DDP, 1/N under FSDP;
+* with ``--lora-r``, the trained model's base is frozen (weights only) and its adapters are trained (16 bytes per
+  adapter parameter); RL's reference is then the policy without its adapters, no model of its own;
 * under FSDP, one transformer block gathered whole for its forward or backward (two with prefetching), and for RL
   the sampler's whole fp32 copy of the policy (sampling runs on it: see ``distributed``).
 
@@ -38,6 +40,7 @@ class PlanConfig(Config):
                             choices=("fp32", "bf16"))
     cpu_offload: bool = option(False, "fsdp: shards and optimizer state on the host")
     rl: bool = option(False, "count the sampler's whole copy of the policy (online RL under FSDP)")
+    lora_r: int = option(0, "LoRA rank of the trained model (0: every weight trained)", at_least=0)
 
     def check(self) -> None:
         if not self.model:
@@ -49,12 +52,13 @@ class PlanConfig(Config):
                               "2 or more, or leave --cpu-offload out")
 
 
-def parameter_counts(name: str, vocab_size: int = 8000) -> tuple[int, int]:
-    """(all parameters, the largest transformer block's) of a preset or a saved model, built on the meta device."""
+def parameter_counts(name: str, vocab_size: int = 8000, lora_r: int = 0) -> tuple[int, int, int]:
+    """(all parameters, the largest transformer block's, the trained ones) of a preset or a saved model, built on
+    the meta device; with ``lora_r`` its LoRA adapters (every linear layer, as the stages add them) included."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig
 
-    from moss_rlhf.models import PRESETS, check_model_path
+    from moss_rlhf.models import PRESETS, LoraOptions, apply_lora, check_model_path
 
     if name in PRESETS:
         config = LlamaConfig(**PRESETS[name], vocab_size=vocab_size, tie_word_embeddings=True)
@@ -64,10 +68,12 @@ def parameter_counts(name: str, vocab_size: int = 8000) -> tuple[int, int]:
     scorer = any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
     with torch.device("meta"):
         model = (AutoModelForSequenceClassification if scorer else AutoModelForCausalLM).from_config(config)
+        model = apply_lora(model, LoraOptions(lora_r))
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     largest = max((sum(p.numel() for p in m.parameters()) for m in model.modules() if type(m).__name__ in blocks),
                   default=0)
-    return sum(p.numel() for p in model.parameters()), largest
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in model.parameters()), largest, trained
 
 
 @dataclass
@@ -91,8 +97,9 @@ def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
                                 ("reward model", cfg.reward_model, False)):
         if not name:
             continue
-        n, block = parameter_counts(name, cfg.vocab_size)
-        weights, gradients, optimizer = 4 * n * share, 4 * n * share * trained, 8 * n * share * trained
+        n, block, n_trained = parameter_counts(name, cfg.vocab_size, cfg.lora_r if role in ("policy", "model") else 0)
+        n_trained *= trained
+        weights, gradients, optimizer = 4 * n * share, 4 * n_trained * share, 8 * n_trained * share
         host = 0.0
         if cfg.cpu_offload:
             host, weights, gradients, optimizer = weights + gradients + optimizer, 0.0, 0.0, 0.0

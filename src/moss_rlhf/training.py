@@ -134,10 +134,12 @@ StepConstants = Callable[[torch.nn.Module, list[dict[str, torch.Tensor]]], dict[
 
 def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenData, loss_fn: LossFn, run: RunDir,
              dist: distributed.Dist, evaluate: Evaluator | None = None, desc: str = "train",
-             step_constants: StepConstants | None = None) -> LoopResult:
+             step_constants: StepConstants | None = None,
+             frozen: dict[str, torch.nn.Module | None] | None = None) -> LoopResult:
     """Train ``model`` on ``train`` with ``loss_fn``; ``evaluate(model)`` returns held-out metrics ("eval/loss" is
     reported in the result). Used by pretraining, SFT, the reward model and DPO; ``step_constants`` (KTO) adds
-    global-batch values to every micro-batch, so that accumulation and more processes still equal one batch."""
+    global-batch values to every micro-batch, so that accumulation and more processes still equal one batch.
+    ``frozen``: the other models the run holds (DPO's reference), for the memory report."""
     device = dist.device
     trainee = Trainee.create(model, cfg, dist)
     optimizer, schedule = trainee.optimizer, trainee.schedule
@@ -182,7 +184,7 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
         tokens_seen += step_tokens
         tok_s = tokens_seen / max(time.perf_counter() - started, 1e-9)
         progress.update(step_tokens, loss=train_loss)
-        measured = memory_report({"model": trainee}, desc, dist) if step == first_step else {}
+        measured = memory_report({"model": trainee, **(frozen or {})}, desc, dist) if step == first_step else {}
         metrics = measured if step == 1 else {}  # a resumed run prints it but logs only what a fresh one did
         if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
             metrics.update({"train/loss": train_loss, "train/grad_norm": grad_norm, "train/tokens_per_s": tok_s,

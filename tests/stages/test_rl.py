@@ -439,11 +439,13 @@ def test_grpo_from_the_command_line_raises_a_verifiable_reward(tiny, tmp_path, m
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["ppo_max", "grpo"])
+@pytest.mark.parametrize("recipe", ["ppo_max", "grpo", "grpo_lora"])
 def test_fsdp_on_two_processes_matches_one_process(tiny, tmp_path, recipe):
     """--parallel fsdp: policy, critic, reference and reward model sharded over two processes, sampling from the
     sampler's whole copy of the policy (refreshed after every update): the same run as one process holding
-    everything. PPO-max: a critic from the sharded reward model; GRPO: groups, the KL in the loss, dynamic sampling."""
+    everything. PPO-max: a critic from the sharded reward model; GRPO: groups, the KL in the loss, dynamic sampling;
+    with LoRA: adapters and frozen base weights sharded together, the reference the policy without its adapters,
+    the final model merged from the gathered shards."""
     if recipe == "ppo_max":
         common = dict(max_steps=3, rollout_batch=16, mini_batch=16, batch_size=4, ppo_epochs=1, eval_every=3,
                       critic_warmup_steps=1, reward_model=str(tiny / "reward"), reward_model_weight=1.0)
@@ -451,13 +453,16 @@ def test_fsdp_on_two_processes_matches_one_process(tiny, tmp_path, recipe):
     else:
         common = dict(max_steps=3, rollout_batch=8, group_size=4, mini_batch=32, ppo_epochs=2, eval_every=3)
         make, reward_fn = grpo_config, even_majority
+    if recipe == "grpo_lora":
+        common.update(lora_r=4)
     single = one_and_two_processes(make(tiny, tmp_path / "single", **common),
                                    make(tiny, tmp_path / "fsdp", parallel="fsdp", **common), reward_fn)
     assert single[-1]["kl/per_token"] > 0  # the policy moved, identically on both
     assert (tmp_path / "fsdp" / "best" / "model.safetensors").exists()  # gathered for the best validation too
     sharded = read_metrics(tmp_path / "fsdp")[0]
     memory = [k for k in single[0] if k.startswith("memory/")]
-    assert len(memory) == (6 if recipe == "ppo_max" else 3)  # policy, critic (+ optimizers), reference, reward model
+    # policy, critic (+ optimizers), reference (with LoRA: the policy itself), reward model
+    assert len(memory) == {"ppo_max": 6, "grpo": 3, "grpo_lora": 2}[recipe]
     for key in memory:  # each process holds half of every model and optimizer state
         assert sharded[key] == pytest.approx(single[0][key] / 2, rel=0.02), key
 

@@ -132,14 +132,18 @@ class ReplyRows:
         return TokenData(len(self), self.batch)
 
     @torch.no_grad()
-    def score_reference(self, reference, batch_size: int, device: torch.device, precision: str) -> None:
+    def score_reference(self, reference, batch_size: int, dist: distributed.Dist, precision: str) -> None:
+        """Each process scores its share of the records (a sharded reference in lockstep, its dummy batches
+        dropped) and the shares are summed, so every process holds every record's log-probs."""
         reference.eval()
-        for start in range(0, len(self), batch_size):
-            indices = list(range(start, min(start + batch_size, len(self))))
-            batch = {k: v.to(device) for k, v in self.both(indices).items()}
-            with autocast(device, precision):
+        scores = torch.zeros(len(self), 2, device=dist.device)
+        for indices in distributed.shard_batches(len(self), batch_size, dist, reference):
+            batch = {k: v.to(dist.device) for k, v in self.both(indices or [0]).items()}
+            with autocast(dist.device, precision):
                 sums, _ = reply_logprobs(reference, batch)
-            self.reference[indices] = torch.stack(sums.float().cpu().chunk(2), 1)
+            if indices is not None:
+                scores[indices] = torch.stack(sums.float().chunk(2), 1)
+        self.reference = distributed.all_reduce_sum(scores).cpu()  # each record scored by one process, 0 elsewhere
 
 
 class PairData(ReplyRows):
@@ -303,6 +307,7 @@ def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distribute
     reference model when the KL monitor needs it in memory, else None."""
     name = cfg.reference or cfg.model
     keep = cfg.kl_prompts > 0 and not (cfg.lora_r and not cfg.reference)
+    flag = "--reference" if cfg.reference else "--model"
     cache = Path(cfg.precompute_ref) if cfg.precompute_ref else None
     fingerprint = reference_fingerprint(name, datasets) if cache else ""
     if cache and cache.exists():
@@ -316,17 +321,25 @@ def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distribute
                 data.reference = reference
             if dist.is_main:
                 print(f"dpo: reference log-probs read from {cache}")
-            return load_causal_lm(name, flag="--reference").to(dist.device).eval() if keep else None
+            return load_reference(name, flag, cfg, dist) if keep else None
         if dist.is_main and stored:
             print(f"dpo: {cache} holds another reference's or other data's log-probs: scoring again")
-    reference = load_causal_lm(name, flag="--reference" if cfg.reference else "--model").to(dist.device)
+    reference = load_reference(name, flag, cfg, dist)
     for data in datasets:
-        data.score_reference(reference, 2 * cfg.batch_size, dist.device, cfg.precision)
+        data.score_reference(reference, 2 * cfg.batch_size, dist, cfg.precision)
     if cache and dist.is_main:
         buffer = io.BytesIO()
         torch.save({"fingerprint": fingerprint, "reference": [d.reference for d in datasets]}, buffer)
         atomic_write_bytes(cache, buffer.getvalue())
     return reference if keep else None
+
+
+def load_reference(name: str, flag: str, cfg: DPOConfig, dist: distributed.Dist):
+    """The frozen reference on the device; sharded under ``--parallel fsdp`` like every frozen model."""
+    reference = load_causal_lm(name, flag=flag).to(dist.device).eval().requires_grad_(False)
+    if cfg.parallel == "fsdp":
+        distributed.shard(reference, dist, cfg.cpu_offload, cfg.precision)
+    return reference
 
 
 def load_data(cfg: DPOConfig, tokenizer) -> tuple[ReplyRows, ReplyRows]:
@@ -354,7 +367,8 @@ def run(cfg: DPOConfig) -> LoopResult:
     if cfg.loss not in REFERENCE_FREE:
         reference = score_references(cfg, [train, evaluation], dist)
     elif cfg.kl_prompts and not cfg.lora_r:  # the monitor's reference of a reference-free loss: the start model
-        reference = load_causal_lm(cfg.reference or cfg.model).to(dist.device).eval()
+        reference = load_reference(cfg.reference or cfg.model, "--reference" if cfg.reference else "--model", cfg,
+                                   dist)
     model = load_causal_lm(cfg.model)
     check_vocabulary(model, tokenizer)
     disable_dropout(model)  # the reference scored without dropout: so must the policy, or h ≠ 0 at the start
@@ -371,7 +385,7 @@ def run(cfg: DPOConfig) -> LoopResult:
     step_constants = partial(kto_batch_point, device=dist.device, precision=cfg.precision) if cfg.loss == "kto" else None
     result = train_lm(cfg, model, tokenizer, train.token_data(), loss_fn, run_dir, dist, desc="dpo",
                       evaluate=preference_evaluator(evaluation, loss_fn, cfg, dist, reference, tokenizer),
-                      step_constants=step_constants)
+                      step_constants=step_constants, frozen={"reference": reference})
     if dist.is_main and result.eval_metrics:
         m = result.eval_metrics
         kinds = "desirable / undesirable" if cfg.loss == "kto" else "chosen / rejected"
