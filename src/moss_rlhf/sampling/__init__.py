@@ -2,14 +2,15 @@
 that generates: PPO's rollouts and validation, ``evaluate``, the feedback pair maker, ``moss-rlhf generate`` and the
 assistant (and through it the terminal chat and the server).
 
-A sampler has three calls::
+A sampler has four calls::
 
     sampler.generate(prompts, cfg, seeds) -> Rollout   # prompts: token-id lists; seeds: one per prompt
     sampler.release()                                   # before a policy update: free what the engine holds
     sampler.sync_weights(model)                         # after a policy update: sample from the new weights
+    sampler.close()                                     # at the end: shut the engine down
 
 :class:`moss_rlhf.sampling.builtin.BuiltinSampler` (a KV-cache loop over the transformers forward) is the first
-implementation; an inference engine such as vLLM can stand behind the same three calls.
+implementation; an inference engine (:class:`moss_rlhf.sampling.vllm.VLLMSampler`) stands behind the same calls.
 
 Seeds are per prompt: prompt ``i``'s random draws come from its own generator seeded with ``seeds[i]``, so its reply
 depends neither on the other prompts of its batch nor on the batch size or the number of processes. A resumed run
@@ -111,6 +112,8 @@ class Sampler(Protocol):
 
     def sync_weights(self, model) -> None: ...
 
+    def close(self) -> None: ...
+
 
 def make_sampler(cfg, policy, tokenizer, dist) -> Sampler:
     """The rollout engine ``cfg.rollout_engine`` names for ``policy``: the builtin loop on the policy itself, or a
@@ -119,11 +122,6 @@ def make_sampler(cfg, policy, tokenizer, dist) -> Sampler:
         from moss_rlhf.sampling.builtin import BuiltinSampler
 
         return BuiltinSampler(policy, tokenizer)
-    if dist.world_size > 1:
-        from moss_rlhf.config import ConfigError
-
-        raise ConfigError("--rollout-engine vllm runs on one process for now (an engine per process needs vLLM's "
-                          "external launcher); with several processes use --rollout-engine builtin")
     from moss_rlhf.sampling.vllm import VLLMSampler
 
     sampler = VLLMSampler(cfg.policy, tokenizer, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,

@@ -53,6 +53,9 @@ class BuiltinSampler:
     def release(self) -> None:
         """Nothing to free: the sampler holds no memory of its own between rollouts."""
 
+    def close(self) -> None:
+        """Nothing to shut down (a sharded policy's whole copy goes with the sampler)."""
+
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, seeds: Sequence[int] | None = None,
                  on_token=None) -> Rollout:

@@ -3,7 +3,9 @@ PagedAttention"), behind the same sampler interface as the builtin loop: token i
 engine's own log-probs out, and :meth:`VLLMSampler.sync_weights` after every policy update.
 
 The engine runs colocated, in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor: it starts
-in seconds and shares the trainer's memory). On a GPU it sleeps while the trainer updates: :meth:`release` (called
+in seconds and shares the trainer's memory). With several processes (torchrun) each has an engine of its own that
+samples its own share of the prompts: vLLM's ``external_launcher`` executor, which joins the trainer's process group
+instead of starting one (tensor parallelism 1: the engines never exchange anything while generating). On a GPU it sleeps while the trainer updates: :meth:`release` (called
 by the RL loop once a step's rollouts are scored) frees its weights and KV cache (vLLM's sleep level 2 — the
 weights would be replaced anyway), and :meth:`sync_weights` wakes the weights, loads the new ones into them, then
 wakes the KV cache, so the update has the device to itself and the two never hold their peak memory at once (as
@@ -55,8 +57,12 @@ class VLLMSampler:
         memory = ({"gpu_memory_utilization": memory_fraction} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": cpu_cache_gib << 30})
         # token ids in and out: vLLM needs no tokenizer (it stops at our stop ids)
+        import torch.distributed as dist
+
+        several = dist.is_initialized() and dist.get_world_size() > 1
         self.llm = LLM(model=str(model_path), skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=True,
-                       distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
+                       distributed_executor_backend="external_launcher" if several else "uni",
+                       logprobs_mode="processed_logprobs",
                        max_model_len=max_model_len, enable_sleep_mode=self.sleeps, **memory)
 
     def release(self) -> None:
@@ -64,6 +70,11 @@ class VLLMSampler:
         if self.sleeps and not self.asleep:
             self.llm.sleep(level=2)
             self.asleep = True
+
+    def close(self) -> None:
+        """Shut the engine down and free what it holds. vLLM's teardown ends the distributed environment it joined —
+        with several processes the trainer's process group — so this comes after the run's last collective."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     def sync_weights(self, model) -> None:
         """Put ``model``'s weights into the engine, in place, one tensor at a time (every process calls this when

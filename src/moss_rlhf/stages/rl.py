@@ -378,4 +378,5 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         print(f"rl: step {step}: {shown} -> {run_dir.model_path}")
     distributed.barrier()
     run_dir.close()
+    sampler.close()  # last: a vLLM engine's teardown ends the process group it joined
     return metrics
