@@ -76,16 +76,16 @@ def test_a_stale_engine_shows_in_the_mismatch_metrics(tiny, tmp_path, monkeypatc
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'moss-rlhf[vllm]')")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_an_engine_per_process_samples_as_one_engine(tiny, tmp_path, parallel):  # noqa: F811
+@pytest.mark.parametrize("parallel, lora_r", [("ddp", 0), ("fsdp", 0), ("fsdp", 4)])
+def test_an_engine_per_process_samples_as_one_engine(tiny, tmp_path, parallel, lora_r):  # noqa: F811
     """Under torchrun every process has an engine of its own (vLLM's external launcher, in the trainer's process
     group) that samples its share of the groups, each reply from its own seed: GRPO on two processes is the run of
     one process on the same global batch — statistics and final weights — and each engine follows its process's
-    policy (with FSDP, synced from the gathered shards)."""
+    policy (with FSDP, synced from the gathered shards; with LoRA, each layer merged from gathered adapters)."""
     from tests.stages.test_rl import one_and_two_processes
 
     common = dict(rollout_engine="vllm", max_steps=3, rollout_batch=8, group_size=4, mini_batch=32, ppo_epochs=2,
-                  eval_every=3)
+                  eval_every=3, lora_r=lora_r)
     single = one_and_two_processes(grpo_config(tiny, tmp_path / "single", **common),
                                    grpo_config(tiny, tmp_path / "double", parallel=parallel, **common), even_majority)
     assert single[-1]["kl/per_token"] > 0

@@ -132,12 +132,15 @@ def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     from moss_rlhf.distributed import is_sharded, reshard
     from moss_rlhf.models import unwrap
 
+    def whole(tensor: torch.Tensor) -> torch.Tensor:  # a DTensor's shards gathered (a collective), else itself
+        return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach()
+
     model = unwrap(model)
     if is_sharded(model):
         reshard(model)
     if not hasattr(model, "get_base_model"):
         for name, tensor in model.state_dict().items():
-            yield name, tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor.detach()
+            yield name, whole(tensor)
         return
     base = model.get_base_model()
     adapted = {name: m for name, m in base.named_modules()
@@ -150,4 +153,4 @@ def engine_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
             layer = adapted.get(owner) if leaf == "weight" else None
             if layer is not None:
                 tensor = tensor + sum(layer.get_delta_weight(a) for a in layer.active_adapters)
-            yield name.replace(".base_layer.", "."), tensor.detach()
+            yield name.replace(".base_layer.", "."), whole(tensor)
