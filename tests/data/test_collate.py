@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moss_rlhf.config import UserError
-from moss_rlhf.data.collate import (IGNORE, BatchOrder, Example, conversation_data, left_pad, pack_examples,
-                                    pack_texts, pad_examples, reply_example)
+from moss_rlhf.config import ConfigError, UserError
+from moss_rlhf.data.collate import (IGNORE, BatchOrder, Example, conversation_data, left_pad, mismatched_partners,
+                                    pack_examples, pack_texts, pad_examples, reply_example)
 from moss_rlhf.tokenizer import load_tokenizer
 
 
@@ -140,3 +140,12 @@ def test_packed_rows_have_no_attention_mask_but_padded_rows_do(tokenizer_dir, co
     assert packed["input_ids"].numel() <= padded["input_ids"].numel()
     assert torch.equal(packed["input_ids"][packed["labels"] != IGNORE].sort().values,
                        padded["input_ids"][padded["labels"] != IGNORE].sort().values)
+
+
+def test_mismatched_partners_pair_each_prompt_with_another_prompts_reply():
+    prompts = [[{"role": "user", "content": f"q{i // 2}"}] for i in range(10)]  # two records per prompt
+    partner = mismatched_partners(prompts, seed=3)
+    assert all(prompts[j] != prompts[i] for i, j in enumerate(partner))
+    assert partner == mismatched_partners(prompts, seed=3)
+    with pytest.raises(ConfigError, match="two different prompts"):
+        mismatched_partners(prompts[:2], seed=0)

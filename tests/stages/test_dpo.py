@@ -198,15 +198,6 @@ def test_kto_reads_pairs_as_two_labelled_replies(tmp_path, tiny_model_dir):
     assert int(held_out.desirable.sum()) == 6
 
 
-def test_mismatched_partners_pair_each_prompt_with_another_prompts_reply():
-    prompts = [[{"role": "user", "content": f"q{i // 2}"}] for i in range(10)]  # two records per prompt
-    partner = dpo.mismatched_partners(prompts, seed=3)
-    assert all(prompts[j] != prompts[i] for i, j in enumerate(partner))
-    assert partner == dpo.mismatched_partners(prompts, seed=3)
-    with pytest.raises(ConfigError, match="two different prompts"):
-        dpo.mismatched_partners(prompts[:2], seed=0)
-
-
 def test_kto_needs_both_kinds_of_reply(tmp_path, tiny_model_dir):
     rows = [r for r in kto_rows(40) if r["label"]]
     with pytest.raises(ConfigError, match="0 undesirable"):

@@ -1,6 +1,6 @@
 """Turn records into token batches: sequence packing for pretraining, chat rendering with assistant-only labels for
-SFT (packed per batch or padded), a reply rendered for a reward model, padding, and a deterministic, resumable,
-process-sharded batch order.
+SFT (packed per batch or padded), a reply rendered for a reward model, KTO's mismatched pairs, padding, and a
+deterministic, resumable, process-sharded batch order.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moss_rlhf.config import UserError
+from moss_rlhf.config import ConfigError, UserError
 from moss_rlhf.data.formats import Message
 from moss_rlhf.tokenizer import encode_chat, stop_token_ids
 
@@ -260,3 +260,21 @@ class BatchOrder:
 
     def epoch_of(self, step: int) -> float:
         return step * self.global_batch / self.n_examples
+
+
+def mismatched_partners(prompts: list[list[dict]], seed: int) -> list[int]:
+    """For each record, another record whose prompt differs: the next one in a seeded random cycle."""
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = []
+    position = {record: k for k, record in enumerate(order)}
+    for i, prompt in enumerate(prompts):
+        k = position[i]
+        for step in range(1, len(order)):
+            j = order[(k + step) % len(order)]
+            if prompts[j] != prompt:
+                partner.append(j)
+                break
+        else:
+            raise ConfigError("kto needs records of at least two different prompts (its KL estimate pairs each "
+                              "prompt with another prompt's reply)")
+    return partner

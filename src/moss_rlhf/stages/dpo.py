@@ -14,8 +14,8 @@ The loop is the shared supervised one (``training.train_lm``): accumulation, cli
 processes, atomic checkpoints, exact resume. One step:
 
   1. before training, the frozen reference (``--reference``, default ``--model``; with LoRA the base the adapters
-     start from) scores every reply once, without gradients (``--precompute-ref FILE`` keeps the scores for the next
-     run on the same data), and is freed unless the KL monitor needs it: training holds one trainable model;
+     start from) scores every reply once, without gradients, each process its share (``--precompute-ref FILE``
+     keeps the scores for the next run on the same data), and is freed unless the KL monitor needs it;
   2. (KTO) the policy scores the global batch's mismatched pairs — each prompt with another record's reply —
      without gradients: the reference point ``z0 = max(0, KL estimate)`` of the whole batch;
   3. each micro-batch pads its replies together (chosen and rejected: one forward over both), with the output
@@ -39,7 +39,7 @@ import torch
 from moss_rlhf import distributed
 from moss_rlhf.checkpoint import seed_everything
 from moss_rlhf.config import ConfigError, TrainConfig, option
-from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, reply_example
+from moss_rlhf.data.collate import IGNORE, Example, TokenData, mismatched_partners, pad_examples, reply_example
 from moss_rlhf.data.formats import LabelledReply, Preference, load_labelled_records, load_preferences
 from moss_rlhf.data.splits import load_split
 from moss_rlhf.evaluate import kl_on_prompts
@@ -177,24 +177,6 @@ class UnpairedData(ReplyRows):
                 "desirable": self.desirable[indices], "n_targets": torch.tensor(len(indices))}
 
 
-def mismatched_partners(prompts: list[list[dict]], seed: int) -> list[int]:
-    """For each record, another record whose prompt differs: the next one in a seeded random cycle."""
-    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
-    partner = []
-    position = {record: k for k, record in enumerate(order)}
-    for i, prompt in enumerate(prompts):
-        k = position[i]
-        for step in range(1, len(order)):
-            j = order[(k + step) % len(order)]
-            if prompts[j] != prompt:
-                partner.append(j)
-                break
-        else:
-            raise ConfigError("kto needs records of at least two different prompts (its KL estimate pairs each "
-                              "prompt with another prompt's reply)")
-    return partner
-
-
 def kto_batch_point(model, micro_batches: list[dict], device: torch.device, precision: str,
                     counted: list[bool] | None = None) -> dict:
     """KTO's reference point over the whole global batch: the policy's and the reference's summed log-probs of the
@@ -303,13 +285,13 @@ def reference_fingerprint(name: str, datasets: list[ReplyRows]) -> str:
 
 
 def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distributed.Dist):
-    """Fill every data set's ``reference`` log-probs (from ``--precompute-ref`` when it matches); returns the
-    reference model when the KL monitor needs it in memory, else None."""
-    name = cfg.reference or cfg.model
+    """Fill every data set's ``reference`` log-probs (from ``--precompute-ref`` when it matches; none for a
+    reference-free loss); returns the reference model when the KL monitor needs it in memory, else None."""
+    if cfg.loss in REFERENCE_FREE:  # the monitor's reference: the start model (with LoRA: the base, no copy)
+        return load_reference(cfg, dist) if cfg.kl_prompts and not cfg.lora_r else None
     keep = cfg.kl_prompts > 0 and not (cfg.lora_r and not cfg.reference)
-    flag = "--reference" if cfg.reference else "--model"
     cache = Path(cfg.precompute_ref) if cfg.precompute_ref else None
-    fingerprint = reference_fingerprint(name, datasets) if cache else ""
+    fingerprint = reference_fingerprint(cfg.reference or cfg.model, datasets) if cache else ""
     if cache and cache.exists():
         try:
             stored = torch.load(cache, weights_only=True)
@@ -321,10 +303,10 @@ def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distribute
                 data.reference = reference
             if dist.is_main:
                 print(f"dpo: reference log-probs read from {cache}")
-            return load_reference(name, flag, cfg, dist) if keep else None
+            return load_reference(cfg, dist) if keep else None
         if dist.is_main and stored:
             print(f"dpo: {cache} holds another reference's or other data's log-probs: scoring again")
-    reference = load_reference(name, flag, cfg, dist)
+    reference = load_reference(cfg, dist)
     for data in datasets:
         data.score_reference(reference, 2 * cfg.batch_size, dist, cfg.precision)
     if cache and dist.is_main:
@@ -334,12 +316,12 @@ def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distribute
     return reference if keep else None
 
 
-def load_reference(name: str, flag: str, cfg: DPOConfig, dist: distributed.Dist):
-    """The frozen reference on the device; sharded under ``--parallel fsdp`` like every frozen model."""
-    reference = load_causal_lm(name, flag=flag).to(dist.device).eval().requires_grad_(False)
-    if cfg.parallel == "fsdp":
-        distributed.shard(reference, dist, cfg.cpu_offload, cfg.precision)
-    return reference
+def load_reference(cfg: DPOConfig, dist: distributed.Dist):
+    """The frozen reference (``--reference``, default ``--model``) on the device, sharded under ``--parallel fsdp``
+    as every frozen model is."""
+    reference = load_causal_lm(cfg.reference or cfg.model, flag="--reference" if cfg.reference else "--model")
+    reference.to(dist.device).eval().requires_grad_(False)
+    return distributed.shard(reference, dist, cfg.cpu_offload, cfg.precision) if cfg.parallel == "fsdp" else reference
 
 
 def load_data(cfg: DPOConfig, tokenizer) -> tuple[ReplyRows, ReplyRows]:
@@ -363,12 +345,8 @@ def run(cfg: DPOConfig) -> LoopResult:
     train, evaluation = load_data(cfg, tokenizer)
     # on every process: a one-sided data set stops them all
     balance = kto_balance(train.desirable, cfg) if cfg.loss == "kto" else ""
-    reference = None  # scored once, before the policy exists: one model in memory at a time, unless the KL monitor
-    if cfg.loss not in REFERENCE_FREE:
-        reference = score_references(cfg, [train, evaluation], dist)
-    elif cfg.kl_prompts and not cfg.lora_r:  # the monitor's reference of a reference-free loss: the start model
-        reference = load_reference(cfg.reference or cfg.model, "--reference" if cfg.reference else "--model", cfg,
-                                   dist)
+    # scored once, before the policy exists: one model in memory at a time, unless the KL monitor keeps it
+    reference = score_references(cfg, [train, evaluation], dist)
     model = load_causal_lm(cfg.model)
     check_vocabulary(model, tokenizer)
     disable_dropout(model)  # the reference scored without dropout: so must the policy, or h ≠ 0 at the start
