@@ -154,11 +154,12 @@ def _lockstep_and_copies(model_dir: str, out: str) -> None:
     reference = load_causal_lm(model_dir)
     # 5 items over 2 processes in batches of 2: rank 0 has [0, 2], [4]; rank 1 has [1, 3] and one dummy
     assert distributed.shard_batches(5, 2, d, model) == ([[0, 2], [4]] if d.rank == 0 else [[1, 3]])
+    model.generation_config.top_k = 7  # as a checkpoint's generation_config.json may set it
     distributed.shard(model, d)
     assert distributed.shard_batches(5, 2, d, model) == ([[0, 2], [4]] if d.rank == 0 else [[1, 3], None])
     assert distributed.lockstep(3 if d.rank == 0 else 1, sharded=True) == (0 if d.rank == 0 else 2)
     copy = distributed.plain_copy(model)
-    assert not distributed.is_sharded(copy)
+    assert not distributed.is_sharded(copy) and copy.generation_config.top_k == 7  # the model's, not a default
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         expected = reference(input_ids=ids).logits

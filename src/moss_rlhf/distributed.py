@@ -209,6 +209,8 @@ def unsharded_skeleton(model: torch.nn.Module) -> torch.nn.Module:
     plain_class = next(c for c in type(base).__mro__ if not issubclass(c, FSDPModule))
     with torch.device("meta"):
         skeleton = plain_class(base.config)
+        if getattr(base, "generation_config", None) is not None:  # the checkpoint's own, not one made from config
+            skeleton.generation_config = copy.deepcopy(base.generation_config)
         if hasattr(model, "peft_config"):
             from peft import get_peft_model
 
