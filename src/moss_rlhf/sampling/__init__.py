@@ -115,7 +115,7 @@ class Sampler(Protocol):
     def close(self) -> None: ...
 
 
-def make_sampler(cfg, policy, tokenizer, dist) -> Sampler:
+def make_sampler(cfg, policy, tokenizer) -> Sampler:
     """The rollout engine ``cfg.rollout_engine`` names for ``policy``: the builtin loop on the policy itself, or a
     colocated vLLM engine started from ``cfg.policy`` and given the policy's current weights (a resumed run's)."""
     if cfg.rollout_engine == "builtin":

@@ -5,15 +5,15 @@ engine's own log-probs out, and :meth:`VLLMSampler.sync_weights` after every pol
 The engine runs colocated, in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the ``uni`` executor: it starts
 in seconds and shares the trainer's memory). With several processes (torchrun) each has an engine of its own that
 samples its own share of the prompts: vLLM's ``external_launcher`` executor, which joins the trainer's process group
-instead of starting one (tensor parallelism 1: the engines never exchange anything while generating). On a GPU it sleeps while the trainer updates: :meth:`release` (called
-by the RL loop once a step's rollouts are scored) frees its weights and KV cache (vLLM's sleep level 2 — the
-weights would be replaced anyway), and :meth:`sync_weights` wakes the weights, loads the new ones into them, then
-wakes the KV cache, so the update has the device to itself and the two never hold their peak memory at once (as
-veRL and OpenRLHF colocate). On a CPU vLLM has no sleep mode, and :meth:`release` does nothing. Each reply draws
-from its own seed (``SamplingParams.seed``), so a rollout is a function of prompts, seeds and weights, as with the
-builtin sampler. The log-probs are vLLM's ``processed_logprobs``: those of the distribution it sampled from (after the
-temperature, top-k and top-p), the quantity the trainer's recomputed log-probs are compared with (the mismatch
-metrics) and truncated importance sampling corrects for.
+instead of starting one (tensor parallelism 1: the engines never exchange anything while generating). On a GPU it
+sleeps while the trainer updates: :meth:`release` (called by the RL loop once a step's rollouts are scored) frees its
+weights and KV cache (vLLM's sleep level 2 — the weights would be replaced anyway), and :meth:`sync_weights` wakes
+the weights, loads the new ones into them, then wakes the KV cache, so the update has the device to itself and the
+two never hold their peak memory at once (as veRL and OpenRLHF colocate). On a CPU vLLM has no sleep mode, and
+:meth:`release` does nothing. Each reply draws from its own seed (``SamplingParams.seed``), so a rollout is a function
+of prompts, seeds and weights, as with the builtin sampler. The log-probs are vLLM's ``processed_logprobs``: those of
+the distribution it sampled from (after the temperature, top-k and top-p), the quantity the trainer's recomputed
+log-probs are compared with (the mismatch metrics) and truncated importance sampling corrects for.
 
 Weights go to the engine in place (``reload_weights`` on its worker), one tensor at a time from a generator: a model
 sharded by FSDP is gathered tensor by tensor, a LoRA layer's weight is sent merged (W + its adapters' ΔW). vLLM is
@@ -56,10 +56,10 @@ class VLLMSampler:
         # subtracts this process's memory, the trainer's included, from its share and may come out negative)
         memory = ({"gpu_memory_utilization": memory_fraction} if torch.cuda.is_available()
                   else {"kv_cache_memory_bytes": cpu_cache_gib << 30})
-        # token ids in and out: vLLM needs no tokenizer (it stops at our stop ids)
         import torch.distributed as dist
 
-        several = dist.is_initialized() and dist.get_world_size() > 1
+        several = dist.is_initialized() and dist.get_world_size() > 1  # an engine per process, in their group
+        # token ids in and out: vLLM needs no tokenizer (it stops at our stop ids)
         self.llm = LLM(model=str(model_path), skip_tokenizer_init=True, dtype=dtype, seed=seed, enforce_eager=True,
                        distributed_executor_backend="external_launcher" if several else "uni",
                        logprobs_mode="processed_logprobs",

@@ -285,7 +285,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     step, best, first_stats, skipped = state["step"], state["best"], state["first_stats"], state.get("skipped", 0)
     models.shard_frozen(dist, cfg)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
-    sampler = make_sampler(cfg, models.policy, tokenizer, dist)
+    sampler = make_sampler(cfg, models.policy, tokenizer)
     order = BatchOrder(len(prompts), plan.rollout_per_process, 1, dist.world_size, cfg.seed)
     ptx = (lm_batches(tokenizer, cfg.ptx_data, cfg.max_prompt_len + cfg.max_new_tokens, cfg.ptx_batch_size, dist,
                       cfg.seed) if cfg.ptx_coef > 0 else None)
