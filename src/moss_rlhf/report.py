@@ -379,7 +379,9 @@ def run_description(run_dir: Path) -> tuple[str, str, bool]:
     named = "the reward model" + ("" if model_dir in ("reward", "") else f" ({model_dir}/)")
     sources = ([named] if uses_model else []) + \
         ["the gold judge" if f == "moss_rlhf.demo.judge:gold_scores" else f for f in functions]
-    return RECIPE_NAMES.get(preset, preset), " + ".join(sources), uses_model
+    recipe = RECIPE_NAMES.get(preset, preset) + (f" (KL to the reference at T {cfg['reference_temperature']:g})"
+                                                 if cfg.get("reference_temperature") else "")
+    return recipe, " + ".join(sources), uses_model
 
 
 def rl_sections(root: Path) -> list[Section]:

@@ -199,7 +199,8 @@ def reference_context(policy, reference):
 
 @torch.no_grad()
 def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, micro_batch: int, temperature: float,
-                    score_batch: int = 0, score_policy: bool = True) -> list[Experience]:
+                    score_batch: int = 0, score_policy: bool = True,
+                    reference_temperature: float | None = None) -> list[Experience]:
     """Score a rollout whose rewards ``scores`` ``[B]`` are known. The policy runs in micro-batches of
     ``micro_batch`` rows, the very micro-batches (packed once, here) that the update will use: bitwise-equal
     log-probs. The reference and the critic run in chunks of ``score_batch`` rows (0: the whole rollout at once —
@@ -214,7 +215,8 @@ def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, mi
         packed = pack_sequences(sequences[start:start + score_batch], attention_mask[start:start + score_batch],
                                 width)
         with reference_context(models.policy, models.reference):
-            ref_logprobs.append(packed_logprobs(models.reference or models.policy, packed, temperature)[0])
+            ref_logprobs.append(packed_logprobs(models.reference or models.policy, packed,
+                                                reference_temperature or temperature)[0])
         if models.critic is not None:
             values.append(packed_values(models.critic, packed))
     ref_all = torch.cat(ref_logprobs)

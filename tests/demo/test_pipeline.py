@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from moss_rlhf.cli import main
 
@@ -58,6 +59,10 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                  "--ppo-steps", "2"]) == 0
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--rounds", "2", "--metarm",
                  "--ppo-steps", "2"]) == 0
+    # the KL to a sharpened SFT: a run of its own, its temperature in its config and on the report
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--reference-temperature", "0.5",
+                 "--ppo-steps", "2"]) == 0
+    assert yaml.safe_load((out / "rl-ppo_max-ref0.5" / "config.yaml").read_text())["reference_temperature"] == 0.5
     for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
                  "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json",
                  "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json",
@@ -74,6 +79,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
     assert "DPO from the preference pairs" in html and "KTO from the preference pairs" in html
     assert "the reward model (reward-part2/)" in html and "the reward model (reward-metarm-round2/)" in html
+    assert "PPO-max (KL to the reference at T 0.5)" in html and "PPO-max (KL to SFT at T 0.5) (round 1)" in html
 
     from moss_rlhf.feedback.store import Store
 
@@ -110,12 +116,18 @@ def test_reward_variants_have_runs_of_their_own_and_bad_combinations_are_refused
     assert (plain.reward_run, plain.rl_run) == ("reward", "ppo")
     assert (part2.reward_run, part2.rl_run, part2.rl_label) == ("reward-part2", "rl-ppo_max-part2",
                                                                "PPO-max (Part II reward model)")
+    sharpened = DemoConfig(out="x", reference_temperature=0.5)
+    assert (sharpened.reward_run, sharpened.rl_run, sharpened.rl_label) == ("reward", "rl-ppo_max-ref0.5",
+                                                                           "PPO-max (KL to SFT at T 0.5)")
+    assert DemoConfig(out="x", reward_recipe="part2", reference_temperature=0.3).rl_run == "rl-ppo_max-part2-ref0.3"
     metarm = DemoConfig(out="x", rounds=2, metarm=True, algorithm="grpo")
     assert (metarm.reward_run, metarm.rl_run) == ("reward-metarm", "rl-grpo-metarm")
     assert [stage_of(k) for k in ("strength", "reward-part2", "meta@2", "reward-metarm@2", "rl-grpo-metarm@2",
                                   "evaluate-rl-grpo-metarm@2")] == ["reward"] * 4 + ["ppo", "evaluate"]
     for bad, match in ((dict(metarm=True), "--rounds 2"), (dict(rounds=2, metarm=True, algorithm="dpo"), "RL"),
                        (dict(reward_recipe="part2", algorithm="kto"), "does not use one"),
-                       (dict(reward_recipe="part2", rl_reward="gold"), "does not use one")):
+                       (dict(reward_recipe="part2", rl_reward="gold"), "does not use one"),
+                       (dict(reference_temperature=0.5, algorithm="dpo"), "has none"),
+                       (dict(reference_temperature=0.5, algorithm="dapo"), "has none")):
         with pytest.raises(ConfigError, match=match):
             validate(DemoConfig(out=str(tmp_path), **bad))

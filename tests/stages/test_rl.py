@@ -134,6 +134,29 @@ def test_logprobs_are_scored_at_the_sampling_temperature(tiny):
         assert (at_one[mask] - chunk.sample_logprobs[mask]).abs().max() > 0.05
 
 
+def test_reference_temperature_sharpens_only_the_reference(tiny, tmp_path):
+    """--reference-temperature τ: the reference's log-probs are those of softmax(logits_ref / τ) (a plain padded
+    forward in the test, divided by τ), the policy's stay at the sampling temperature; the KL then starts above 0
+    though the policy is the reference. Refused where there is no KL to take."""
+    models, rollout = _rollout(tiny)
+    chunks = make_experience(models, rollout, even_token_share(rollout), micro_batch=3, temperature=1.0,
+                             reference_temperature=0.5)
+    width = rollout.response_ids.shape[1]
+    logits = models.reference(input_ids=rollout.sequences, attention_mask=rollout.attention_mask,
+                              position_ids=position_ids_of(rollout.attention_mask)).logits[:, -(width + 1):-1]
+    expected = torch.log_softmax(logits / 0.5, -1).gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    ref = torch.cat([c.ref_logprobs for c in chunks])
+    old = torch.cat([c.old_logprobs for c in chunks])
+    mask = rollout.response_mask.bool()
+    torch.testing.assert_close(ref[mask], expected[mask], atol=2e-5, rtol=0)
+    torch.testing.assert_close(old[mask], rollout.logprobs[mask], atol=2e-5, rtol=0)  # still at T = 1
+    assert (ref[mask] - old[mask]).abs().max() > 0.05
+    with pytest.raises(ConfigError, match="--kl-coef 0"):
+        resolve_preset(config(tiny, tmp_path / "x", reference_temperature=0.5, kl_coef=0.0)).check()
+    with pytest.raises(ConfigError, match="--reference-temperature must be above 0"):
+        from_args(RLConfig, build_parser().parse_args(["ppo", "--prompts", "p", "--reference-temperature", "0"]))
+
+
 def test_filtered_sampling_is_refused_unless_the_bias_is_accepted(tiny, tmp_path):
     for flag in ({"top_k": 5}, {"top_p": 0.9}, {"repetition_penalty": 1.2}):
         with pytest.raises(ConfigError, match="accept-sampling-bias"):

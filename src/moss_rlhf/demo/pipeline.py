@@ -81,6 +81,10 @@ class DemoConfig(Config):
                                          "strength of every pair, then Part II's treatment of the pairs; its own "
                                          "reward-part2/ and RL run, compared in the report)",
                                 choices=("plain", "part2"))
+    reference_temperature: float | None = option(None, "RL recipes: take the KL to SFT at this temperature (below 1: "
+                                                       "to SFT sharpened towards its mode, which knows content the "
+                                                       "reward model cannot judge); a run of its own, "
+                                                       "rl-<algorithm>-ref<τ>/", above=0.0)
     metarm: bool = option(False, "--rounds > 1 without new labels: the reward model continues on round 1's pairs with "
                                  "MetaRM on replies sampled from the current policy")
     device: str = option("auto", "cpu, cuda or auto")
@@ -99,6 +103,9 @@ class DemoConfig(Config):
         if self.metarm and (self.rounds < 2 or self.preferences or self.algorithm in OFFLINE):
             raise ConfigError("--metarm adapts the reward model between RL rounds: it needs --rounds 2 or more, the "
                               "simulated labels and an RL --algorithm")
+        if self.reference_temperature is not None and (self.algorithm in OFFLINE or self.algorithm == "dapo"):  # DAPO: no KL
+            raise ConfigError(f"--reference-temperature sharpens the reference of RL's KL term; --algorithm "
+                              f"{self.algorithm} has none")
         if self.rl_reward == "gold" and self.eval_prompts:
             raise ConfigError("--rl-reward gold needs the demo world's prompts (the gold judge knows only its tasks); "
                               "leave out --eval-prompts")
@@ -107,9 +114,10 @@ class DemoConfig(Config):
     def rl_run(self) -> str:
         """The RL run's directory and stage name: ``ppo`` for PPO-max against the reward model (the pipeline's
         first layout), ``rl-<algorithm>`` for the others, with ``-gold`` when it optimises the gold judge."""
-        if self.algorithm in ("ppo_max", *OFFLINE) and self.rl_reward == "model" and not self.reward_variant:
+        sharpened = f"-ref{self.reference_temperature:g}" if self.reference_temperature is not None else ""
+        if self.algorithm in ("ppo_max", *OFFLINE) and self.rl_reward == "model" and not self.reward_variant + sharpened:
             return "ppo" if self.algorithm == "ppo_max" else self.algorithm
-        return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "") + self.reward_variant
+        return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "") + self.reward_variant + sharpened
 
     @property
     def reward_variant(self) -> str:
@@ -129,7 +137,8 @@ class DemoConfig(Config):
         gold = " against the gold judge" if self.rl_reward == "gold" else ""
         recipe = " (Part II reward model)" if self.reward_recipe == "part2" else ""
         return {**RECIPE_NAMES, "dpo": "DPO", "kto": "KTO"}[self.algorithm] + gold + recipe + \
-            (" (MetaRM between rounds)" if self.metarm else "")
+            (" (MetaRM between rounds)" if self.metarm else "") + \
+            (f" (KL to SFT at T {self.reference_temperature:g})" if self.reference_temperature is not None else "")
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,8 @@ def rl_stage(cfg: DemoConfig, budget: Budget, out: Path, policy: str, reference:
                      reward_fn=[GOLD_REWARD] if gold else [], prompts=[prompts], eval_prompts=[eval_prompts],
                      max_steps=budget.ppo_steps, preset=cfg.algorithm, group_size=4 if grouped else None,
                      rollout_batch=prompts_per_step, mini_batch=32 if not cfg.quick else 16, batch_size=16,
-                     lr=5e-5, min_lr_ratio=0.0, kl_coef=kl_coef, eval_every=max(1, budget.ppo_steps // 8),
+                     lr=5e-5, min_lr_ratio=0.0, kl_coef=kl_coef, reference_temperature=cfg.reference_temperature,
+                     eval_every=max(1, budget.ppo_steps // 8),
                      save_every=max(1, budget.ppo_steps // 3),
                      resume=True, seed=cfg.seed, device=cfg.device)
     # the learning rate decays to 0 (cosine): at a constant one PPO-max's validation gold fell from 8.07 at step 42

@@ -22,6 +22,11 @@ Every step:
      equal-reward groups, memory, the paper's collapse signals; validate on held-out prompts (the caller's scorers
      too, e.g. the demo's gold judge), keep the best policy in ``best/``, checkpoint atomically (exact resume).
 
+``--reference-temperature τ`` < T takes the KL to the reference's sharpened per-token distribution
+``softmax(logits_ref / τ)``: the policy is held near the reference's mode instead of its whole spread, where a
+reward model that cannot judge something (the demo world's content) leaves the reference's own knowledge to decide
+(the "sharpening" of Huang et al. 2024, arXiv 2412.01951, which rewards the base model's likelihood).
+
 ``--preset`` sets each published recipe's switches (``recipes``; explicit ones win). Rollouts come from the builtin
 sampler or a colocated vLLM engine (``--rollout-engine``; truncated importance sampling corrects the engines'
 difference). A NaN/Inf reward or update is never applied."""
@@ -93,6 +98,9 @@ class RLConfig(TrainConfig):
     max_prompt_len: int = option(128, "longest prompt in tokens (longer ones keep their end)", at_least=1)
     max_new_tokens: int = option(48, "longest response in tokens", at_least=1)
     temperature: float = option(1.0, "sampling temperature; log-probs (ratio, KL) are scored at it", above=0.0)
+    reference_temperature: float | None = option(None, "take the KL to the reference at this temperature "
+                                                       "(default: --temperature); below it, to the reference "
+                                                       "sharpened towards its mode", above=0.0)
     top_p: float = option(1.0, "nucleus sampling (< 1 needs --accept-sampling-bias)", above=0.0, at_most=1.0)
     top_k: int = option(0, "top-k sampling, 0: off (needs --accept-sampling-bias)", at_least=0)
     repetition_penalty: float = option(1.0, "repetition penalty (≠ 1 needs --accept-sampling-bias)", above=0.0)
@@ -210,6 +218,9 @@ class RLConfig(TrainConfig):
                               f"--mini-batch ({self.mini_batch})")
         if self.advantage is None:  # not resolved yet: the checks below run again after resolve_preset
             return
+        if self.reference_temperature is not None and self.kl_coef == 0:
+            raise ConfigError("--reference-temperature sharpens the reference of the KL term; with --kl-coef 0 "
+                              "there is none")
         if self.advantage != "gae" and self.use_critic:
             raise ConfigError(f"--advantage {self.advantage} is critic-free; --use-critic needs --advantage gae")
         if self.advantage in GROUP_BASELINES and self.group_size < 2:
@@ -292,7 +303,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     if dist.is_main:
         print(f"rl: {plan.describe(cfg)}")
         print(f"rl: preset {cfg.preset}, advantage {cfg.advantage}; KL β {cfg.kl_coef:g} ({cfg.kl_estimator}) in the "
-              f"{cfg.kl_placement}; loss {cfg.loss_agg}; {len(prompts)} prompts, {len(eval_prompts)} held out; "
+              f"{cfg.kl_placement}" + (f" to the reference at temperature {cfg.reference_temperature:g}"
+                                       if cfg.reference_temperature else "") + f"; loss {cfg.loss_agg}; {len(prompts)} prompts, {len(eval_prompts)} held out; "
               f"reward = {sources.describe()}; {'a' if critic else 'no'} critic")
     progress = Progress(cfg.max_steps, step, "rl", enabled=cfg.progress and dist.is_main)
     metrics: dict[str, float] = {}
@@ -309,7 +321,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         with autocast(dist.device, cfg.precision):
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
                                      cfg.score_batch_size,  # another engine's log-probs are not the trainer's
-                                     score_policy=plan.updates_per_step > 1 or cfg.rollout_engine != "builtin")
+                                     score_policy=plan.updates_per_step > 1 or cfg.rollout_engine != "builtin",
+                                     reference_temperature=cfg.reference_temperature)
         sampler.release()  # until the next sync_weights: an engine's device memory goes to the update (vLLM sleeps)
         t_score = time.perf_counter()
         # 2. advantages: a NaN reward is caught before it reaches the running moments
