@@ -6,9 +6,9 @@
 What it measures, each part on its own (a part that fails prints its error and the others still run):
   1. the bf16 GEMM peak: the best of ten 8192³ products timed with CUDA events — the MFU denominator;
   2. SFT, one process: tokens/s and MFU = tokens/s × (6·N + 12·L·d·T) ÷ peak (``train_throughput``'s FLOP count),
-     started directly and through torchrun with ``--parallel fsdp`` on one device (one process never shards — see
-     ``distributed`` — so the second is the launcher's path around the same loop: FSDP2's sharding needs two
-     devices);
+     plain, with ``--parallel fsdp`` on one device (FSDP2 over a process group of one: the blocks gathered into
+     buffers of their own for each forward and backward), and on a GPU with ``--cpu-offload`` too (weights,
+     gradients and optimizer state in host memory, each block copied to the GPU for its compute);
   3. one PPO-max and one GRPO run of a few steps with builtin rollouts, and with vLLM's where vLLM imports:
      generated tokens/s and seconds per step (medians after the first step, which pays one-off costs).
 
@@ -118,27 +118,26 @@ def sft_args(paths: dict, out: Path, smoke: bool, device: str, precision: str) -
             "--out", str(out), "--overwrite", "--no-progress"]
 
 
-def sft(paths: dict, work: Path, smoke: bool, device: str, precision: str, peak: float, fsdp: bool) -> dict:
+def sft(paths: dict, work: Path, smoke: bool, device: str, precision: str, peak: float,
+        parallel: tuple[str, ...] = ()) -> dict:
     from moss_rlhf.models import load_causal_lm
 
-    out = work / ("sft-fsdp" if fsdp else "sft")
-    argv = sft_args(paths, out, smoke, device, precision)
-    if fsdp:
-        argv += ["--parallel", "fsdp"]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port",
-                    str(29500 + os.getpid() % 1000), "-m", "moss_rlhf.cli"]
-    else:
-        launcher = [sys.executable, "-m", "moss_rlhf.cli"]
+    out = work / ("sft" + "".join(f"-{flag.strip('-')}" for flag in parallel if flag.startswith("--")))
+    argv = sft_args(paths, out, smoke, device, precision) + list(parallel)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    subprocess.run(launcher + argv, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "moss_rlhf.cli", *argv], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
     rows = [r for r in metrics_of(out) if "train/tokens_per_s" in r][2:]  # warm-up steps left out
     tokens_s = statistics.median(r["train/tokens_per_s"] for r in rows)
     seq = int(argv[argv.index("--seq-len") + 1])
     from train_throughput import model_flops_per_token
 
     flops = model_flops_per_token(load_causal_lm(str(paths["model"])), seq)
-    memory = sum(v for r in metrics_of(out) for k, v in r.items() if k.startswith("memory/model_"))
-    return {"tokens/s": tokens_s, "MFU": tokens_s * flops / (peak * 1e12), "weights + AdamW MB/process": memory}
+    logged = metrics_of(out)
+    memory = sum(v for r in logged for k, v in r.items() if k.startswith("memory/model_"))
+    figures = {"tokens/s": tokens_s, "MFU": tokens_s * flops / (peak * 1e12), "weights + AdamW MB/process": memory}
+    device_peak = [r["memory/device_peak_mb"] for r in logged if "memory/device_peak_mb" in r]
+    return figures | ({"device peak MB": device_peak[0]} if device_peak else {})
 
 
 def rl(paths: dict, work: Path, smoke: bool, device: str, precision: str, preset: str, engine: str) -> dict:
@@ -192,9 +191,12 @@ def main(argv=None) -> dict:
         paths = prepare(work, args.smoke)
         peak = gemm_peak(args.smoke)
         results["GEMM peak TFLOP/s"] = {"value": peak}
-        part("SFT", lambda: sft(paths, work, args.smoke, device, precision, peak, fsdp=False), results)
-        part("SFT under torchrun, --parallel fsdp", lambda: sft(paths, work, args.smoke, device, precision, peak,
-                                                                 fsdp=True), results)
+        part("SFT", lambda: sft(paths, work, args.smoke, device, precision, peak), results)
+        part("SFT, --parallel fsdp on one device", lambda: sft(paths, work, args.smoke, device, precision, peak,
+                                                                ("--parallel", "fsdp")), results)
+        if device == "cuda":  # the host holds the shards: on a CPU they are there already (refused)
+            part("SFT, --parallel fsdp --cpu-offload on one GPU", lambda: sft(
+                paths, work, args.smoke, device, precision, peak, ("--parallel", "fsdp", "--cpu-offload")), results)
         for preset in ("ppo_max", "grpo"):
             for engine in ("builtin", "vllm") if has_vllm else ("builtin",):
                 part(f"{preset}, {engine} rollouts",

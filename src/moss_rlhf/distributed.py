@@ -19,8 +19,10 @@ Every forward of a sharded model runs through its root (``models.final_hidden_st
 weights (embeddings, heads) gathered after the root's forward, so a head applied to its hidden states sees whole
 weights.
 
-A single process needs none of this and never initialises a process group, so every loop runs unchanged with
-``python -m`` or the ``moss-rlhf`` command (``--parallel fsdp`` on one process is plain training).
+A single process (``python -m`` or the ``moss-rlhf`` command, no launcher) starts no process group for ``ddp``: every
+loop runs unchanged. With ``--parallel fsdp`` it shards over a group of one (in memory: no port, no launcher) — FSDP
+on one device: the same code path as on N processes, and on a GPU with ``--cpu-offload`` the weights, gradients and
+optimizer state kept in host memory, each block's weights brought to the GPU only for its forward and backward.
 """
 
 from __future__ import annotations
@@ -151,18 +153,13 @@ def is_sharded(model: torch.nn.Module) -> bool:
 def shard(model: torch.nn.Module, d: Dist, cpu_offload: bool = False, precision: str = "fp32") -> torch.nn.Module:
     """FSDP2, in place: each transformer block (the model's ``_no_split_modules`` classes) is one unit, and the root
     holds the rest. On a GPU with ``precision`` bf16, weights are gathered and computed in bf16 and gradients
-    reduced in fp32; ``cpu_offload`` keeps the shards and the optimizer step on the CPU. One process: unchanged."""
+    reduced in fp32; ``cpu_offload`` keeps the shards and the optimizer step on the CPU. One process without a
+    launcher shards over a group of its own (:func:`join_group_of_one`)."""
     if cpu_offload and d.device.type != "cuda":
         from moss_rlhf.config import ConfigError
 
         raise ConfigError("--cpu-offload moves the shards from the GPU to the host; on a CPU they are there already")
-    if d.world_size == 1:
-        if cpu_offload:  # not silently ignored: the user expects the host to hold the model
-            from moss_rlhf.config import ConfigError
-
-            raise ConfigError("--cpu-offload offloads FSDP2 shards, and one process does not shard: start several "
-                              "processes with torchrun, or leave --cpu-offload out")
-        return model
+    join_group_of_one(d)
     import warnings
 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -184,6 +181,16 @@ def shard(model: torch.nn.Module, d: Dist, cpu_offload: bool = False, precision:
         fully_shard(unit, **options)
     fully_shard(model, **options)
     return model
+
+
+def join_group_of_one(d: Dist) -> None:
+    """FSDP2 shards over a process group, even of one process: a process started without a launcher gets one of its
+    own, held in memory (a ``HashStore``: no address, no port), which :func:`shutdown` ends."""
+    global _started_here
+    if d.world_size == 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                rank=0, world_size=1)
+        _started_here = True
 
 
 def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -276,10 +283,11 @@ def local_bytes(tensors) -> int:
 def describe_parallel(models: dict) -> str:
     """"fsdp over 2 processes" / "ddp over 2 processes" / "1 process" for the models of a run."""
     world = dist.get_world_size() if is_distributed() else 1
-    if world == 1:
-        return "1 process"
     modules = [getattr(m, "model", m) for m in models.values() if m is not None]
-    return f"{'fsdp' if any(is_sharded(m) for m in modules) else 'ddp'} over {world} processes"
+    sharded = any(is_sharded(m) for m in modules)
+    if world == 1:
+        return "fsdp on 1 process" if sharded else "1 process"
+    return f"{'fsdp' if sharded else 'ddp'} over {world} processes"
 
 
 def shard_batches(n_items: int, batch_size: int, d: Dist, model: torch.nn.Module) -> list[list[int] | None]:

@@ -47,9 +47,6 @@ class PlanConfig(Config):
             raise ConfigError("give --model (a size preset or a saved model's directory)")
         if self.cpu_offload and self.parallel != "fsdp":
             raise ConfigError("--cpu-offload needs --parallel fsdp")
-        if self.cpu_offload and self.processes == 1:
-            raise ConfigError("--cpu-offload offloads FSDP2 shards, and one process does not shard: give --processes "
-                              "2 or more, or leave --cpu-offload out")
 
 
 def parameter_counts(name: str, vocab_size: int = 8000, lora_r: int = 0) -> tuple[int, int, int]:
@@ -104,9 +101,9 @@ def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
         if cfg.cpu_offload:
             host, weights, gradients, optimizer = weights + gradients + optimizer, 0.0, 0.0, 0.0
         rows.append(ModelMemory(role, n, trained, weights, gradients, optimizer, host))
-        if cfg.parallel == "fsdp" and cfg.processes > 1:
+        if cfg.parallel == "fsdp":  # on one process too: FSDP gathers each block into buffers of its own
             transient = max(transient, 2 * gathered_bytes * block * (1 + trained))  # weights (+ gradients)
-    if cfg.rl and cfg.parallel == "fsdp" and cfg.processes > 1:
+    if cfg.rl and cfg.parallel == "fsdp":
         transient += 4 * rows[0].parameters
     return rows, transient
 

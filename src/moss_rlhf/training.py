@@ -214,7 +214,8 @@ def memory_report(parts: dict[str, Trainee | torch.nn.Module | None], desc: str,
                   dist: distributed.Dist) -> dict[str, float]:
     """What each model holds on this process, measured after a first step: its weights (the local shards under
     FSDP) and, when trained, its optimizer state — ``memory/<name>_weights_mb`` and ``_optimizer_mb``, printed by
-    the main process (``moss-rlhf plan`` estimates the same before anything is loaded)."""
+    the main process (``moss-rlhf plan`` estimates the same before anything is loaded); on a GPU also the device's
+    peak allocation so far (``memory/device_peak_mb``), which ``--cpu-offload`` is there to lower."""
     metrics = {}
     for name, part in parts.items():
         if part is None:
@@ -225,6 +226,8 @@ def memory_report(parts: dict[str, Trainee | torch.nn.Module | None], desc: str,
         if isinstance(part, Trainee):
             state = [t for s in part.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
             metrics[f"memory/{name}_optimizer_mb"] = distributed.local_bytes(state) / 2 ** 20
+    if dist.device.type == "cuda":  # what the first step needed of the device: activations and gathered blocks too
+        metrics["memory/device_peak_mb"] = torch.cuda.max_memory_allocated(dist.device) / 2 ** 20
     if dist.is_main:
         shown = ", ".join(f"{k.removeprefix('memory/').removesuffix('_mb').replace('_', ' ')} {v:.1f} MB"
                           for k, v in metrics.items())

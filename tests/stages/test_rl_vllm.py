@@ -51,6 +51,31 @@ def test_rl_on_vllm_rollouts_follows_the_policy_and_logs_the_mismatch(tiny, tmp_
 
 
 @pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'moss-rlhf[vllm]')")
+def test_fsdp_on_one_process_with_an_engine_is_the_plain_run(tiny, tmp_path):  # noqa: F811
+    """--parallel fsdp without a launcher: the models sharded over a group of one, which vLLM's in-process engine
+    joins (and ends at its close); the engine synced from the gathered shards samples what the unsharded run's
+    engine samples, step for step."""
+    import functools
+
+    from tests.conftest import run_in_processes
+
+    common = dict(rollout_engine="vllm", max_steps=2, rollout_batch=8, group_size=4, mini_batch=32, ppo_epochs=2,
+                  eval_every=2)
+    for name, extra in (("plain", {}), ("fsdp", {"parallel": "fsdp"})):
+        run_in_processes(functools.partial(rl.run, reward_fn=even_majority),
+                         grpo_config(tiny, tmp_path / name, **common, **extra), world_size=1)
+    plain, sharded = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "fsdp")
+    assert [r["step"] for r in sharded] == [1, 2]
+    for a, b in zip(plain, sharded, strict=True):
+        keys = {k for k in a if not k.startswith("time/") and isinstance(a[k], float)}
+        bad = [(k, a[k], b[k]) for k in sorted(keys) if b[k] != pytest.approx(a[k], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+        assert b["rollout/logprob_abs_diff"] < 1e-4
+
+
+@pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'moss-rlhf[vllm]')")
 def test_a_stale_engine_shows_in_the_mismatch_metrics(tiny, tmp_path, monkeypatch):  # noqa: F811
     """The other side of the test above: an engine that keeps the first weights samples from the old policy, and
