@@ -193,13 +193,16 @@ def join_group_of_one(d: Dist) -> None:
         _started_here = True
 
 
-def plain_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A whole, unsharded copy of a sharded ``model`` on the same device (every process takes part: the weights are
-    gathered one tensor at a time); ``model`` itself when it is not sharded."""
-    if not is_sharded(model):
+def plain_copy(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A whole, unsharded copy of ``model`` on the same device: of a sharded one (every process takes part: the
+    weights are gathered one tensor at a time), or with its weights in another ``dtype`` (a bf16 sampler's; the
+    buffers, such as rotary frequencies, keep theirs); ``model`` itself when it is neither."""
+    if not is_sharded(model) and dtype in (None, next(model.parameters()).dtype):
         return model
     device = next(model.buffers(), next(model.parameters())).device  # buffers sit on the compute device
     copy = unsharded_skeleton(model).to_empty(device=device)
+    for parameter in copy.parameters() if dtype is not None else ():
+        parameter.data = parameter.data.to(dtype)
     copy_weights(model, copy)
     copy.eval()
     return copy.requires_grad_(False)

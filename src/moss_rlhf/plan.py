@@ -10,8 +10,9 @@ What it counts, per process of ``--processes``:
 * a frozen model (reference, reward model): its weights only, whole under DDP, 1/N under FSDP;
 * with ``--lora-r``, the trained model's base is frozen (weights only) and its adapters are trained (16 bytes per
   adapter parameter); RL's reference is then the policy without its adapters, no model of its own;
-* under FSDP, one transformer block gathered whole for its forward or backward (two with prefetching), and for RL
-  the sampler's whole fp32 copy of the policy (sampling runs on it: see ``distributed``).
+* under FSDP, one transformer block gathered whole for its forward or backward (two with prefetching); for RL the
+  sampler's whole copy of the policy (sampling runs on it: see ``distributed``), in bf16 with ``--precision bf16``
+  (then under DDP too: the bf16 rollouts' weights).
 
 Activations, the sampler's KV cache and the CUDA context come on top; ``--activation-checkpointing`` shrinks the
 first. The training loops log what they measure (``memory/*`` in ``metrics.jsonl``) for comparison.
@@ -39,7 +40,8 @@ class PlanConfig(Config):
     precision: str = option("fp32", "fp32, or bf16 (FSDP on a GPU gathers and computes in bf16)",
                             choices=("fp32", "bf16"))
     cpu_offload: bool = option(False, "fsdp: shards and optimizer state on the host")
-    rl: bool = option(False, "count the sampler's whole copy of the policy (online RL under FSDP)")
+    rl: bool = option(False, "count the sampler's whole copy of the policy (online RL under FSDP or in "
+                                   "bf16)")
     lora_r: int = option(0, "LoRA rank of the trained model (0: every weight trained)", at_least=0)
 
     def check(self) -> None:
@@ -103,8 +105,8 @@ def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
         rows.append(ModelMemory(role, n, trained, weights, gradients, optimizer, host))
         if cfg.parallel == "fsdp":  # on one process too: FSDP gathers each block into buffers of its own
             transient = max(transient, 2 * gathered_bytes * block * (1 + trained))  # weights (+ gradients)
-    if cfg.rl and cfg.parallel == "fsdp":
-        transient += 4 * rows[0].parameters
+    if cfg.rl and (cfg.parallel == "fsdp" or cfg.precision == "bf16"):  # the sampler's whole copy of the policy
+        transient += gathered_bytes * rows[0].parameters
     return rows, transient
 
 
@@ -124,8 +126,9 @@ def describe(cfg: PlanConfig) -> str:
     lines.append(f"{'total':<14}{'':>15}{size(total):>11} on the device"
                  + (f", {size(sum(r.host for r in rows))} on the host" if cfg.cpu_offload else ""))
     if transient:
-        lines.append(f"{'transient':<14}{'':>15}{size(transient):>11} (FSDP: blocks gathered for compute"
-                     + (", the sampler's whole policy copy)" if cfg.rl else ")"))
+        parts = (["blocks gathered for compute"] if cfg.parallel == "fsdp" else []) + \
+            ["the sampler's whole policy copy"] * (cfg.rl and (cfg.parallel == "fsdp" or cfg.precision == "bf16"))
+        lines.append(f"{'transient':<14}{'':>15}{size(transient):>11} ({', '.join(parts)})")
     return "\n".join(lines)
 
 

@@ -135,3 +135,39 @@ def test_filters():
     assert torch.isfinite(nucleus[0, :2]).all() and torch.isinf(nucleus[0, 2:]).all() and probs[0] < 0.8
     hot = filter_logits(logits, SamplingConfig(temperature=2.0))
     torch.testing.assert_close(hot, logits / 2)
+
+
+def test_a_bf16_sampler_samples_from_a_bf16_copy_that_follows_the_policy(tiny_model_dir):
+    """``dtype=torch.bfloat16`` (RL's rollouts under --precision bf16): the sampler keeps a bf16 copy of the fp32
+    policy's weights (its rotary frequencies stay fp32) and samples exactly what the policy cast to bf16 samples;
+    after the policy changes, ``sync_weights`` brings the copy along."""
+    import copy
+
+    model, tokenizer = load_causal_lm(str(tiny_model_dir)).eval(), load_tokenizer(str(tiny_model_dir))
+    prompts = [tokenizer("Lin went to the park", add_special_tokens=False)["input_ids"],
+               tokenizer("Bo", add_special_tokens=False)["input_ids"]]
+    sampling, seeds = SamplingConfig(max_new_tokens=8, temperature=1.0), [3, 4]
+
+    def cast(m):
+        m = copy.deepcopy(m)
+        for p in m.parameters():
+            p.data = p.data.to(torch.bfloat16)
+        return BuiltinSampler(m, stop_ids=[], pad_id=tokenizer.pad_token_id).generate(prompts, sampling, seeds)
+
+    sampler = BuiltinSampler(model, stop_ids=[], pad_id=tokenizer.pad_token_id, dtype=torch.bfloat16)
+    assert sampler.model is not model and {p.dtype for p in sampler.model.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in sampler.model.buffers() if b.is_floating_point()} <= {torch.float32}
+    before = sampler.generate(prompts, sampling, seeds)
+    expected = cast(model)
+    assert torch.equal(before.response_ids, expected.response_ids)
+    assert torch.equal(before.logprobs, expected.logprobs)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    assert torch.equal(sampler.generate(prompts, sampling, seeds).logprobs, before.logprobs)  # a copy: not synced
+    sampler.sync_weights(model)
+    after, expected = sampler.generate(prompts, sampling, seeds), cast(model)
+    assert torch.equal(after.response_ids, expected.response_ids) and torch.equal(after.logprobs, expected.logprobs)
+    assert not torch.equal(after.logprobs, before.logprobs)
+    assert next(model.parameters()).dtype == torch.float32  # the policy itself is untouched

@@ -117,15 +117,18 @@ class Sampler(Protocol):
 
 def make_sampler(cfg, policy, tokenizer) -> Sampler:
     """The rollout engine ``cfg.rollout_engine`` names for ``policy``: the builtin loop on the policy itself, or a
-    colocated vLLM engine started from ``cfg.policy`` and given the policy's current weights (a resumed run's)."""
+    colocated vLLM engine started from ``cfg.policy`` and given the policy's current weights (a resumed run's).
+    Either samples in the training precision: with ``--precision bf16`` from bf16 weights (the builtin loop from a
+    bf16 copy of the policy's), as the update's forward computes."""
+    bf16 = cfg.precision == "bf16"
     if cfg.rollout_engine == "builtin":
         from moss_rlhf.sampling.builtin import BuiltinSampler
 
-        return BuiltinSampler(policy, tokenizer)
+        return BuiltinSampler(policy, tokenizer, dtype=torch.bfloat16 if bf16 else None)
     from moss_rlhf.sampling.vllm import VLLMSampler
 
     sampler = VLLMSampler(cfg.policy, tokenizer, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
-                          memory_fraction=cfg.rollout_memory)
+                          memory_fraction=cfg.rollout_memory, dtype="bfloat16" if bf16 else "float32")
     sampler.sync_weights(policy)
     return sampler
 

@@ -24,10 +24,13 @@ from moss_rlhf.sampling import Rollout, SamplingConfig, fresh_seeds
 class BuiltinSampler:
     """Samples from ``model`` itself: :meth:`sync_weights` only points the sampler at the model to use, since there
     is no second copy of the weights to update — except for a model sharded by FSDP, whose forward is a collective
-    that processes sampling different lengths cannot run in step: the sampler then keeps a whole copy of its weights
-    (``distributed.plain_copy``), which :meth:`sync_weights` refreshes from the shards (every process calls it)."""
+    that processes sampling different lengths cannot run in step, and with a ``dtype`` other than the model's (RL's
+    bf16 rollouts from fp32 master weights: half the bytes per generated token): the sampler then keeps a whole
+    copy of its weights (``distributed.plain_copy``), which :meth:`sync_weights` refreshes (from the shards, every
+    process calling it)."""
 
-    def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None):
+    def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
+                 dtype: torch.dtype | None = None):
         from moss_rlhf.tokenizer import stop_token_ids
 
         if tokenizer is not None:
@@ -38,14 +41,15 @@ class BuiltinSampler:
             raise TypeError("BuiltinSampler needs a tokenizer, or both stop_ids and pad_id")
         from moss_rlhf.distributed import plain_copy
 
-        self.model = plain_copy(model)
+        self.model = plain_copy(model, dtype)
+        self.copies = self.model is not model
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
         self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
 
     def sync_weights(self, model) -> None:
-        from moss_rlhf.distributed import copy_weights, is_sharded
+        from moss_rlhf.distributed import copy_weights
 
-        if is_sharded(model):
+        if self.copies:
             copy_weights(model, self.model)
         else:
             self.model = model

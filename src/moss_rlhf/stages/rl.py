@@ -319,9 +319,10 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                                 greedy_baseline=cfg.advantage == "remax", lockstep=cfg.parallel == "fsdp")
         t_generate = time.perf_counter()
         with autocast(dist.device, cfg.precision):
+            # another engine's log-probs, or a bf16 copy's, are not the trainer's
+            foreign = cfg.rollout_engine != "builtin" or cfg.precision == "bf16"
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
-                                     cfg.score_batch_size,  # another engine's log-probs are not the trainer's
-                                     score_policy=plan.updates_per_step > 1 or cfg.rollout_engine != "builtin",
+                                     cfg.score_batch_size, score_policy=plan.updates_per_step > 1 or foreign,
                                      reference_temperature=cfg.reference_temperature)
         sampler.release()  # until the next sync_weights: an engine's device memory goes to the update (vLLM sleeps)
         t_score = time.perf_counter()
