@@ -77,6 +77,19 @@ def test_fsdp_on_one_process_with_an_engine_is_the_plain_run(tiny, tmp_path):  #
 
 @pytest.mark.vllm
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'moss-rlhf[vllm]')")
+def test_bf16_runs_a_bf16_engine_that_follows_the_policy(tiny, tmp_path):  # noqa: F811
+    """--precision bf16: the engine runs in bfloat16, synced from the fp32 policy after every update; the
+    trainer's log-probs of its samples differ from the engine's by bf16 rounding only (~1e-3), step after step."""
+    cfg = grpo_config(tiny, tmp_path / "bf16", rollout_engine="vllm", precision="bf16", max_steps=3, eval_every=3)
+    rl.run(cfg, reward_fn=even_majority)
+    rows = read_metrics(cfg.out)
+    assert rows[-1]["kl/per_token"] > 1e-3  # the policy moved
+    for row in rows:
+        assert 0 < row["rollout/logprob_abs_diff"] < 0.01, row["step"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (pip install 'moss-rlhf[vllm]')")
 def test_a_stale_engine_shows_in_the_mismatch_metrics(tiny, tmp_path, monkeypatch):  # noqa: F811
     """The other side of the test above: an engine that keeps the first weights samples from the old policy, and
     the metrics say so from the second step on (so their being 0 above means the sync worked)."""
