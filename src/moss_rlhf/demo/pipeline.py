@@ -103,7 +103,7 @@ class DemoConfig(Config):
         if self.metarm and (self.rounds < 2 or self.preferences or self.algorithm in OFFLINE):
             raise ConfigError("--metarm adapts the reward model between RL rounds: it needs --rounds 2 or more, the "
                               "simulated labels and an RL --algorithm")
-        if self.reference_temperature is not None and (self.algorithm in OFFLINE or self.algorithm == "dapo"):  # DAPO: no KL
+        if self.reference_temperature is not None and (self.algorithm in OFFLINE or self.algorithm == "dapo"):
             raise ConfigError(f"--reference-temperature sharpens the reference of RL's KL term; --algorithm "
                               f"{self.algorithm} has none")
         if self.rl_reward == "gold" and self.eval_prompts:
@@ -113,11 +113,13 @@ class DemoConfig(Config):
     @property
     def rl_run(self) -> str:
         """The RL run's directory and stage name: ``ppo`` for PPO-max against the reward model (the pipeline's
-        first layout), ``rl-<algorithm>`` for the others, with ``-gold`` when it optimises the gold judge."""
-        sharpened = f"-ref{self.reference_temperature:g}" if self.reference_temperature is not None else ""
-        if self.algorithm in ("ppo_max", *OFFLINE) and self.rl_reward == "model" and not self.reward_variant + sharpened:
+        first layout), ``rl-<algorithm>`` for the others, with ``-gold`` when it optimises the gold judge, and the
+        reward model's variant and ``-ref<τ>`` (the KL to a sharpened SFT) after it."""
+        variant = self.reward_variant + (f"-ref{self.reference_temperature:g}"
+                                         if self.reference_temperature is not None else "")
+        if self.algorithm in ("ppo_max", *OFFLINE) and self.rl_reward == "model" and not variant:
             return "ppo" if self.algorithm == "ppo_max" else self.algorithm
-        return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "") + self.reward_variant + sharpened
+        return f"rl-{self.algorithm}" + ("-gold" if self.rl_reward == "gold" else "") + variant
 
     @property
     def reward_variant(self) -> str:

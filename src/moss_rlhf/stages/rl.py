@@ -302,10 +302,10 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                       cfg.seed) if cfg.ptx_coef > 0 else None)
     if dist.is_main:
         print(f"rl: {plan.describe(cfg)}")
+        sharpened = f" to the reference at T {cfg.reference_temperature:g}" if cfg.reference_temperature else ""
         print(f"rl: preset {cfg.preset}, advantage {cfg.advantage}; KL β {cfg.kl_coef:g} ({cfg.kl_estimator}) in the "
-              f"{cfg.kl_placement}" + (f" to the reference at temperature {cfg.reference_temperature:g}"
-                                       if cfg.reference_temperature else "") + f"; loss {cfg.loss_agg}; {len(prompts)} prompts, {len(eval_prompts)} held out; "
-              f"reward = {sources.describe()}; {'a' if critic else 'no'} critic")
+              f"{cfg.kl_placement}{sharpened}; loss {cfg.loss_agg}; {len(prompts)} prompts, {len(eval_prompts)} held "
+              f"out; reward = {sources.describe()}; {'a' if critic else 'no'} critic")
     progress = Progress(cfg.max_steps, step, "rl", enabled=cfg.progress and dist.is_main)
     metrics: dict[str, float] = {}
     while step < cfg.max_steps:
