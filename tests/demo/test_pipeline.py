@@ -47,8 +47,11 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert main(["demo", "--quick", "--rounds", "2", "--out", str(out), "--device", "cpu"]) == 0
     assert capsys.readouterr().out.count("done already") == 14  # the report always re-runs
 
-    # critic-free runs join the same directory: GRPO against the reward model, RLOO against the gold judge
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo", "--ppo-steps", "3"]) == 0
+    # critic-free runs join the same directory: GRPO against the reward model (its KL to a sharpened SFT: a run of
+    # its own, the temperature in its config and on the report), RLOO against the gold judge
+    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "grpo", "--ppo-steps", "3",
+                 "--reference-temperature", "0.5"]) == 0
+    assert yaml.safe_load((out / "rl-grpo-ref0.5" / "config.yaml").read_text())["reference_temperature"] == 0.5
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--algorithm", "rloo", "--rl-reward", "gold",
                  "--ppo-steps", "2"]) == 0
     # DPO learns from the same labelled pairs, without the reward model
@@ -59,11 +62,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
                  "--ppo-steps", "2"]) == 0
     assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--rounds", "2", "--metarm",
                  "--ppo-steps", "2"]) == 0
-    # the KL to a sharpened SFT: a run of its own, its temperature in its config and on the report
-    assert main(["demo", "--quick", "--out", str(out), "--device", "cpu", "--reference-temperature", "0.5",
-                 "--ppo-steps", "2"]) == 0
-    assert yaml.safe_load((out / "rl-ppo_max-ref0.5" / "config.yaml").read_text())["reference_temperature"] == 0.5
-    for path in ("rl-grpo/model/model.safetensors", "eval/rl-grpo_round1_vs_sft.json",
+    for path in ("rl-grpo-ref0.5/model/model.safetensors", "eval/rl-grpo-ref0.5_round1_vs_sft.json",
                  "rl-rloo-gold/model/model.safetensors", "eval/rl-rloo-gold_round1_vs_sft.json",
                  "dpo/model/model.safetensors", "eval/dpo_round1_vs_sft.json",
                  "kto/model/model.safetensors", "eval/kto_round1_vs_sft.json",
@@ -79,7 +78,7 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
     assert "RL algorithms compared" in html and "GRPO" in html and "RLOO against the gold judge" in html
     assert "DPO from the preference pairs" in html and "KTO from the preference pairs" in html
     assert "the reward model (reward-part2/)" in html and "the reward model (reward-metarm-round2/)" in html
-    assert "PPO-max (KL to the reference at T 0.5)" in html and "PPO-max (KL to SFT at T 0.5) (round 1)" in html
+    assert "GRPO (KL to the reference at T 0.5)" in html and "GRPO (KL to SFT at T 0.5) (round 1)" in html
 
     from moss_rlhf.feedback.store import Store
 
