@@ -87,6 +87,12 @@ def test_collapse_checks_fire_on_each_signal_and_on_nan():
                        ("reward/raw_p95", 7.0)):
         assert len(collapse_signals({**calm, key: value}, Limits, first)) == 1, key
         assert len(collapse_signals({**calm, key: float("nan")}, Limits, first)) == 1, key
+    # a sharpened reference starts at a distance: the KL counts from the first step's
+    sharpened = {**first, "kl/per_token": 0.4}
+    assert collapse_signals({**calm, "kl/per_token": 0.85}, Limits, sharpened) == []
+    assert collapse_signals({**calm, "kl/per_token": 0.95}, Limits, sharpened) == [
+        "KL per token 0.950 > the first step's 0.400 + 0.5"]
+    assert len(collapse_signals({**calm, "kl/per_token": 0.9}, Limits, {**first, "kl/per_token": float("nan")})) == 1
 
 
 def test_batch_geometry():

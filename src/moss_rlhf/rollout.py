@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -380,10 +381,15 @@ def rollout_stats(chunks: list[Experience], raw: torch.Tensor, scores: torch.Ten
 def collapse_signals(metrics: dict[str, float], cfg, first: dict[str, float]) -> list[str]:
     """The paper's signs of a policy that games the reward model (§5.1): KL running away from the reference,
     perplexity towards 1 (the policy repeats one answer), responses at the length cap, a blown-up reward tail.
-    A NaN counts as a collapse (``not x <= limit``). ``cfg`` holds the ``collapse_*`` thresholds."""
+    A NaN counts as a collapse (``not x <= limit``). ``cfg`` holds the ``collapse_*`` thresholds. The KL counts
+    from the first step's: 0 for a policy that starts as its reference, more for a sharpened reference
+    (``--reference-temperature``), whose distance at the start is no collapse."""
     found = []
-    if not metrics["kl/per_token"] <= cfg.collapse_kl:
-        found.append(f"KL per token {metrics['kl/per_token']:.3f} > {cfg.collapse_kl}")
+    start = first.get("kl/per_token", 0.0)
+    start = start if math.isfinite(start) and start > 0 else 0.0
+    if not metrics["kl/per_token"] <= start + cfg.collapse_kl:
+        found.append(f"KL per token {metrics['kl/per_token']:.3f} > "
+                     + (f"the first step's {start:.3f} + {cfg.collapse_kl}" if start > 1e-3 else f"{cfg.collapse_kl}"))
     if not metrics["policy/perplexity"] >= cfg.collapse_perplexity:
         found.append(f"response perplexity {metrics['policy/perplexity']:.3f} < {cfg.collapse_perplexity}")
     if not metrics["response/truncated_share"] <= cfg.collapse_length_share:

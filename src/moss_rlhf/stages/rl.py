@@ -185,8 +185,8 @@ class RLConfig(TrainConfig):
                                       "the name of a validation scorer (--val-scorer, or one the caller passes: the "
                                       "demo's 'gold'), or 'auto' (the first such scorer, else reward)",
                               free_on_resume=True)
-    collapse_kl: float = option(0.5, "warn when KL per token to the reference exceeds this", above=0.0,
-                                free_on_resume=True)
+    collapse_kl: float = option(0.5, "warn when KL per token to the reference exceeds the first step's (0, or "
+                                     "more with --reference-temperature) by this", above=0.0, free_on_resume=True)
     collapse_perplexity: float = option(1.1, "warn when the policy's perplexity of its replies falls below this",
                                         at_least=1.0, free_on_resume=True)
     collapse_length_share: float = option(0.8, "warn when this share of replies hits --max-new-tokens", above=0.0,
@@ -354,7 +354,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                         "policy/lr": policy.schedule.get_last_lr()[0], "policy/trained": float(train_policy)})
         metrics.update(memory_report({"policy": policy, "critic": critic, "reference": models.reference,
                                       "reward_model": models.reward_model}, "rl", dist) if step == 1 else {})
-        first_stats = first_stats or {k: metrics[k] for k in ("reward/raw_mean", "reward/raw_std")}
+        first_stats = first_stats or {k: metrics[k] for k in ("reward/raw_mean", "reward/raw_std", "kl/per_token")}
         warnings = collapse_signals(metrics, cfg, first_stats) if train_policy else []
         metrics["collapse/warnings"] = float(len(warnings))
         if step == cfg.max_steps or cfg.eval_every and step % cfg.eval_every == 0:
