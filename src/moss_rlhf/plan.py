@@ -86,6 +86,12 @@ class ModelMemory:
     host: float         # bytes per process on the host (CPU offload)
 
 
+def sampler_copies_policy(cfg: PlanConfig) -> bool:
+    """Whether RL's sampler holds a whole copy of the policy: a sharded policy cannot sample, and bf16 rollouts come
+    from a bf16 copy of the fp32 weights (``sampling.builtin``)."""
+    return cfg.rl and (cfg.parallel == "fsdp" or cfg.precision == "bf16")
+
+
 def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
     """Each model's memory per process, and the transient memory of FSDP (gathered blocks, the sampler's copy)."""
     share = 1 / cfg.processes if cfg.parallel == "fsdp" else 1.0
@@ -105,7 +111,7 @@ def plan(cfg: PlanConfig) -> tuple[list[ModelMemory], float]:
         rows.append(ModelMemory(role, n, trained, weights, gradients, optimizer, host))
         if cfg.parallel == "fsdp":  # on one process too: FSDP gathers each block into buffers of its own
             transient = max(transient, 2 * gathered_bytes * block * (1 + trained))  # weights (+ gradients)
-    if cfg.rl and (cfg.parallel == "fsdp" or cfg.precision == "bf16"):  # the sampler's whole copy of the policy
+    if sampler_copies_policy(cfg):
         transient += gathered_bytes * rows[0].parameters
     return rows, transient
 
@@ -127,7 +133,7 @@ def describe(cfg: PlanConfig) -> str:
                  + (f", {size(sum(r.host for r in rows))} on the host" if cfg.cpu_offload else ""))
     if transient:
         parts = (["blocks gathered for compute"] if cfg.parallel == "fsdp" else []) + \
-            ["the sampler's whole policy copy"] * (cfg.rl and (cfg.parallel == "fsdp" or cfg.precision == "bf16"))
+            ["the sampler's whole policy copy"] * sampler_copies_policy(cfg)
         lines.append(f"{'transient':<14}{'':>15}{size(transient):>11} ({', '.join(parts)})")
     return "\n".join(lines)
 
