@@ -155,7 +155,8 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
                           processing_class=tokenizer, callbacks=[Clock()])
 
     # Phase timers and update token counts, wrapped around the trainer's own methods.
-    phase = {"generate_s": [], "generate_score_s": [], "forward_tokens": [], "head_tokens": [], "lengths": []}
+    phase = {"generate_s": [], "generate_score_s": [], "forward_tokens": [], "head_tokens": [], "lengths": [],
+             "completions": []}
     generate, generate_and_score, compute_loss = (trainer._generate, trainer._generate_and_score_completions,
                                                   trainer._compute_loss)
 
@@ -164,6 +165,7 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
         out = generate(prompts)
         phase["generate_s"].append(time.perf_counter() - start)
         phase["lengths"].extend(len(ids) for ids in out[1])  # completion_ids_list
+        phase["completions"].append(len(out[1]))
         return out
 
     def timed_generate_and_score(inputs):
@@ -184,6 +186,12 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
     trainer._generate, trainer._generate_and_score_completions = timed_generate, timed_generate_and_score
     trainer._compute_loss = counted_compute_loss
     trainer.train()
+    # the geometry check: TRL generated and trained on what ours does (its batch fields multiply in ways easy to
+    # get wrong: per_device_train_batch_size × steps_per_generation completions per generation)
+    expected = {"generations": [completions_per_step(args)] * args.iterations, "steps": args.iterations}
+    seen = {"generations": phase["completions"], "steps": len(marks) - 1}
+    if seen != expected:
+        raise SystemExit(f"TRL's GRPO ran {seen}, not {expected}: the benchmark's GRPOConfig is wrong")
     step_s = [b - a for a, b in zip(marks, marks[1:])]
     return {"step_s": step_s, "generate_s": phase["generate_s"],
             "score_s": [t - g for t, g in zip(phase["generate_score_s"], phase["generate_s"])],

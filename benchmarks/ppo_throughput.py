@@ -2,7 +2,7 @@
 preset) against TRL's PPO (``trl.experimental.ppo.PPOTrainer``, trl 1.12.0 — 1.13.0 and later no longer have it),
 side by side in one run, on the same model, tokenizer, prompts, batch geometry, response length and epochs.
 
-    python benchmarks/ppo_throughput.py [--iterations 6] [--threads 1] [--skip-trl]
+    python benchmarks/ppo_throughput.py [--iterations 6] [--threads 1] [--critic-in-turn] [--skip-trl]
 
 What it does:
   1. trains a small byte-level BPE tokenizer on a synthetic corpus and saves one randomly initialised Llama of the
@@ -18,7 +18,11 @@ What it does:
      against the fp32 GEMM peak probed before and after the runs (``_rl_bench.print_update_gflops``).
 
 Both sides sample at temperature 1 and stop a response at the end token or at ``--response-length``; TRL gets its
-rollout forward batch equal to the whole rollout batch (its fastest setting).
+rollout forward batch equal to the whole rollout batch (its fastest setting). After TRL's run the worker checks that
+it made ours' iterations, episodes and optimizer steps (TRL's rollout batch is ``per_device_train_batch_size ×
+gradient_accumulation_steps``: until 2026-12-03 this script gave it the mini-batch there, so TRL's iterations had a
+quarter or half of ours' sequences). With two or more threads ours runs the critic's update steps beside the
+policy's (``--overlap-critic``, on by default); ``--critic-in-turn`` times them one after the other.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                          "each one's best round (other jobs on a shared machine "
                                                          "slow whichever happens to run beside them)")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
+    p.add_argument("--critic-in-turn", action="store_true", help="ours: the critic's update steps after the "
+                                                                 "policy's, not beside it (--no-overlap-critic)")
     p.add_argument("--skip-trl", action="store_true", help="time moss-rlhf only")
     p.add_argument("--worker", choices=("ours", "trl"), help=argparse.SUPPRESS)
     p.add_argument("--dir", help=argparse.SUPPRESS)
@@ -70,7 +76,8 @@ def run_ours(workdir: Path, args: argparse.Namespace) -> dict:
                       eval_prompts=[prompts], eval_size=1, rollout_batch=args.rollout_batch,
                       mini_batch=args.mini_batch, batch_size=args.mini_batch, ppo_epochs=args.epochs,
                       max_new_tokens=args.response_length, max_steps=args.iterations, eval_every=0, save_every=0,
-                      progress=False, device="cpu", best_metric="reward", overwrite=True)
+                      progress=False, device="cpu", best_metric="reward", overwrite=True,
+                      overlap_critic=not args.critic_in_turn)
     rl.run(cfg)
     return our_run(workdir / "ours")
 
@@ -94,8 +101,13 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
     def scorer():  # reward model and critic: the saved sequence classifier, as ours
         return AutoModelForSequenceClassification.from_pretrained(str(workdir / "reward"), num_labels=1)
 
+    # TRL's rollout batch is per_device_train_batch_size × gradient_accumulation_steps, split into num_mini_batches
+    # mini-batches, each run as micro-batches of per_device_train_batch_size (one here: the slice stops at the
+    # mini-batch's end) with an optimizer step per micro-batch when gradient_accumulation_steps is 1 — so these
+    # three give ours' geometry exactly: --rollout-batch sequences, one update per --mini-batch of them.
     config = PPOConfig(output_dir=str(workdir / "trl"), report_to=[], use_cpu=True, save_strategy="no",
-                       logging_steps=10_000, per_device_train_batch_size=args.mini_batch, gradient_accumulation_steps=1,
+                       logging_steps=10_000, per_device_train_batch_size=args.rollout_batch,
+                       gradient_accumulation_steps=1,
                        num_mini_batches=args.rollout_batch // args.mini_batch, num_ppo_epochs=args.epochs,
                        local_rollout_forward_batch_size=args.rollout_batch, response_length=args.response_length,
                        total_episodes=args.rollout_batch * args.iterations, num_sample_generations=0,
@@ -114,7 +126,21 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
                          ref_model=AutoModelForCausalLM.from_pretrained(model_dir), reward_model=scorer(),
                          value_model=scorer(), train_dataset=dataset, eval_dataset=dataset.select(range(4)),
                          callbacks=[Clock()])
+    updates = []  # optimizer steps per iteration, counted where they happen
+    step = trainer.optimizer.step
+
+    def counted_step(*a, **k):
+        updates.append(1)
+        return step(*a, **k)
+
+    trainer.optimizer.step = counted_step
     trainer.train()
+    # the geometry check: TRL ran what ours runs (its batch fields are easy to get wrong by a factor)
+    expected = {"iterations": args.iterations, "sequences": args.rollout_batch * args.iterations,
+                "updates": args.iterations * args.epochs * (args.rollout_batch // args.mini_batch)}
+    seen = {"iterations": len(marks) - 1, "sequences": trainer.state.episode, "updates": len(updates)}
+    if seen != expected:
+        raise SystemExit(f"TRL's PPO ran {seen}, not {expected}: the benchmark's PPOConfig is wrong")
     return {"step_s": [b - a for a, b in zip(marks, marks[1:])], "trl": trl.__version__}
 
 
@@ -132,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--rollout-batch must be a multiple of --mini-batch")
     print(f"config: rollout batch {args.rollout_batch}, mini-batch {args.mini_batch}, response length "
           f"{args.response_length}, {args.epochs} PPO epoch(s), {args.iterations} iterations, "
-          f"{args.threads} thread(s), CPU")
+          f"{args.threads} thread(s), CPU; our critic steps "
+          f"{'after' if args.critic_in_turn or args.threads < 2 else 'beside'} the policy's")
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="ppo-bench-") as tmp:
         workdir = Path(tmp)

@@ -5,6 +5,7 @@ later epochs shuffle whole groups."""
 
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +18,7 @@ from moss_rlhf.sampling import SamplingConfig, encode_prompts
 from moss_rlhf.sampling.builtin import BuiltinSampler
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import Trainee
-from moss_rlhf.update import epoch_order, policy_step
+from moss_rlhf.update import critic_thread, epoch_order, policy_step
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,25 @@ def test_a_steps_first_update_needs_no_stored_policy_logprobs(setting):
     policy.zero_grad()
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert ratios[0] == pytest.approx(1.0, abs=1e-12) and ratios[1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_the_critic_thread_splits_the_threads_and_keeps_the_callers_autocast():
+    """The critic's worker thread and the caller share torch's intra-op threads (1 + 1 of 2, 1 + 2 of 3) and get
+    them back afterwards; autocast is per thread, so the worker enters the caller's (a bf16 run's critic computes
+    in bf16 as it does in turn); an exception on the worker reaches the caller. Without the thread the step runs
+    at once, on the caller's."""
+    before = torch.get_num_threads()
+    try:
+        for threads, caller, worker in ((2, 1, 1), (3, 1, 2)):
+            torch.set_num_threads(threads)
+            with torch.autocast("cpu", dtype=torch.bfloat16), critic_thread(True) as beside:
+                seen = beside(lambda: (torch.get_num_threads(), torch.is_autocast_enabled("cpu"),
+                                       (torch.ones(2, 2) @ torch.ones(2, 2)).dtype)).result()
+                assert seen == (worker, True, torch.bfloat16) and torch.get_num_threads() == caller
+                with pytest.raises(ZeroDivisionError):
+                    beside(lambda: 1 / 0).result()
+            assert torch.get_num_threads() == threads
+        with critic_thread(False) as at_once:
+            assert at_once(threading.get_ident).result() == threading.get_ident()
+    finally:
+        torch.set_num_threads(before)

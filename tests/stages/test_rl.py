@@ -250,6 +250,32 @@ def test_stopped_run_resumes_with_identical_metrics(tiny, tmp_path):
     assert "policy/ptx_loss" in uninterrupted[1] and uninterrupted[2]["kl/coef"] != 0.1
 
 
+def test_the_critic_stepping_beside_the_policy_gives_the_same_run(tiny, tmp_path, capsys):
+    """--overlap-critic (one process on a CPU, two threads): the critic's steps run on a thread of their own beside
+    the policy's; every logged statistic and the final policy equal those of the run that takes them in turn (to
+    float rounding: each side computes with one thread instead of two). With one thread there is nothing to
+    share and the steps run in turn."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(2)
+    for overlap in (False, True):
+        rl.run(config(tiny, tmp_path / str(overlap), overlap_critic=overlap, max_steps=3), reward_fn=even_token_share)
+        assert ("beside the policy's on a thread of their own" in capsys.readouterr().out) is overlap
+    in_turn, beside = read_metrics(tmp_path / "False"), read_metrics(tmp_path / "True")
+    # both models moved (later steps' values and value losses depend on the critic's earlier steps)
+    assert beside[-1]["kl/per_token"] > 0.01 and all(row["critic/grad_norm"] > 0 for row in beside)
+    for a, b in zip(in_turn, beside):
+        keys = sorted(k for k in a if not k.startswith(("time/", "memory/")) and isinstance(a[k], float))
+        bad = [(key, a[key], b[key]) for key in keys if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+    one, two = (load_file(tmp_path / name / "model" / "model.safetensors") for name in ("False", "True"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+    torch.set_num_threads(1)
+    rl.run(config(tiny, tmp_path / "one", max_steps=1), reward_fn=even_token_share)
+    assert "beside the policy's" not in capsys.readouterr().out
+
+
 def test_impossible_batch_geometry_is_refused(tmp_path, capsys):
     with pytest.raises(ConfigError, match="rollout-batch .* multiple of --mini-batch"):
         from_args(RLConfig, build_parser().parse_args(["ppo", "--prompts", "p.jsonl", "--rollout-batch", "10",

@@ -17,7 +17,8 @@ Every step:
      baseline or without), ReMax's greedy baseline;
   3. update (``update.rl_update``): ``ppo_epochs`` passes in mini-batches; a policy step (clipped surrogate with
      ε_low/ε_high, the KL in the loss when placed there, entropy bonus, PPO-ptx; aggregated by token, by sequence or
-     by a constant) and a critic step; for the first ``critic_warmup_steps`` steps only the critic learns;
+     by a constant) and a critic step (in one process on a CPU, on a thread of its own beside the policy's:
+     ``--overlap-critic``); for the first ``critic_warmup_steps`` steps only the critic learns;
   4. monitor: reward (per source), KL, perplexity, length (and by outcome), entropy, clip fraction, advantages,
      equal-reward groups, memory, the paper's collapse signals; validate on held-out prompts (the caller's scorers
      too, e.g. the demo's gold judge), keep the best policy in ``best/``, checkpoint atomically (exact resume).
@@ -58,7 +59,7 @@ from moss_rlhf.sampling import SamplingConfig, make_sampler
 from moss_rlhf.scoring import TextScorer, named_scorers, validate
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import Trainee, autocast, lm_batches, memory_report, nonfinite, skip_or_stop
-from moss_rlhf.update import rl_update
+from moss_rlhf.update import critic_beside_policy, rl_update
 
 PLOT_KEYS = ["reward/raw_mean", "reward/normalized_mean", "kl/per_token", "policy/perplexity", "response/length",
              "policy/entropy", "policy/clipfrac", "advantage/std", "groups/equal_reward_share",
@@ -168,6 +169,9 @@ class RLConfig(TrainConfig):
                                          above=0.0)
     entropy_coef: float = option(0.0, "entropy bonus coefficient", at_least=0.0)
     critic_warmup_steps: int = option(0, "RL steps in which only the critic learns", at_least=0)
+    overlap_critic: bool = option(True, "one process on a CPU: run the critic's update step on a second thread "
+                                        "beside the policy's, each with half of torch's threads (the same result, "
+                                        "up to float rounding, in less time)")
     ptx_data: list[str] = option([], "PPO-ptx: conversation files whose LM loss is mixed into the policy loss")
     ptx_coef: float = option(0.0, "PPO-ptx loss coefficient", at_least=0.0)
     ptx_batch_size: int = option(4, "PPO-ptx conversations per update per process", at_least=1)
@@ -303,9 +307,11 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     if dist.is_main:
         print(f"rl: {plan.describe(cfg)}")
         sharpened = f" to the reference at T {cfg.reference_temperature:g}" if cfg.reference_temperature else ""
+        beside = (", its steps beside the policy's on a thread of their own"
+                  if critic_beside_policy(cfg, plan, critic, dist.device) else "")
         print(f"rl: preset {cfg.preset}, advantage {cfg.advantage}; KL β {cfg.kl_coef:g} ({cfg.kl_estimator}) in the "
               f"{cfg.kl_placement}{sharpened}; loss {cfg.loss_agg}; {len(prompts)} prompts, {len(eval_prompts)} held "
-              f"out; reward = {sources.describe()}; {'a' if critic else 'no'} critic")
+              f"out; reward = {sources.describe()}; {'a' if critic else 'no'} critic{beside}")
     progress = Progress(cfg.max_steps, step, "rl", enabled=cfg.progress and dist.is_main)
     metrics: dict[str, float] = {}
     while step < cfg.max_steps:
