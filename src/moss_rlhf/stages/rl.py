@@ -17,8 +17,7 @@ Every step:
      baseline or without), ReMax's greedy baseline;
   3. update (``update.rl_update``): ``ppo_epochs`` passes in mini-batches; a policy step (clipped surrogate with
      ε_low/ε_high, the KL in the loss when placed there, entropy bonus, PPO-ptx; aggregated by token, by sequence or
-     by a constant) and a critic step (in one process on a CPU, on a thread of its own beside the policy's:
-     ``--overlap-critic``); for the first ``critic_warmup_steps`` steps only the critic learns;
+     by a constant) and a critic step (beside it: ``--overlap-critic``); ``critic_warmup_steps`` train the critic alone;
   4. monitor: reward (per source), KL, perplexity, length (and by outcome), entropy, clip fraction, advantages,
      equal-reward groups, memory, the paper's collapse signals; validate on held-out prompts (the caller's scorers
      too, e.g. the demo's gold judge), keep the best policy in ``best/``, checkpoint atomically (exact resume).
@@ -169,9 +168,8 @@ class RLConfig(TrainConfig):
                                          above=0.0)
     entropy_coef: float = option(0.0, "entropy bonus coefficient", at_least=0.0)
     critic_warmup_steps: int = option(0, "RL steps in which only the critic learns", at_least=0)
-    overlap_critic: bool = option(True, "one process on a CPU: run the critic's update step on a second thread "
-                                        "beside the policy's, each with half of torch's threads (the same result, "
-                                        "up to float rounding, in less time)")
+    overlap_critic: bool = option(True, "one process on a CPU: the critic's update steps on a thread of their own "
+                                        "beside the policy's, half of torch's threads each (the same run, faster)")
     ptx_data: list[str] = option([], "PPO-ptx: conversation files whose LM loss is mixed into the policy loss")
     ptx_coef: float = option(0.0, "PPO-ptx loss coefficient", at_least=0.0)
     ptx_batch_size: int = option(4, "PPO-ptx conversations per update per process", at_least=1)
