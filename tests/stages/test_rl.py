@@ -4,7 +4,7 @@ is accepted; PPO raises a programmatic reward and the KL penalty keeps the polic
 runs without a critic; a stopped run resumes with identical metrics; impossible batch geometry is refused with a
 clear error; presets set their switches and explicit flags win; the reward-model path (critic from the RM, LoRA
 policy) writes a trained model, best/ chosen by the caller's validation scorer and validation samples; two
-processes with gloo give the same run as one process."""
+processes with gloo give the same run as one process, and so does the critic stepping beside the policy."""
 
 from __future__ import annotations
 
