@@ -132,8 +132,8 @@ def describe(cfg: PlanConfig) -> str:
     lines.append(f"{'total':<14}{'':>15}{size(total):>11} on the device"
                  + (f", {size(sum(r.host for r in rows))} on the host" if cfg.cpu_offload else ""))
     if transient:
-        parts = (["blocks gathered for compute"] if cfg.parallel == "fsdp" else []) + \
-            ["the sampler's whole policy copy"] * sampler_copies_policy(cfg)
+        parts = [name for name, counted in (("blocks gathered for compute", cfg.parallel == "fsdp"),
+                                            ("the sampler's whole policy copy", sampler_copies_policy(cfg))) if counted]
         lines.append(f"{'transient':<14}{'':>15}{size(transient):>11} ({', '.join(parts)})")
     return "\n".join(lines)
 
