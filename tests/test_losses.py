@@ -88,6 +88,60 @@ def test_token_logprobs_and_entropy_match_reference():
     torch.testing.assert_close(L.entropy_from_logits(torch.zeros(1, 2, 11)), torch.full((1, 2), math.log(11)))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_linear_logprobs_match_the_logits_and_their_gradients_block_by_block(monkeypatch, bias, temperature):
+    """The head's log-probs and entropies without the [N, V] logits equal log_softmax / the entropy of the logits,
+    and so do the gradients in hidden, weight and bias of each output alone and of both, over several blocks of
+    rows (the last one short)."""
+    monkeypatch.setattr(L, "HEAD_BLOCK_ELEMENTS", 4 * 13)  # blocks of 4 rows of a 13-token vocabulary
+    g = torch.Generator().manual_seed(5)
+    n, d, vocab = 11, 6, 13
+    inputs = [torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(vocab, d, generator=g,
+                                                                               dtype=torch.float64)]
+    inputs.append(torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None)
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    weights = torch.randn(2, n, generator=g, dtype=torch.float64)
+
+    def reference(hidden, weight, b):
+        z = (hidden @ weight.T + (0 if b is None else b)) / temperature
+        logp = z.log_softmax(-1)
+        return logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+    for used in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        grads = []
+        for fn in (lambda *a: L.linear_logprobs(*a, targets, temperature), reference):
+            leaves = [None if x is None else x.clone().requires_grad_(True) for x in inputs]
+            logprobs, entropy = fn(*leaves)
+            grads.append((logprobs.detach(), entropy.detach()))
+            (used[0] * (weights[0] * logprobs).sum() + used[1] * (weights[1] * entropy).sum()).backward()
+            grads[-1] += tuple(x.grad for x in leaves if x is not None)
+        for ours, ref in zip(*grads):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    # a hand case: equal logits are the uniform distribution
+    logprobs, entropy = L.linear_logprobs(torch.zeros(2, d), torch.randn(vocab, d), None, torch.tensor([0, 5]))
+    torch.testing.assert_close(logprobs, torch.full((2,), -math.log(vocab)))
+    torch.testing.assert_close(entropy, torch.full((2,), math.log(vocab)))
+    # no gradient asked: nothing is kept for backward and nothing fails
+    with torch.no_grad():
+        assert L.linear_logprobs(*inputs, targets, temperature)[0].grad_fn is None
+
+
+def test_linear_logprobs_under_bf16_autocast_stay_float32_and_close():
+    g = torch.Generator().manual_seed(6)
+    hidden, weight = torch.randn(9, 8, generator=g), torch.randn(17, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 17, (9,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logprobs, _ = L.linear_logprobs(hidden, weight, None, targets)
+    logprobs.sum().backward()
+    assert logprobs.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    reference = weight.detach().clone().requires_grad_(True)
+    z = (hidden.bfloat16() @ reference.bfloat16().T).float()
+    z.log_softmax(-1).gather(1, targets[:, None]).sum().backward()
+    torch.testing.assert_close(logprobs, z.detach().log_softmax(-1).gather(1, targets[:, None])[:, 0])
+    torch.testing.assert_close(weight.grad, reference.grad, atol=0.05, rtol=0.02)
+
+
 def test_lm_loss_sum_matches_cross_entropy_and_accumulates_exactly():
     g = torch.Generator().manual_seed(3)
     B, T, V = 4, 8, 13
@@ -142,7 +196,8 @@ def test_bradley_terry_loss():
     margin = torch.tensor([0.5, 1.0, 0.0, 2.0], dtype=torch.float64)
     got = L.bradley_terry_loss(rc, rr, margin=margin, reduction="none")
     assert got.tolist() == pytest.approx([ref(d - m) for d, m in zip(ds, margin.tolist())])
-    assert L.bradley_terry_loss(rc, rr, margin=1.0, reduction="none").tolist() == pytest.approx([ref(d - 1) for d in ds])
+    by_one = L.bradley_terry_loss(rc, rr, margin=1.0, reduction="none")
+    assert by_one.tolist() == pytest.approx([ref(d - 1) for d in ds])
     # a positive margin demands a larger gap: loss goes up
     assert torch.all(got[margin > 0] > none[margin > 0])
     got = L.bradley_terry_loss(rc, rr, label_smoothing=0.1, reduction="none")

@@ -1,12 +1,14 @@
 """Padding-free forwards: packed rows keep each sequence whole, with positions restarting at 0; log-probs,
 entropies, values and sequence scores from packed rows equal those of the padded forward (left-padded prompts,
-right-padded replies of different lengths), gradients included; the row cap bounds the width."""
+right-padded replies of different lengths), gradients included, with the logits whole or block by block; the row
+cap bounds the width."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from moss_rlhf import losses
 from moss_rlhf.models import load_causal_lm, load_scorer, position_ids_of, sequence_scores
 from moss_rlhf.packing import pack_sequences, packed_logprobs, packed_sequence_scores, packed_values
 from moss_rlhf.rollout import critic_values, response_logprobs
@@ -49,8 +51,11 @@ def test_rows_hold_each_sequence_whole_without_padding(parts):
     assert wide.input_ids.shape[0] < packed.input_ids.shape[0] and wide.input_ids.shape[1] <= 1000
 
 
-def test_packed_forwards_equal_the_padded_ones_gradients_included(parts):
+@pytest.mark.parametrize("logits_at_once", ["all", "blocks"])
+def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeypatch, logits_at_once):
     _, policy, scorer, rollout = parts
+    if logits_at_once == "blocks":  # the log-probs block by block (losses.linear_logprobs), a few rows at a time
+        monkeypatch.setattr(losses, "HEAD_BLOCK_ELEMENTS", 3 * policy.config.vocab_size)
     seq, mask = rollout.sequences, rollout.attention_mask
     width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
     packed = pack_sequences(seq, mask, width)

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moss_rlhf import losses
 from moss_rlhf.data.collate import fewest_padded_rows
+from moss_rlhf.distributed import is_sharded
 from moss_rlhf.losses import entropy_from_logits, token_logprobs
 from moss_rlhf.models import final_hidden_states, score_head, unwrap
 
@@ -98,17 +100,27 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
     end), and the entropies of those distributions when asked (differentiable only with ``entropy_grad``).
     ``temperature`` 0 (greedy) scores at 1. The output projection runs at the predicting positions only when the
     logits are a plain projection of the last hidden state (``training.plain_output_head``); other models (logit
-    soft-capping, scaling) compute every position's logits and keep the same ones."""
+    soft-capping, scaling) compute every position's logits and keep the same ones. Logits of more than
+    ``losses.HEAD_BLOCK_ELEMENTS`` are never held whole: a plain linear head's log-probs and entropies are then
+    computed block by block, forward and backward (``losses.linear_logprobs``)."""
     from moss_rlhf.training import plain_output_head
 
     head = plain_output_head(model)
-    if head is not None:
-        hidden = final_hidden_states(model, packed.input_ids, None, packed.position_ids, logits_to_keep=1)
-        logits = head(hidden.flatten(0, 1)[packed.predict_index])
-    else:
+    temperature = temperature if temperature > 0 else 1.0
+    if head is None:
         out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
         logits = out.logits.flatten(0, 1)[packed.predict_index]
-    if temperature > 0 and temperature != 1.0:
+    else:
+        hidden = final_hidden_states(model, packed.input_ids, None, packed.position_ids, logits_to_keep=1)
+        hidden = hidden.flatten(0, 1)[packed.predict_index]
+        if (type(head) is torch.nn.Linear and not is_sharded(model)
+                and len(hidden) * head.out_features > losses.HEAD_BLOCK_ELEMENTS):
+            # logits too large to hold: block by block, never all at once (losses.linear_logprobs)
+            logprobs, entropy = losses.linear_logprobs(hidden, head.weight, head.bias, packed.targets, temperature)
+            entropy = entropy if entropy_grad and torch.is_grad_enabled() else entropy.detach()
+            return packed.unpack(logprobs), packed.unpack(entropy) if with_entropy else None
+        logits = head(hidden)
+    if temperature != 1.0:
         logits = logits / temperature
     # one [N, V] float32 copy at a time (token_logprobs and entropy_from_logits loop over their first dimension)
     logprobs = packed.unpack(token_logprobs(logits[None], packed.targets[None])[0])

@@ -119,11 +119,13 @@ def test_repetition_penalty_never_counts_padding():
     assert again.response_ids[0].tolist()[:2] == [runner_up, 6]
 
 
-def test_nan_logits_raise():
+@pytest.mark.parametrize("cfg", [SamplingConfig(4), SamplingConfig(4, temperature=0), SamplingConfig(4, top_k=3),
+                                 SamplingConfig(4, top_p=0.5)], ids=["sampled", "greedy", "top-k", "top-p"])
+def test_nan_logits_raise(cfg):
     model = EndFavouringModel(8, 1, 2)
-    model.logits[4] = float("nan")
+    model.logits[4] = float("nan")  # one NaN among the vocabulary, the likeliest tokens finite
     with pytest.raises(NonFiniteError, match="NaN"):
-        BuiltinSampler(model, stop_ids=[1], pad_id=0).generate([[5, 6]], SamplingConfig(4))
+        BuiltinSampler(model, stop_ids=[1], pad_id=0).generate([[5, 6]], cfg)
 
 
 def test_filters():

@@ -113,15 +113,16 @@ def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sam
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for t in range(cfg.max_new_tokens):
-        if torch.isnan(logits).any():
-            raise NonFiniteError("the model's logits are NaN (its weights are not finite, or its input "
-                                 "overflowed): nothing can be sampled from it")
         scores = filter_logits(logits, cfg, None if seen is None else seen[:, :vocab])
         if uniforms is not None:
             choice = invert_cdf(scores.softmax(-1), uniforms[:, t])
         else:
             choice = scores.argmax(-1)
         picked = torch.log_softmax(scores if cfg.temperature > 0 else logits, -1).gather(1, choice[:, None])[:, 0]
+        # a NaN logit makes its row's log-softmax NaN: checked on [B] picked values, not [B, V] logits
+        if torch.isnan(picked).any():
+            raise NonFiniteError("the model's logits are NaN (its weights are not finite, or its input "
+                                 "overflowed): nothing can be sampled from it")
         choice = torch.where(alive, choice, torch.full_like(choice, pad_id))
         tokens[:, t] = choice
         logprobs[:, t] = torch.where(alive, picked, 0.0)
