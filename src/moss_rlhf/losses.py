@@ -100,12 +100,13 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.stack(rows)
 
 
-# The most logits ``linear_logprobs`` holds at once (64 MB in float32), and the size of the [N, V] logits above which
-# the RL update computes its log-probs that way (``packing.packed_logprobs``): below it one GEMM and a fused softmax
-# over the whole block are as fast or faster (measured on a CPU at N·V = 4M: 106–123 ms against 116–172 ms for
-# blocks of 32K–8M elements, fwd + bwd), above it the logits, their softmax and their gradient would each be a tensor
-# of N·V floats — 10 GB at 16K response tokens of a 150K vocabulary.
-HEAD_BLOCK_ELEMENTS = 2 ** 24
+# The most logits ``linear_logprobs`` holds at once (256 MiB in float32), and the size of the [N, V] logits above
+# which the RL update computes its log-probs that way (``packing.packed_logprobs``). Below it one GEMM and a fused
+# softmax over all the logits were as fast or faster on a CPU (N·V = 4M: 106–123 ms against 116–172 ms for blocks
+# of 32K–8M elements, forward and backward); above it the logits, their softmax and their gradient would each be a
+# tensor of N·V floats — 10 GB at 16K response tokens of a 150K vocabulary. Smaller blocks cost time: at N 2,048 ×
+# V 152K, blocks of 2²⁴ took 1.40× the whole logits' time, blocks of 2²⁶ 0.84× (benchmarks/head_memory.py).
+HEAD_BLOCK_ELEMENTS = 2 ** 26
 
 
 def _scaled_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None, scale: float) -> Tensor:
