@@ -105,7 +105,7 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 # softmax over all the logits were as fast or faster on a CPU (N·V = 4M: 106–123 ms against 116–172 ms for blocks
 # of 32K–8M elements, forward and backward); above it the logits, their softmax and their gradient would each be a
 # tensor of N·V floats — 10 GB at 16K response tokens of a 150K vocabulary. Smaller blocks cost time: at N 2,048 ×
-# V 152K, blocks of 2²⁴ took 1.40× the whole logits' time, blocks of 2²⁶ 0.84× (benchmarks/head_memory.py).
+# V 152K, blocks of 2²⁴ took 1.40× the whole logits' time, blocks of 2²⁶ 0.84–0.92× (benchmarks/head_memory.py).
 HEAD_BLOCK_ELEMENTS = 2 ** 26
 
 
