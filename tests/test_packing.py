@@ -54,8 +54,11 @@ def test_rows_hold_each_sequence_whole_without_padding(parts):
 @pytest.mark.parametrize("logits_at_once", ["all", "blocks"])
 def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeypatch, logits_at_once):
     _, policy, scorer, rollout = parts
+    calls = []
     if logits_at_once == "blocks":  # the log-probs block by block (losses.linear_logprobs), a few rows at a time
         monkeypatch.setattr(losses, "HEAD_BLOCK_ELEMENTS", 3 * policy.config.vocab_size)
+        blockwise = losses.linear_logprobs
+        monkeypatch.setattr(losses, "linear_logprobs", lambda *a: calls.append(len(a[0])) or blockwise(*a))
     seq, mask = rollout.sequences, rollout.attention_mask
     width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
     packed = pack_sequences(seq, mask, width)
@@ -73,6 +76,7 @@ def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeyp
             grads.append([p.grad.clone() for p in policy.parameters()])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert len(calls) == (2 if logits_at_once == "blocks" else 0) and all(n > 3 for n in calls)  # several blocks
     policy.zero_grad()
     with torch.no_grad():
         values = packed_values(scorer, packed)
