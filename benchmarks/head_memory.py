@@ -65,7 +65,7 @@ def worker(args) -> dict:
 
     # the peak of the first pass (a CPU process's maximum resident set only grows), then the timed passes
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
