@@ -127,6 +127,45 @@ def test_linear_logprobs_match_the_logits_and_their_gradients_block_by_block(mon
         assert L.linear_logprobs(*inputs, targets, temperature)[0].grad_fn is None
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logits_logprobs_match_log_softmax_and_its_gradients(temperature):
+    """The fused log-probs and entropies of [N, V] logits equal log_softmax's and the entropy's, values and the
+    gradient in the logits of each output alone and of both; an undifferentiated entropy carries no graph."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(9, 13, generator=g, dtype=torch.float64) * 3
+    logits[2] = 0.0  # a row of equal logits: the uniform distribution
+    logits[4, 3] = 60.0  # a nearly one-hot row
+    targets = torch.randint(0, 13, (9,), generator=g)
+    targets[4] = 3
+    weights = torch.randn(2, 9, generator=g, dtype=torch.float64)
+
+    def reference(z):
+        logp = (z / temperature).log_softmax(-1)
+        return logp.gather(1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+    for used in ((1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
+        results = []
+        for fn in (lambda z: L.logits_logprobs(z, targets, temperature, True, True), reference):
+            leaf = logits.clone().requires_grad_(True)
+            logprobs, entropy = fn(leaf)
+            (used[0] * (weights[0] * logprobs).sum() + used[1] * (weights[1] * entropy).sum()).backward()
+            results.append((logprobs.detach(), entropy.detach(), leaf.grad))
+        for ours, ref in zip(*results):
+            torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
+    if temperature == 1.0:
+        torch.testing.assert_close(L.logits_logprobs(logits, targets)[0][2], torch.tensor(-math.log(13),
+                                                                                          dtype=torch.float64))
+    leaf = logits.clone().requires_grad_(True)
+    logprobs, entropy = L.logits_logprobs(leaf, targets, temperature, with_entropy=True)
+    assert not entropy.requires_grad and logprobs.requires_grad
+    assert L.logits_logprobs(leaf, targets, temperature)[1] is None
+    # float32 logits (bf16 too) give float32 results, equal to the per-row reference
+    half = logits.to(torch.bfloat16)
+    torch.testing.assert_close(L.logits_logprobs(half, targets)[0],
+                               L.token_logprobs(half[None], targets[None])[0], rtol=1e-5, atol=1e-5)
+    assert L.logits_logprobs(half, targets)[0].dtype == torch.float32
+
+
 def test_linear_logprobs_under_bf16_autocast_stay_float32_and_close():
     g = torch.Generator().manual_seed(6)
     hidden, weight = torch.randn(9, 8, generator=g), torch.randn(17, 8, generator=g, requires_grad=True)

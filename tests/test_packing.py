@@ -1,7 +1,9 @@
 """Padding-free forwards: packed rows keep each sequence whole, with positions restarting at 0; log-probs,
 entropies, values and sequence scores from packed rows equal those of the padded forward (left-padded prompts,
 right-padded replies of different lengths), gradients included, with the logits whole or block by block; the row
-cap bounds the width."""
+cap bounds the width. With shared prompts a group's prompt is packed once, each reply sees it and itself only (the
+mask against a hand-written one), replies keep their positions, and every forward still equals the padded one
+(SDPA's boolean mask and eager attention's additive one); attention that takes no mask is refused by name."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import torch
 
 from moss_rlhf import losses
 from moss_rlhf.models import load_causal_lm, load_scorer, position_ids_of, sequence_scores
-from moss_rlhf.packing import pack_sequences, packed_logprobs, packed_sequence_scores, packed_values
+from moss_rlhf.packing import (pack_sequences, packed_logprobs, packed_sequence_scores, packed_values,
+                                shared_prompt_mask, takes_attention_masks)
 from moss_rlhf.rollout import critic_values, response_logprobs
 from moss_rlhf.sampling import SamplingConfig, encode_prompts
 from moss_rlhf.sampling.builtin import BuiltinSampler
@@ -84,3 +87,98 @@ def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeyp
                                                                   width)[counted], atol=1e-5, rtol=0)
         torch.testing.assert_close(packed_sequence_scores(scorer, packed), sequence_scores(scorer, seq, mask),
                                    atol=1e-5, rtol=0)
+
+
+def test_the_shared_prompt_mask_lets_each_reply_see_its_prompt_and_itself_only():
+    # one row: unit 0 = prompt (2 tokens) + replies of 2 and 1 tokens; unit 1 = a lone sequence of 2; 1 end pad
+    unit = torch.tensor([[0, 0, 0, 0, 0, 1, 1, -1]])
+    branch = torch.tensor([[0, 0, 1, 1, 2, 0, 0, 0]])
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    for query, keys in {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [0, 1, 2, 3], 4: [0, 1, 4], 5: [5], 6: [5, 6],
+                        7: [7]}.items():
+        expected[query, keys] = True
+    assert torch.equal(shared_prompt_mask(unit, branch)[0, 0], expected)
+
+
+@pytest.fixture(scope="module")
+def grouped(parts):
+    """Three prompts with three replies each (a group's rows consecutive, as RL samples them), then a prompt alone."""
+    tokenizer, policy, _, _ = parts
+    questions = ["Where did Lin go?", "Bo?", "Where did Mei go with Tom on the long day?"]
+    prompts = encode_prompts(tokenizer, [[{"role": "user", "content": q}] for q in questions + ["Hi"]])
+    rows = [p for p in prompts[:3] for _ in range(3)] + prompts[3:]
+    sampler = BuiltinSampler(policy, tokenizer, stop_ids=list(range(0, 4000, 9)), pad_id=tokenizer.pad_token_id)
+    rollout = sampler.generate(rows, SamplingConfig(max_new_tokens=7), seeds=list(range(len(rows))))
+    lengths = rollout.response_mask.sum(1)
+    assert lengths.min() < lengths.max() and (lengths[:9].view(3, 3).min(1).values
+                                               < lengths[:9].view(3, 3).max(1).values).any()
+    return rollout
+
+
+def test_shared_prompts_run_once_per_group_and_point_at_every_reply(grouped):
+    rollout = grouped
+    width = rollout.response_ids.shape[1]
+    packed = pack_sequences(rollout.sequences, rollout.attention_mask, width, share_prompts=True)
+    alone = pack_sequences(rollout.sequences, rollout.attention_mask, width)
+    prompt_lengths = rollout.prompt_mask.sum(1)
+    # every group's prompt once: its two other copies are gone (end padding aside)
+    real = int(rollout.attention_mask.sum()) - 2 * int(prompt_lengths[:9:3].sum())
+    assert real <= packed.n_tokens < alone.n_tokens and packed.input_ids.shape[0] < alone.input_ids.shape[0]
+    assert len(packed.predict_index) == len(packed.targets) == int(rollout.response_mask.sum())
+    flat, positions = packed.input_ids.flatten(), packed.position_ids.flatten()
+    for i in range(len(rollout.sequences)):
+        reply = rollout.response_ids[i][rollout.response_mask[i].bool()]
+        end = int(packed.last_index[i])
+        assert torch.equal(flat[end - len(reply) + 1:end + 1], reply)
+        # the reply continues its prompt's positions, as it would alone
+        assert positions[end - len(reply) + 1:end + 1].tolist() == list(range(int(prompt_lengths[i]),
+                                                                              int(prompt_lengths[i]) + len(reply)))
+    # each target is predicted by the prompt's last token (a reply's first) or by the reply's previous token
+    for j, (where, predictor) in enumerate(zip(packed.scatter_index.tolist(), flat[packed.predict_index].tolist())):
+        i, t = divmod(where, width)
+        assert int(packed.targets[j]) == int(rollout.response_ids[i, t])
+        prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
+        assert predictor == int(prompt[-1] if t == 0 else rollout.response_ids[i, t - 1])
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_forwards_equal_the_padded_ones_gradients_included(parts, grouped, tiny_model_dir, attention):
+    tokenizer, _, scorer, _ = parts
+    policy = load_causal_lm(str(tiny_model_dir), attn_implementation=attention).eval()
+    rollout = grouped
+    seq, mask = rollout.sequences, rollout.attention_mask
+    width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
+    packed = pack_sequences(seq, mask, width, share_prompts=True)
+    assert packed.attention_mask is not None and packed.input_ids.shape[0] < len(seq)
+    lp, entropy = packed_logprobs(policy, packed, 0.7, with_entropy=True, entropy_grad=True)
+    ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, 0.7, with_entropy=True,
+                                            entropy_grad=True)
+    torch.testing.assert_close(lp[counted], ref_lp[counted], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy[counted], ref_entropy[counted], atol=1e-5, rtol=0)
+    grads = []
+    for value in ((lp + entropy)[counted].sum(), (ref_lp + ref_entropy)[counted].sum()):
+        policy.zero_grad()
+        value.backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(packed_values(scorer, packed)[counted],
+                                   critic_values(scorer, seq, mask, position_ids_of(mask), width)[counted],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(packed_sequence_scores(scorer, packed), sequence_scores(scorer, seq, mask),
+                                   atol=1e-5, rtol=0)
+
+
+def test_attention_without_masks_is_refused_clearly(parts, grouped):
+    _, policy, _, _ = parts
+    packed = pack_sequences(grouped.sequences, grouped.attention_mask, grouped.response_ids.shape[1],
+                            share_prompts=True)
+    policy.config._attn_implementation = "flash_attention_2"
+    try:
+        assert not takes_attention_masks([policy])
+        with pytest.raises(ValueError, match="shared prompts need attention that takes a mask"):
+            packed_logprobs(policy, packed)
+    finally:
+        policy.config._attn_implementation = "sdpa"
+    assert takes_attention_masks([policy])

@@ -26,8 +26,7 @@ import torch
 from moss_rlhf import losses
 from moss_rlhf.data.collate import fewest_padded_rows
 from moss_rlhf.distributed import is_sharded
-from moss_rlhf.losses import entropy_from_logits, token_logprobs
-from moss_rlhf.models import final_hidden_states, score_head, unwrap
+from moss_rlhf.models import base_model, final_hidden_states, score_head, unwrap
 
 
 @dataclass
@@ -41,6 +40,7 @@ class PackedRows:
     scatter_index: torch.Tensor   # [N] where each response token sits in the padded [b, R] layout (flat)
     last_index: torch.Tensor      # [b] flat position of each sequence's last token
     shape: tuple[int, int]        # (b, R): the padded response layout
+    attention_mask: torch.Tensor | None = None  # [rows, 1, width, width] bool with shared prompts; None: by position
 
     @property
     def n_tokens(self) -> int:
@@ -50,7 +50,7 @@ class PackedRows:
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(*(getattr(self, f).to(device) for f in ("input_ids", "position_ids", "predict_index",
                                                                      "targets", "scatter_index", "last_index")),
-                          self.shape)
+                          self.shape, None if self.attention_mask is None else self.attention_mask.to(device))
 
     def unpack(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-response-token values ``[N]`` → the padded layout ``[b, R]`` (0 after each response's end);
@@ -60,38 +60,102 @@ class PackedRows:
 
 
 def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, response_width: int,
-                   max_row: int = 0) -> PackedRows:
+                   max_row: int = 0, share_prompts: bool = False) -> PackedRows:
     """Pack padded rollout rows (``[b, P+R]``: left-padded prompt, right-padded response of width ``R``) without
-    their padding, into rows of at most ``max_row`` tokens (0, and never less than: the longest sequence).
+    their padding, into rows of at most ``max_row`` tokens (0, and never less than: the longest unit).
     Attention computes the whole square of a row and keeps only its diagonal blocks, so rows no wider than the
-    longest sequence never cost more attention than the padded batch, while short sequences still share rows."""
+    longest unit never cost more attention than the padded batch, while short units still share rows.
+
+    A unit is one sequence; with ``share_prompts``, consecutive rows with the same prompt (a group of replies) make
+    one unit, the prompt once and then each reply, every reply attending to the prompt and to itself only
+    (:func:`shared_prompt_mask`) — its rotary positions continue from the prompt's end, as they would alone."""
     device = sequences.device
     sequences, attention_mask = sequences.cpu(), attention_mask.cpu().bool()
     prompt_width = sequences.shape[1] - response_width
-    tokens = [row[keep] for row, keep in zip(sequences, attention_mask)]
-    n_prompt = attention_mask[:, :prompt_width].sum(1).tolist()
-    lengths = [len(t) for t in tokens]
+    prompts = [row[:prompt_width][keep[:prompt_width]] for row, keep in zip(sequences, attention_mask)]
+    replies = [row[prompt_width:][keep[prompt_width:]] for row, keep in zip(sequences, attention_mask)]
+    units: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        if share_prompts and units and torch.equal(prompts[units[-1][0]], prompt):
+            units[-1].append(i)
+        else:
+            units.append([i])
+    shared = any(len(unit) > 1 for unit in units)
+    lengths = [len(prompts[unit[0]]) + sum(len(replies[i]) for i in unit) for unit in units]
     layout = fewest_padded_rows(lengths, max(max_row, max(lengths)))
-    width = max(sum(lengths[i] for i in row) for row in layout)
+    width = max(sum(lengths[u] for u in row) for row in layout)
     ids = torch.zeros((len(layout), width), dtype=torch.long)
     positions = torch.zeros((len(layout), width), dtype=torch.long)
-    predict, targets, scatter, last = [], [], [], [0] * len(tokens)
+    # per position: its unit (row end padding: a unit of its own) and its branch (0: the prompt, j: the j-th reply)
+    unit_of = torch.full((len(layout), width), -1, dtype=torch.long)
+    branch = torch.zeros((len(layout), width), dtype=torch.long)
+    predict, targets, scatter, last = [], [], [], [0] * len(prompts)
     for r, row in enumerate(layout):
         at = 0
-        for i in row:
-            n = lengths[i]
-            ids[r, at:at + n] = tokens[i]
-            positions[r, at:at + n] = torch.arange(n)
-            first = r * width + at + n_prompt[i]  # flat position of the first response token
-            n_response = n - n_prompt[i]
-            predict.append(torch.arange(first - 1, first - 1 + n_response))
-            targets.append(tokens[i][n_prompt[i]:])
-            scatter.append(i * response_width + torch.arange(n_response))
-            last[i] = r * width + at + n - 1
-            at += n
+        for u in row:
+            prompt = prompts[units[u][0]]
+            ids[r, at:at + len(prompt)] = prompt
+            positions[r, at:at + len(prompt)] = torch.arange(len(prompt))
+            unit_of[r, at:at + lengths[u]] = u
+            prompt_end = r * width + at + len(prompt) - 1  # flat position of the prompt's last token
+            at += len(prompt)
+            for j, i in enumerate(units[u], start=1):
+                reply = replies[i]
+                n = len(reply)
+                ids[r, at:at + n] = reply
+                positions[r, at:at + n] = torch.arange(len(prompt), len(prompt) + n)
+                branch[r, at:at + n] = j
+                # the prompt's last token predicts the reply's first, each reply token the next
+                predict.append(torch.cat([torch.tensor([prompt_end]), r * width + at + torch.arange(n - 1)])[:n])
+                targets.append(reply)
+                scatter.append(i * response_width + torch.arange(n))
+                last[i] = r * width + at + n - 1 if n else prompt_end
+                at += n
         positions[r, at:] = torch.arange(width - at)  # the row's end padding: a segment of its own, never read
+    mask = shared_prompt_mask(unit_of, branch) if shared else None
     return PackedRows(ids, positions, torch.cat(predict), torch.cat(targets), torch.cat(scatter), torch.tensor(last),
-                      (len(tokens), response_width)).to(device)
+                      (len(prompts), response_width), mask).to(device)
+
+
+def shared_prompt_mask(unit_of: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``[rows, 1, width, width]`` boolean attention mask (True: may attend) of rows packed with shared prompts: a
+    position sees the earlier positions of its own unit that are the unit's prompt or of its own reply. End padding
+    (unit -1) sees only earlier padding, so that no row of the mask is empty."""
+    index = torch.arange(unit_of.shape[1])
+    causal = index[None, :, None] >= index[None, None, :]
+    same_unit = unit_of[:, :, None] == unit_of[:, None, :]
+    visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    return (causal & same_unit & visible_branch)[:, None]
+
+
+# the attention implementations that take a custom mask (shared prompts); flash and flex kernels take none here
+MASKED_ATTENTION = ("sdpa", "eager")
+
+
+def attention_implementation(model) -> str:
+    return getattr(base_model(model).config, "_attn_implementation", None) or "eager"
+
+
+def takes_attention_masks(models) -> bool:
+    """Whether every one of ``models`` takes the attention mask of shared prompts."""
+    return all(attention_implementation(model) in MASKED_ATTENTION for model in models)
+
+
+def attention_for(model, packed: PackedRows) -> torch.Tensor | None:
+    """The attention mask ``model`` takes for ``packed``: None for rows told apart by their restarting positions;
+    with shared prompts, the boolean mask for SDPA, or the additive one (0 or the dtype's lowest) for eager
+    attention."""
+    mask = packed.attention_mask
+    if mask is None:
+        return None
+    implementation = attention_implementation(model)
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"shared prompts need attention that takes a mask ({', '.join(MASKED_ATTENTION)}); this model "
+                     f"runs {implementation!r}")
 
 
 def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_entropy: bool = False,
@@ -108,10 +172,12 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
     head = plain_output_head(model)
     temperature = temperature if temperature > 0 else 1.0
     if head is None:
-        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+        out = model(input_ids=packed.input_ids, attention_mask=attention_for(model, packed),
+                    position_ids=packed.position_ids, use_cache=False)
         logits = out.logits.flatten(0, 1)[packed.predict_index]
     else:
-        hidden = final_hidden_states(model, packed.input_ids, None, packed.position_ids, logits_to_keep=1)
+        hidden = final_hidden_states(model, packed.input_ids, attention_for(model, packed), packed.position_ids,
+                                     logits_to_keep=1)
         hidden = hidden.flatten(0, 1)[packed.predict_index]
         if (type(head) is torch.nn.Linear and not is_sharded(model)
                 and len(hidden) * head.out_features > losses.HEAD_BLOCK_ELEMENTS):
@@ -120,19 +186,13 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
             entropy = entropy if entropy_grad and torch.is_grad_enabled() else entropy.detach()
             return packed.unpack(logprobs), packed.unpack(entropy) if with_entropy else None
         logits = head(hidden)
-    if temperature != 1.0:
-        logits = logits / temperature
-    # one [N, V] float32 copy at a time (token_logprobs and entropy_from_logits loop over their first dimension)
-    logprobs = packed.unpack(token_logprobs(logits[None], packed.targets[None])[0])
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = packed.unpack(entropy_from_logits(logits[None])[0])
-    return logprobs, entropy
+    logprobs, entropy = losses.logits_logprobs(logits, packed.targets, temperature, with_entropy,
+                                               entropy_grad and torch.is_grad_enabled())
+    return packed.unpack(logprobs), packed.unpack(entropy) if with_entropy else None
 
 
 def _token_scores(model, packed: PackedRows) -> torch.Tensor:
-    hidden = final_hidden_states(model, packed.input_ids, None, packed.position_ids)
+    hidden = final_hidden_states(model, packed.input_ids, attention_for(model, packed), packed.position_ids)
     return score_head(unwrap(model))(hidden).squeeze(-1).float().flatten()
 
 

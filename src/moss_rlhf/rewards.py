@@ -29,7 +29,7 @@ import torch
 
 from moss_rlhf.config import ConfigError, UserError
 from moss_rlhf.data.formats import PromptRecord
-from moss_rlhf.packing import pack_sequences, packed_sequence_scores
+from moss_rlhf.packing import pack_sequences, packed_sequence_scores, takes_attention_masks
 from moss_rlhf.sampling import Rollout, decode_responses
 
 # A reward computed from the rollout's tokens instead of a reward model (tests, rules): rollout -> score per row [B].
@@ -82,12 +82,13 @@ def load_reward_functions(specs: Sequence[str], weights: Sequence[float]) -> lis
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, rollout: Rollout, batch_size: int) -> torch.Tensor:
+def reward_model_scores(reward_model, rollout: Rollout, batch_size: int,
+                        share_prompts: bool = False) -> torch.Tensor:
     """``[B]`` reward-model scores at each reply's last token (its turn end), ``batch_size`` rows per (packed)
-    forward pass."""
+    forward pass (``share_prompts``: a group's replies read one copy of their prompt)."""
     seq, mask, width = rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1]
-    return torch.cat([packed_sequence_scores(reward_model, pack_sequences(seq[i:i + batch_size],
-                                                                          mask[i:i + batch_size], width)).float()
+    return torch.cat([packed_sequence_scores(reward_model, pack_sequences(seq[i:i + batch_size], mask[i:i + batch_size],
+                                                                          width, share_prompts=share_prompts)).float()
                       for i in range(0, len(seq), batch_size)])
 
 
@@ -102,6 +103,7 @@ class RewardSources:
     functions: list[RewardFunction] = field(default_factory=list)
     rollout_fn: RewardFn | None = None
     batch_size: int = 16
+    share_prompts: bool = False
 
     def describe(self) -> str:
         parts = ([f"{self.reward_model_weight:g} × the reward model"] if self.reward_model is not None else [])
@@ -114,7 +116,8 @@ class RewardSources:
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(rollout.response_ids.shape[0], dtype=torch.float32)
         if self.reward_model is not None:
-            parts["reward_model"] = reward_model_scores(self.reward_model, rollout, self.batch_size).cpu()
+            share = self.share_prompts and takes_attention_masks([self.reward_model])
+            parts["reward_model"] = reward_model_scores(self.reward_model, rollout, self.batch_size, share).cpu()
             total += self.reward_model_weight * parts["reward_model"]
         if self.rollout_fn is not None:
             parts["rollout_fn"] = self.rollout_fn(rollout).float().cpu()

@@ -4,7 +4,8 @@ is accepted; PPO raises a programmatic reward and the KL penalty keeps the polic
 runs without a critic; a stopped run resumes with identical metrics; impossible batch geometry is refused with a
 clear error; presets set their switches and explicit flags win; the reward-model path (critic from the RM, LoRA
 policy) writes a trained model, best/ chosen by the caller's validation scorer and validation samples; two
-processes with gloo give the same run as one process, and so does the critic stepping beside the policy."""
+processes with gloo give the same run as one process, and so do the critic stepping beside the policy and a
+group's prompt shared by its replies in every forward."""
 
 from __future__ import annotations
 
@@ -437,6 +438,25 @@ def test_grpo_with_dynamic_sampling_resumes_exactly(tiny, tmp_path):
     assert max(r["dynamic/sampled_per_kept_group"] for r in uninterrupted) > 1  # refills happened
     assert all(r["kl/coef"] == 0.1 and "advantage/std" in r and "groups/equal_reward_share" in r
                for r in uninterrupted)
+
+
+def test_shared_prompts_give_the_same_run(tiny, tmp_path):
+    """--share-prompts (on by default): every forward over a rollout — the reward model's, the reference's, the
+    policy's in the update — runs a group's prompt once; the run is the one that packs each reply with its own copy
+    (to float rounding), with fewer positions through the decoder."""
+    runs = {}
+    for share in (False, True):
+        out = tmp_path / str(share)
+        rl.run(grpo_config(tiny, out, reward_model=str(tiny / "reward"), group_size=4, mini_batch=16,
+                           ppo_epochs=2, max_steps=3, share_prompts=share))
+        runs[share] = read_metrics(out)
+    for a, b in zip(runs[False], runs[True]):
+        assert b["update/forward_tokens"] < a["update/forward_tokens"]
+        keys = sorted(k for k in a if isinstance(a[k], float)
+                      and not k.startswith(("time/", "memory/", "update/forward")))
+        bad = [(key, a[key], b[key]) for key in keys if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+    assert runs[True][-1]["policy/approx_kl"] > 0 and runs[True][-1]["reward/reward_model"] != 0
 
 
 def test_remax_and_reinforce_pp_run_without_a_critic_or_reward_model(tiny, tmp_path):

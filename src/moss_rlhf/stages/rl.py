@@ -8,9 +8,9 @@ for GAE a critic (from the reward model, one value per token); dropout off in al
 Every step:
 
   1. rollout (``rollout.sample_groups``): ``group_size`` replies to each of ``rollout_batch`` prompts (per-reply
-     seeds), scored by the reward sources (``rewards``: reward model and ``--reward-fn`` functions, weighted; the
-     missing-EOS penalty and overlong shaping); dynamic sampling refills groups of equal rewards (DAPO); ReMax also
-     samples the greedy reply. Then all models score the rollout once, padding-free (``rollout.make_experience``);
+     seeds), scored by the reward sources (``rewards``: reward model and ``--reward-fn`` functions, weighted, the
+     missing-EOS penalty, overlong shaping); dynamic sampling refills groups of equal rewards (DAPO); ReMax also
+     samples the greedy reply. All models score the rollout once, padding-free (``rollout.make_experience``);
   2. advantages (``advantages.assign_advantages``): PPO-max's reward normalisation and clipping, the KL penalty
      when it is in the reward (k1/k2/k3), then the estimator: GAE(γ, λ) with the critic, group baselines (GRPO's
      with group, batch or no std scaling; RLOO's leave-one-out), REINFORCE++'s whitened reward-to-go (with a group
@@ -22,14 +22,12 @@ Every step:
      equal-reward groups, memory, the paper's collapse signals; validate on held-out prompts (the caller's scorers
      too, e.g. the demo's gold judge), keep the best policy in ``best/``, checkpoint atomically (exact resume).
 
-``--reference-temperature τ`` < T takes the KL to the reference's sharpened per-token distribution
-``softmax(logits_ref / τ)``: the policy is held near the reference's mode instead of its whole spread, where a
-reward model that cannot judge something (the demo world's content) leaves the reference's own knowledge to decide
-(the "sharpening" of Huang et al. 2024, arXiv 2412.01951, which rewards the base model's likelihood).
+``--reference-temperature τ`` < T takes the KL to the reference's sharpened distribution ``softmax(logits_ref / τ)``:
+the policy is held near the reference's mode, where a reward model that cannot judge something (the demo world's
+content) leaves the reference's knowledge to decide ("sharpening", Huang et al. 2024, arXiv 2412.01951).
 
-``--preset`` sets each published recipe's switches (``recipes``; explicit ones win). Rollouts come from the builtin
-sampler or a colocated vLLM engine (``--rollout-engine``; truncated importance sampling corrects the engines'
-difference). A NaN/Inf reward or update is never applied."""
+``--preset`` sets a published recipe's switches (``recipes``; explicit ones win). ``--rollout-engine vllm`` samples
+with a colocated vLLM engine (truncated importance sampling corrects its difference). No NaN/Inf is ever applied."""
 
 from __future__ import annotations
 
@@ -170,6 +168,8 @@ class RLConfig(TrainConfig):
     critic_warmup_steps: int = option(0, "RL steps in which only the critic learns", at_least=0)
     overlap_critic: bool = option(True, "one process on a CPU: the critic's update steps on a thread of their own "
                                         "beside the policy's, half of torch's threads each (the same run, faster)")
+    share_prompts: bool = option(True, "every forward over a rollout runs a group's prompt once, its replies "
+                                       "attending to that copy (where the attention takes a mask: sdpa, eager)")
     ptx_data: list[str] = option([], "PPO-ptx: conversation files whose LM loss is mixed into the policy loss")
     ptx_coef: float = option(0.0, "PPO-ptx loss coefficient", at_least=0.0)
     ptx_batch_size: int = option(4, "PPO-ptx conversations per update per process", at_least=1)
@@ -255,8 +255,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
                           f"{', '.join(scorers) or 'none'})")
     best_key = f"val/{best_name}"
     functions = load_reward_functions(cfg.reward_fn, cfg.reward_fn_weight)
-    rm_weight = cfg.reward_model_weight if cfg.reward_model_weight is not None else \
-        0.0 if functions or reward_fn else 1.0
+    rm_weight = cfg.reward_model_weight if cfg.reward_model_weight is not None else float(not (functions or reward_fn))
     plan = plan_batches(cfg, dist.world_size)
     seed_everything(cfg.seed)
     run_dir = RunDir(cfg.out, cfg, dist.is_main, resume=cfg.resume, overwrite=cfg.overwrite)
@@ -272,7 +271,8 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     models = load_rl_models(cfg.policy, cfg.reference or cfg.policy, cfg.reward_model if rm_weight else None,
                             critic_source if cfg.use_critic else None, tokenizer,
                             LoraOptions(cfg.lora_r, cfg.lora_alpha), dist.device)
-    sources = RewardSources(tokenizer, models.reward_model, rm_weight, functions, reward_fn, cfg.batch_size)
+    sources = RewardSources(tokenizer, models.reward_model, rm_weight, functions, reward_fn, cfg.batch_size,
+                            share_prompts=cfg.share_prompts)
     overlong = round(cfg.overlong_buffer * cfg.max_new_tokens)
 
     def training_score(rollout, records):
@@ -327,7 +327,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
             foreign = cfg.rollout_engine != "builtin" or cfg.precision == "bf16"
             chunks = make_experience(models, grouped.rollout, grouped.scores, cfg.batch_size, cfg.temperature,
                                      cfg.score_batch_size, score_policy=plan.updates_per_step > 1 or foreign,
-                                     reference_temperature=cfg.reference_temperature)
+                                     reference_temperature=cfg.reference_temperature, share_prompts=cfg.share_prompts)
         sampler.release()  # until the next sync_weights: an engine's device memory goes to the update (vLLM sleeps)
         t_score = time.perf_counter()
         # 2. advantages: a NaN reward is caught before it reaches the running moments
