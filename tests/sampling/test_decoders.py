@@ -1,6 +1,7 @@
 """The Llama-family decoder against the generic transformers forward it replaces: the same logits at every step
-(teacher-forced through the same tokens, with left padding), for each architecture it claims, under LoRA, and with
-grouped-query attention; the same greedy replies; the generic decoder wherever it cannot reproduce the model."""
+(teacher-forced through the same tokens, with left padding), for each architecture it claims, under LoRA, with
+grouped-query attention, and for groups of equal prompts that share one prompt pass; the same greedy replies; the
+generic decoder wherever it cannot reproduce the model."""
 
 from __future__ import annotations
 
@@ -70,6 +71,25 @@ def test_every_step_matches_the_generic_forward(kind):
     assert len(lean) == steps
     for t, (a, b) in enumerate(zip(lean, generic)):
         assert a.dtype == torch.float32 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {t}")
+
+
+def test_a_group_of_equal_prompts_shares_one_prompt_pass():
+    """Rows A A A B C C (groups of replies, as RL samples them): one prompt pass of three rows, then every row's
+    steps — each its own tokens — as the generic decoder computes them for all six rows."""
+    model = build("llama-gqa-tied")
+    ids, mask = left_padded(batch=3)
+    rows = torch.tensor([0, 0, 0, 1, 2, 2])
+    prompts, prompt_mask = ids[rows], mask[rows]
+    forced = torch.randint(3, 97, (6, 6), generator=torch.Generator().manual_seed(3))
+    batches = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: batches.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    lean = teacher_forced_logits(LlamaFamilyDecoder(model), prompts, prompt_mask, forced)
+    hook.remove()
+    assert batches == [torch.Size([3, ids.shape[1]])]  # the prompt pass; the steps run the layers themselves
+    generic = teacher_forced_logits(GenericDecoder(model), prompts, prompt_mask, forced)
+    for t, (a, b) in enumerate(zip(lean, generic)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {t}")
 
 

@@ -150,7 +150,7 @@ def filter_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor 
     if cfg.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits > 0, logits / cfg.repetition_penalty, logits * cfg.repetition_penalty)
         logits = torch.where(seen, penalised, logits)
-    if cfg.temperature > 0:
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
         logits = logits / cfg.temperature
     if cfg.top_k and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]

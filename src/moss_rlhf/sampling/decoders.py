@@ -61,7 +61,11 @@ class GenericDecoder:
 class LlamaFamilyDecoder(GenericDecoder):
     """The prompt pass through the transformers forward (:class:`GenericDecoder`), whose cache is then copied into
     one ``[B, kv_heads, prompt + max_new_tokens, head_dim]`` key and value buffer per layer; each step writes its
-    position there and attends over the filled part, with an additive mask that hides the prompts' padding."""
+    position there and attends over the filled part, with an additive mask that hides the prompts' padding.
+
+    Consecutive rows with the same prompt (a group of replies, GRPO's G samples) share one prompt pass: it runs
+    once per distinct prompt and its cache and logits are copied to every row of the group — the rows' first
+    logits are the same, and a group of G costs one prompt pass instead of G."""
 
     def __init__(self, model):
         from moss_rlhf.models import base_model
@@ -74,14 +78,18 @@ class LlamaFamilyDecoder(GenericDecoder):
         self.length = 0
 
     def start(self, ids, mask, positions, max_new_tokens):
-        logits = super().start(ids, mask, positions, max_new_tokens)
         batch, width = ids.shape
+        # the first row of every run of equal prompts, and for each row the run it belongs to
+        new_run = torch.ones(batch, dtype=torch.bool, device=ids.device)
+        new_run[1:] = (ids[1:] != ids[:-1]).any(1) | (mask[1:] != mask[:-1]).any(1)
+        firsts, run_of = new_run.nonzero()[:, 0], new_run.long().cumsum(0) - 1
+        logits = super().start(ids[firsts], mask[firsts], positions[firsts], max_new_tokens)[run_of]
         total = width + max_new_tokens
         self.keys, self.values = [], []
         for layer_keys, layer_values in _cached_tensors(self.cache):
             for kept, filled in ((self.keys, layer_keys), (self.values, layer_values)):
                 buffer = filled.new_empty(batch, filled.shape[1], total, filled.shape[3])
-                buffer[:, :, :width] = filled
+                buffer[:, :, :width] = filled[run_of]
                 kept.append(buffer)
         self.bias = torch.zeros(batch, 1, 1, total, dtype=self.keys[0].dtype, device=ids.device)
         self.bias[:, 0, 0, :width].masked_fill_(mask == 0, float("-inf"))
