@@ -13,7 +13,7 @@ import torch
 from moss_rlhf import losses
 from moss_rlhf.models import load_causal_lm, load_scorer, position_ids_of, sequence_scores
 from moss_rlhf.packing import (pack_sequences, packed_logprobs, packed_sequence_scores, packed_values,
-                                shared_prompt_mask, takes_attention_masks)
+                                prompt_sharing, prompt_sharing_pays, shared_prompt_mask, takes_attention_masks)
 from moss_rlhf.rollout import critic_values, response_logprobs
 from moss_rlhf.sampling import SamplingConfig, encode_prompts
 from moss_rlhf.sampling.builtin import BuiltinSampler
@@ -100,6 +100,23 @@ def test_the_shared_prompt_mask_lets_each_reply_see_its_prompt_and_itself_only()
     assert torch.equal(shared_prompt_mask(unit, branch)[0, 0], expected)
 
 
+def test_a_prompt_is_shared_where_that_is_less_work():
+    """Sharing saves the prompt copies' linear work (~24·d² FLOPs a position and layer) and costs the unit's larger
+    attention square (4·d a query-key pair): the benchmark's short prompts with 32-token replies at d 128 share, a
+    long prompt with short replies shares, long reasoning replies to a short prompt do not, nor does a lone reply."""
+    assert prompt_sharing_pays(13, [32] * 4, 128)
+    assert 6 * 128 * 3 * 13 > (13 + 128) ** 2 - 4 * (13 + 32) ** 2  # the rule, by hand
+    assert prompt_sharing_pays(2000, [200] * 8, 896)
+    assert not prompt_sharing_pays(200, [2000] * 8, 896)
+    assert not prompt_sharing_pays(13, [32], 128) and not prompt_sharing_pays(13, [32] * 4, 0)
+    g = torch.Generator().manual_seed(0)
+    prompt, replies = torch.randint(5, 99, (1, 4), generator=g), torch.randint(5, 99, (3, 40), generator=g)
+    sequences = torch.cat([prompt.repeat(3, 1), replies], 1)
+    mask = torch.ones_like(sequences)
+    assert pack_sequences(sequences, mask, 40, share_prompts=8).attention_mask is None  # 6·8·2·4 < 124² − 3·44²
+    assert pack_sequences(sequences, mask, 40, share_prompts=4096).attention_mask is not None
+
+
 @pytest.fixture(scope="module")
 def grouped(parts):
     """Three prompts with three replies each (a group's rows consecutive, as RL samples them), then a prompt alone."""
@@ -118,7 +135,7 @@ def grouped(parts):
 def test_shared_prompts_run_once_per_group_and_point_at_every_reply(grouped):
     rollout = grouped
     width = rollout.response_ids.shape[1]
-    packed = pack_sequences(rollout.sequences, rollout.attention_mask, width, share_prompts=True)
+    packed = pack_sequences(rollout.sequences, rollout.attention_mask, width, share_prompts=128)
     alone = pack_sequences(rollout.sequences, rollout.attention_mask, width)
     prompt_lengths = rollout.prompt_mask.sum(1)
     # every group's prompt once: its two other copies are gone (end padding aside)
@@ -148,7 +165,7 @@ def test_shared_prompt_forwards_equal_the_padded_ones_gradients_included(parts, 
     rollout = grouped
     seq, mask = rollout.sequences, rollout.attention_mask
     width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
-    packed = pack_sequences(seq, mask, width, share_prompts=True)
+    packed = pack_sequences(seq, mask, width, share_prompts=prompt_sharing([policy, scorer]))
     assert packed.attention_mask is not None and packed.input_ids.shape[0] < len(seq)
     lp, entropy = packed_logprobs(policy, packed, 0.7, with_entropy=True, entropy_grad=True)
     ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, 0.7, with_entropy=True,
@@ -173,12 +190,12 @@ def test_shared_prompt_forwards_equal_the_padded_ones_gradients_included(parts, 
 def test_attention_without_masks_is_refused_clearly(parts, grouped):
     _, policy, _, _ = parts
     packed = pack_sequences(grouped.sequences, grouped.attention_mask, grouped.response_ids.shape[1],
-                            share_prompts=True)
+                            share_prompts=policy.config.hidden_size)
     policy.config._attn_implementation = "flash_attention_2"
     try:
-        assert not takes_attention_masks([policy])
+        assert not takes_attention_masks([policy]) and prompt_sharing([policy]) == 0
         with pytest.raises(ValueError, match="shared prompts need attention that takes a mask"):
             packed_logprobs(policy, packed)
     finally:
         policy.config._attn_implementation = "sdpa"
-    assert takes_attention_masks([policy])
+    assert takes_attention_masks([policy]) and prompt_sharing([policy]) == policy.config.hidden_size == 128

@@ -60,26 +60,30 @@ class PackedRows:
 
 
 def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, response_width: int,
-                   max_row: int = 0, share_prompts: bool = False) -> PackedRows:
+                   max_row: int = 0, share_prompts: int = 0) -> PackedRows:
     """Pack padded rollout rows (``[b, P+R]``: left-padded prompt, right-padded response of width ``R``) without
     their padding, into rows of at most ``max_row`` tokens (0, and never less than: the longest unit).
     Attention computes the whole square of a row and keeps only its diagonal blocks, so rows no wider than the
     longest unit never cost more attention than the padded batch, while short units still share rows.
 
-    A unit is one sequence; with ``share_prompts``, consecutive rows with the same prompt (a group of replies) make
-    one unit, the prompt once and then each reply, every reply attending to the prompt and to itself only
-    (:func:`shared_prompt_mask`) — its rotary positions continue from the prompt's end, as they would alone."""
+    A unit is one sequence. With ``share_prompts`` (the hidden size ``d`` of the models that will run the rows; 0:
+    never), consecutive rows with the same prompt (a group of replies) make one unit where that is less work
+    (:func:`prompt_sharing_pays`): the prompt once, then each reply, every reply attending to the prompt and to
+    itself only (:func:`shared_prompt_mask`), its rotary positions continuing from the prompt's end as alone."""
     device = sequences.device
     sequences, attention_mask = sequences.cpu(), attention_mask.cpu().bool()
     prompt_width = sequences.shape[1] - response_width
     prompts = [row[:prompt_width][keep[:prompt_width]] for row, keep in zip(sequences, attention_mask)]
     replies = [row[prompt_width:][keep[prompt_width:]] for row, keep in zip(sequences, attention_mask)]
-    units: list[list[int]] = []
+    runs: list[list[int]] = []  # consecutive rows with one prompt
     for i, prompt in enumerate(prompts):
-        if share_prompts and units and torch.equal(prompts[units[-1][0]], prompt):
-            units[-1].append(i)
+        if share_prompts and runs and torch.equal(prompts[runs[-1][0]], prompt):
+            runs[-1].append(i)
         else:
-            units.append([i])
+            runs.append([i])
+    units = [unit for run in runs for unit in (
+        [run] if prompt_sharing_pays(len(prompts[run[0]]), [len(replies[i]) for i in run], share_prompts)
+        else [[i] for i in run])]
     shared = any(len(unit) > 1 for unit in units)
     lengths = [len(prompts[unit[0]]) + sum(len(replies[i]) for i in unit) for unit in units]
     layout = fewest_padded_rows(lengths, max(max_row, max(lengths)))
@@ -115,6 +119,30 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
     mask = shared_prompt_mask(unit_of, branch) if shared else None
     return PackedRows(ids, positions, torch.cat(predict), torch.cat(targets), torch.cat(scatter), torch.tensor(last),
                       (len(prompts), response_width), mask).to(device)
+
+
+def prompt_sharing_pays(prompt: int, replies: list[int], hidden_size: int) -> bool:
+    """Whether a group of ``len(replies)`` replies to one prompt (lengths in tokens) is less work packed as one unit
+    than as separate sequences, for a decoder of hidden size ``d``. Sharing saves the linear layers' work on the
+    prompt's other copies, about ``24·d²`` FLOPs per position and layer (the projections and a gated MLP: ~12·d²
+    weights, 2 FLOPs each), and attention then computes the unit's whole square instead of each sequence's, ``4·d``
+    FLOPs per query-key pair and layer: worth it when ``6·d·(k − 1)·P`` exceeds the squares' difference. A long
+    prompt with short replies (retrieval, long instructions) shares; long replies to a short prompt (reasoning
+    traces) do not: their unit's square would cost more than the prompt copies it saves."""
+    k = len(replies)
+    if k < 2 or hidden_size <= 0:
+        return False
+    extra_square = (prompt + sum(replies)) ** 2 - sum((prompt + n) ** 2 for n in replies)
+    return 6 * hidden_size * (k - 1) * prompt > extra_square
+
+
+def prompt_sharing(models) -> int:
+    """``pack_sequences``'s ``share_prompts`` for rows that ``models`` will run: the smallest hidden size among them
+    (attention weighs most against the linear layers there), or 0 where one of them runs attention that takes no
+    mask."""
+    if not takes_attention_masks(models):
+        return 0
+    return min(getattr(base_model(m).config, "hidden_size", 0) or 0 for m in models)
 
 
 def shared_prompt_mask(unit_of: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from moss_rlhf.config import ConfigError, UserError
 from moss_rlhf.data.formats import PromptRecord
-from moss_rlhf.packing import pack_sequences, packed_sequence_scores, takes_attention_masks
+from moss_rlhf.packing import pack_sequences, packed_sequence_scores, prompt_sharing
 from moss_rlhf.sampling import Rollout, decode_responses
 
 # A reward computed from the rollout's tokens instead of a reward model (tests, rules): rollout -> score per row [B].
@@ -82,10 +82,10 @@ def load_reward_functions(specs: Sequence[str], weights: Sequence[float]) -> lis
 
 
 @torch.no_grad()
-def reward_model_scores(reward_model, rollout: Rollout, batch_size: int,
-                        share_prompts: bool = False) -> torch.Tensor:
+def reward_model_scores(reward_model, rollout: Rollout, batch_size: int, share_prompts: int = 0) -> torch.Tensor:
     """``[B]`` reward-model scores at each reply's last token (its turn end), ``batch_size`` rows per (packed)
-    forward pass (``share_prompts``: a group's replies read one copy of their prompt)."""
+    forward pass (``share_prompts``: ``packing.pack_sequences``'s, a group's replies reading one copy of their
+    prompt where that is less work)."""
     seq, mask, width = rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1]
     return torch.cat([packed_sequence_scores(reward_model, pack_sequences(seq[i:i + batch_size], mask[i:i + batch_size],
                                                                           width, share_prompts=share_prompts)).float()
@@ -116,7 +116,7 @@ class RewardSources:
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros(rollout.response_ids.shape[0], dtype=torch.float32)
         if self.reward_model is not None:
-            share = self.share_prompts and takes_attention_masks([self.reward_model])
+            share = prompt_sharing([self.reward_model]) if self.share_prompts else 0
             parts["reward_model"] = reward_model_scores(self.reward_model, rollout, self.batch_size, share).cpu()
             total += self.reward_model_weight * parts["reward_model"]
         if self.rollout_fn is not None:

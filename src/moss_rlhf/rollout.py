@@ -35,7 +35,7 @@ from moss_rlhf.config import ConfigError
 from moss_rlhf.losses import entropy_from_logits, masked_sum, token_logprobs
 from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, disable_dropout, load_causal_lm,
                               load_scorer, token_scores, unwrap)
-from moss_rlhf.packing import PackedRows, pack_sequences, packed_logprobs, packed_values, takes_attention_masks
+from moss_rlhf.packing import PackedRows, pack_sequences, packed_logprobs, packed_values, prompt_sharing
 from moss_rlhf.data.formats import PromptRecord
 from moss_rlhf.sampling import Rollout, SamplingConfig, cat_rollouts, encode_prompts, prompt_seeds
 
@@ -208,16 +208,16 @@ def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, mi
     fewer, larger forward passes). ``score_policy=False`` skips the policy's forward and keeps the sampler's
     log-probs as ``old_logprobs`` (for a step with one update, whose ratio needs no stored log-probs, when the
     sampler is the policy itself: its log-probs are the training forward's up to rounding). ``share_prompts``: a
-    group's replies attend to one copy of their prompt in every forward (``packing.pack_sequences``) where every
-    model's attention takes a mask."""
+    group's replies attend to one copy of their prompt in every forward where that is less work and every model's
+    attention takes a mask (``packing.pack_sequences``)."""
     sequences, attention_mask = rollout.sequences, rollout.attention_mask
     width = rollout.response_ids.shape[1]
     n, score_batch = sequences.shape[0], score_batch or sequences.shape[0]
     ref_logprobs, values = [], []
-    share_prompts = share_prompts and takes_attention_masks(models.all())
+    share = prompt_sharing(models.all()) if share_prompts else 0
     for start in range(0, n, score_batch):
         packed = pack_sequences(sequences[start:start + score_batch], attention_mask[start:start + score_batch],
-                                width, share_prompts=share_prompts)
+                                width, share_prompts=share)
         with reference_context(models.policy, models.reference):
             ref_logprobs.append(packed_logprobs(models.reference or models.policy, packed,
                                                 reference_temperature or temperature)[0])
@@ -229,7 +229,7 @@ def make_experience(models: RLModels, rollout: Rollout, scores: torch.Tensor, mi
     chunks: list[Experience] = []
     for start in range(0, n, micro_batch):
         rows = slice(start, start + micro_batch)
-        packed = pack_sequences(sequences[rows], attention_mask[rows], width, share_prompts=share_prompts)
+        packed = pack_sequences(sequences[rows], attention_mask[rows], width, share_prompts=share)
         old_logprobs = (packed_logprobs(models.policy, packed, temperature)[0] if score_policy
                         else rollout.logprobs[rows].to(ref_all.dtype) * rollout.response_mask[rows])
         chunks.append(Experience(sequences[rows], attention_mask[rows], packed, rollout.response_mask[rows].float(),
