@@ -19,6 +19,7 @@ the first update's probability ratio is exactly 1. Results equal the padded forw
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,13 +72,15 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
     (:func:`prompt_sharing_pays`): the prompt once, then each reply, every reply attending to the prompt and to
     itself only (:func:`shared_prompt_mask`), its rotary positions continuing from the prompt's end as alone."""
     device = sequences.device
-    sequences, attention_mask = sequences.cpu(), attention_mask.cpu().bool()
     prompt_width = sequences.shape[1] - response_width
-    prompts = [row[:prompt_width][keep[:prompt_width]] for row, keep in zip(sequences, attention_mask)]
-    replies = [row[prompt_width:][keep[prompt_width:]] for row, keep in zip(sequences, attention_mask)]
+    # plain lists: a rollout's few thousand tokens are laid out faster in Python than by per-sequence tensor ops
+    prompts, replies = [], []
+    for row, keep in zip(sequences.tolist(), attention_mask.bool().tolist()):
+        prompts.append([t for t, k in zip(row[:prompt_width], keep[:prompt_width]) if k])
+        replies.append([t for t, k in zip(row[prompt_width:], keep[prompt_width:]) if k])
     runs: list[list[int]] = []  # consecutive rows with one prompt
     for i, prompt in enumerate(prompts):
-        if share_prompts and runs and torch.equal(prompts[runs[-1][0]], prompt):
+        if share_prompts and runs and prompts[runs[-1][0]] == prompt:
             runs[-1].append(i)
         else:
             runs.append([i])
@@ -88,37 +91,38 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
     lengths = [len(prompts[unit[0]]) + sum(len(replies[i]) for i in unit) for unit in units]
     layout = fewest_padded_rows(lengths, max(max_row, max(lengths)))
     width = max(sum(lengths[u] for u in row) for row in layout)
-    ids = torch.zeros((len(layout), width), dtype=torch.long)
-    positions = torch.zeros((len(layout), width), dtype=torch.long)
+    ids, positions = [0] * (len(layout) * width), [0] * (len(layout) * width)
     # per position: its unit (row end padding: a unit of its own) and its branch (0: the prompt, j: the j-th reply)
-    unit_of = torch.full((len(layout), width), -1, dtype=torch.long)
-    branch = torch.zeros((len(layout), width), dtype=torch.long)
+    unit_of, branch = [-1] * (len(layout) * width), [0] * (len(layout) * width)
     predict, targets, scatter, last = [], [], [], [0] * len(prompts)
     for r, row in enumerate(layout):
-        at = 0
+        at = r * width  # flat position
         for u in row:
             prompt = prompts[units[u][0]]
-            ids[r, at:at + len(prompt)] = prompt
-            positions[r, at:at + len(prompt)] = torch.arange(len(prompt))
-            unit_of[r, at:at + lengths[u]] = u
-            prompt_end = r * width + at + len(prompt) - 1  # flat position of the prompt's last token
+            ids[at:at + len(prompt)] = prompt
+            positions[at:at + len(prompt)] = range(len(prompt))
+            unit_of[at:at + lengths[u]] = [u] * lengths[u]
+            prompt_end = at + len(prompt) - 1
             at += len(prompt)
             for j, i in enumerate(units[u], start=1):
                 reply = replies[i]
                 n = len(reply)
-                ids[r, at:at + n] = reply
-                positions[r, at:at + n] = torch.arange(len(prompt), len(prompt) + n)
-                branch[r, at:at + n] = j
+                ids[at:at + n] = reply
+                positions[at:at + n] = range(len(prompt), len(prompt) + n)
+                branch[at:at + n] = [j] * n
                 # the prompt's last token predicts the reply's first, each reply token the next
-                predict.append(torch.cat([torch.tensor([prompt_end]), r * width + at + torch.arange(n - 1)])[:n])
-                targets.append(reply)
-                scatter.append(i * response_width + torch.arange(n))
-                last[i] = r * width + at + n - 1 if n else prompt_end
+                predict += [prompt_end, *range(at, at + n - 1)][:n]
+                targets += reply
+                scatter += range(i * response_width, i * response_width + n)
+                last[i] = at + n - 1 if n else prompt_end
                 at += n
-        positions[r, at:] = torch.arange(width - at)  # the row's end padding: a segment of its own, never read
-    mask = shared_prompt_mask(unit_of, branch) if shared else None
-    return PackedRows(ids, positions, torch.cat(predict), torch.cat(targets), torch.cat(scatter), torch.tensor(last),
-                      (len(prompts), response_width), mask).to(device)
+        end = (r + 1) * width
+        positions[at:end] = range(end - at)  # the row's end padding: a segment of its own, never read
+    shape = (len(layout), width)
+    mask = shared_prompt_mask(torch.tensor(unit_of).view(shape), torch.tensor(branch).view(shape)) if shared else None
+    as_long = functools.partial(torch.tensor, dtype=torch.long)
+    return PackedRows(as_long(ids).view(shape), as_long(positions).view(shape), as_long(predict), as_long(targets),
+                      as_long(scatter), as_long(last), (len(prompts), response_width), mask).to(device)
 
 
 def prompt_sharing_pays(prompt: int, replies: list[int], hidden_size: int) -> bool:
