@@ -168,8 +168,8 @@ class RLConfig(TrainConfig):
     critic_warmup_steps: int = option(0, "RL steps in which only the critic learns", at_least=0)
     overlap_critic: bool = option(True, "one process on a CPU: the critic's update steps on a thread of their own "
                                         "beside the policy's, half of torch's threads each (the same run, faster)")
-    share_prompts: bool = option(True, "every forward over a rollout runs a group's prompt once, its replies "
-                                       "attending to that copy (where the attention takes a mask: sdpa, eager)")
+    share_prompts: bool = option(True, "forwards over a rollout run a group's prompt once where that is less work, "
+                                       "its replies attending to it (attention that takes a mask: sdpa, eager)")
     ptx_data: list[str] = option([], "PPO-ptx: conversation files whose LM loss is mixed into the policy loss")
     ptx_coef: float = option(0.0, "PPO-ptx loss coefficient", at_least=0.0)
     ptx_batch_size: int = option(4, "PPO-ptx conversations per update per process", at_least=1)
