@@ -13,6 +13,14 @@ sequence: transformers turns the restarts into a block-diagonal causal mask (eag
 * the critic's values: the value head at those same positions;
 * the reward model's score: at each sequence's last token (its turn end).
 
+Group sampling (GRPO, RLOO, DAPO: k replies to each prompt) repeats every prompt k times. With shared prompts a
+group is packed as its prompt once and then its replies, each reply attending to the prompt and to itself through
+an explicit mask, with the positions it would have alone — the shared-prefix forward of Prefix Grouper (Liu et
+al. 2025, arXiv 2506.05433), here as one masked attention call instead of its two-part attention: the prompt's
+k − 1 copies leave the linear layers, their gradients flow into the one copy. The masked call computes the unit's
+whole attention square, so where that would cost more than the copies it saves (long replies to a short prompt)
+the group stays apart (:func:`prompt_sharing_pays`).
+
 The same :class:`PackedRows` of a micro-batch is used when its experience is made and at every update on it, so
 the first update's probability ratio is exactly 1. Results equal the padded forward's up to float rounding (tested).
 """
@@ -28,6 +36,9 @@ from moss_rlhf import losses
 from moss_rlhf.data.collate import fewest_padded_rows
 from moss_rlhf.distributed import is_sharded
 from moss_rlhf.models import base_model, final_hidden_states, score_head, unwrap
+
+# the attention implementations that take a custom mask (shared prompts); flash and flex kernels take none here
+MASKED_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass
@@ -158,10 +169,6 @@ def shared_prompt_mask(unit_of: torch.Tensor, branch: torch.Tensor) -> torch.Ten
     same_unit = unit_of[:, :, None] == unit_of[:, None, :]
     visible_branch = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
     return (causal & same_unit & visible_branch)[:, None]
-
-
-# the attention implementations that take a custom mask (shared prompts); flash and flex kernels take none here
-MASKED_ATTENTION = ("sdpa", "eager")
 
 
 def attention_implementation(model) -> str:
