@@ -62,10 +62,17 @@ def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeyp
         monkeypatch.setattr(losses, "HEAD_BLOCK_ELEMENTS", 3 * policy.config.vocab_size)
         blockwise = losses.linear_logprobs
         monkeypatch.setattr(losses, "linear_logprobs", lambda *a: calls.append(len(a[0])) or blockwise(*a))
+    packed = pack_sequences(rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1])
+    assert_forwards_equal_the_padded_ones(policy, scorer, rollout, packed, temperatures=(1.0, 0.7))
+    assert len(calls) == (2 if logits_at_once == "blocks" else 0) and all(n > 3 for n in calls)  # several blocks
+
+
+def assert_forwards_equal_the_padded_ones(policy, scorer, rollout, packed, temperatures):
+    """Log-probs and entropies (0 after each reply's end) and their gradients in every parameter, critic values and
+    sequence scores from ``packed`` equal those of the padded forward of ``rollout``."""
     seq, mask = rollout.sequences, rollout.attention_mask
     width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
-    packed = pack_sequences(seq, mask, width)
-    for temperature in (1.0, 0.7):
+    for temperature in temperatures:
         lp, entropy = packed_logprobs(policy, packed, temperature, with_entropy=True, entropy_grad=True)
         ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, temperature,
                                                 with_entropy=True, entropy_grad=True)
@@ -79,7 +86,6 @@ def test_packed_forwards_equal_the_padded_ones_gradients_included(parts, monkeyp
             grads.append([p.grad.clone() for p in policy.parameters()])
         for a, b in zip(*grads):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert len(calls) == (2 if logits_at_once == "blocks" else 0) and all(n > 3 for n in calls)  # several blocks
     policy.zero_grad()
     with torch.no_grad():
         values = packed_values(scorer, packed)
@@ -162,29 +168,10 @@ def test_shared_prompts_run_once_per_group_and_point_at_every_reply(grouped):
 def test_shared_prompt_forwards_equal_the_padded_ones_gradients_included(parts, grouped, tiny_model_dir, attention):
     tokenizer, _, scorer, _ = parts
     policy = load_causal_lm(str(tiny_model_dir), attn_implementation=attention).eval()
-    rollout = grouped
-    seq, mask = rollout.sequences, rollout.attention_mask
-    width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
-    packed = pack_sequences(seq, mask, width, share_prompts=prompt_sharing([policy, scorer]))
-    assert packed.attention_mask is not None and packed.input_ids.shape[0] < len(seq)
-    lp, entropy = packed_logprobs(policy, packed, 0.7, with_entropy=True, entropy_grad=True)
-    ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, 0.7, with_entropy=True,
-                                            entropy_grad=True)
-    torch.testing.assert_close(lp[counted], ref_lp[counted], atol=1e-5, rtol=0)
-    torch.testing.assert_close(entropy[counted], ref_entropy[counted], atol=1e-5, rtol=0)
-    grads = []
-    for value in ((lp + entropy)[counted].sum(), (ref_lp + ref_entropy)[counted].sum()):
-        policy.zero_grad()
-        value.backward()
-        grads.append([p.grad.clone() for p in policy.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():
-        torch.testing.assert_close(packed_values(scorer, packed)[counted],
-                                   critic_values(scorer, seq, mask, position_ids_of(mask), width)[counted],
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(packed_sequence_scores(scorer, packed), sequence_scores(scorer, seq, mask),
-                                   atol=1e-5, rtol=0)
+    packed = pack_sequences(grouped.sequences, grouped.attention_mask, grouped.response_ids.shape[1],
+                            share_prompts=prompt_sharing([policy, scorer]))
+    assert packed.attention_mask is not None and packed.input_ids.shape[0] < len(grouped.sequences)
+    assert_forwards_equal_the_padded_ones(policy, scorer, grouped, packed, temperatures=(0.7,))
 
 
 def test_attention_without_masks_is_refused_clearly(parts, grouped):
