@@ -166,7 +166,7 @@ def test_shared_prompts_run_once_per_group_and_point_at_every_reply(grouped):
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_forwards_equal_the_padded_ones_gradients_included(parts, grouped, tiny_model_dir, attention):
-    tokenizer, _, scorer, _ = parts
+    _, _, scorer, _ = parts
     policy = load_causal_lm(str(tiny_model_dir), attn_implementation=attention).eval()
     packed = pack_sequences(grouped.sequences, grouped.attention_mask, grouped.response_ids.shape[1],
                             share_prompts=prompt_sharing([policy, scorer]))
