@@ -8,9 +8,9 @@ for GAE a critic (from the reward model, one value per token); dropout off in al
 Every step:
 
   1. rollout (``rollout.sample_groups``): ``group_size`` replies to each of ``rollout_batch`` prompts (per-reply
-     seeds), scored by the reward sources (``rewards``: reward model and ``--reward-fn`` functions, weighted, the
-     missing-EOS penalty, overlong shaping); dynamic sampling refills groups of equal rewards (DAPO); ReMax also
-     samples the greedy reply. All models score the rollout once, padding-free (``rollout.make_experience``);
+     seeds), scored by the reward sources (``rewards``: reward model, ``--reward-fn`` functions, missing-EOS
+     penalty, overlong shaping); dynamic sampling refills groups of equal rewards (DAPO); ReMax also samples the
+     greedy reply. All models score the rollout once, padding-free, a group's prompt once (``make_experience``);
   2. advantages (``advantages.assign_advantages``): PPO-max's reward normalisation and clipping, the KL penalty
      when it is in the reward (k1/k2/k3), then the estimator: GAE(γ, λ) with the critic, group baselines (GRPO's
      with group, batch or no std scaling; RLOO's leave-one-out), REINFORCE++'s whitened reward-to-go (with a group
