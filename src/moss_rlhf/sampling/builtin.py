@@ -114,11 +114,12 @@ def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sam
     lengths = torch.zeros(batch, dtype=torch.long, device=device)
     for t in range(cfg.max_new_tokens):
         scores = filter_logits(logits, cfg, None if seen is None else seen[:, :vocab])
-        if uniforms is not None:
-            choice = invert_cdf(scores.softmax(-1), uniforms[:, t])
+        if uniforms is not None:  # one pass over the logits: the draw's probabilities are exp(log-probs)
+            logp = torch.log_softmax(scores, -1)
+            choice = invert_cdf(logp.exp(), uniforms[:, t])
         else:
-            choice = scores.argmax(-1)
-        picked = torch.log_softmax(scores if cfg.temperature > 0 else logits, -1).gather(1, choice[:, None])[:, 0]
+            logp, choice = torch.log_softmax(logits, -1), scores.argmax(-1)
+        picked = logp.gather(1, choice[:, None])[:, 0]
         # a NaN logit makes its row's log-softmax NaN: checked on [B] picked values, not [B, V] logits
         if torch.isnan(picked).any():
             raise NonFiniteError("the model's logits are NaN (its weights are not finite, or its input "
