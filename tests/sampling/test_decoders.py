@@ -74,6 +74,21 @@ def test_every_step_matches_the_generic_forward(kind):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {t}")
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa-tied", "qwen3"])
+def test_bfloat16_steps_match_the_generic_forward(kind):
+    """The sampler's bf16 copy of an fp32 policy (RL's bf16 rollouts): the norms are the modules' own and the
+    softmax runs in float32, so the steps stay within bf16 rounding of the generic forward's."""
+    model = build(kind).to(torch.bfloat16)
+    prompts, mask = left_padded()
+    forced = torch.randint(3, 97, (prompts.shape[0], 6), generator=torch.Generator().manual_seed(2))
+    lean = teacher_forced_logits(LlamaFamilyDecoder(model), prompts, mask, forced)
+    generic = teacher_forced_logits(GenericDecoder(model), prompts, mask, forced)
+    for t, (a, b) in enumerate(zip(lean, generic)):
+        assert a.dtype == torch.float32
+        scale = b.abs().max()
+        assert (a - b).abs().max() <= 0.05 * scale, f"step {t}: {(a - b).abs().max()} against {scale}"
+
+
 def test_a_group_of_equal_prompts_shares_one_prompt_pass():
     """Rows A A A B C C (groups of replies, as RL samples them): one prompt pass of three rows, then every row's
     steps — each its own tokens — as the generic decoder computes them for all six rows."""

@@ -67,11 +67,11 @@ class LlamaFamilyDecoder(GenericDecoder):
     once per distinct prompt and its cache and logits are copied to every row of the group — the rows' first
     logits are the same, and a group of G costs one prompt pass instead of G.
 
-    A step is about 200 small tensor operations, each of which costs more in dispatch than in arithmetic at these
-    sizes, so the step is written in few of them (per layer: 43 → 26 operations, the step 4.0 → 3.4 ms on the GRPO
-    benchmark's model): the RMS norms as one ``rms_norm`` call (the transformers module makes eight), the query and
-    the key rotated together with one ``roll`` (``rotate_half(x)·sin`` is ``roll(x, d/2)·[−sin₁, sin₂]``; fourteen
-    operations → four), the scores as one ``baddbmm`` (scale, mask and product)."""
+    At these sizes an operation costs more in dispatch than in arithmetic, so the step is written in few of them:
+    each RMS norm as one ``rms_norm`` call (the transformers module makes eight), the query and the key rotated
+    together with one ``roll`` (``rotate_half(x)·sin`` is ``roll(x, d/2)·[−sin₁, sin₂]``: four operations where
+    ``apply_rotary_pos_emb`` makes fourteen), the scores as one ``baddbmm`` (product, scale and mask). On the GRPO
+    benchmark's model, 64 rows × 32 tokens took 0.122–0.128 s instead of 0.131 s (one thread)."""
 
     def __init__(self, model):
         from moss_rlhf.models import base_model
@@ -94,10 +94,10 @@ class LlamaFamilyDecoder(GenericDecoder):
         self.keys, self.values = [], []
         for layer_keys, layer_values in _cached_tensors(self.cache):
             for kept, filled in ((self.keys, layer_keys), (self.values, layer_values)):
-                buffer = filled.new_empty(batch, filled.shape[1], total, filled.shape[3])
+                kv_heads = filled.shape[1]
+                buffer = filled.new_empty(batch, kv_heads, total, filled.shape[3])
                 buffer[:, :, :width] = filled[run_of]
-                kept.append(buffer.view(-1, total, filled.shape[3]))  # [B · kv_heads, total, head_dim]
-        kv_heads = len(self.keys[0]) // batch
+                kept.append(buffer.view(batch * kv_heads, total, filled.shape[3]))
         self.bias = torch.zeros(batch, total, dtype=self.keys[0].dtype, device=ids.device)
         self.bias[:, :width].masked_fill_(mask == 0, float("-inf"))
         self.bias = self.bias.repeat_interleave(kv_heads, 0)[:, None]  # [B · kv_heads, 1, total]
@@ -128,7 +128,7 @@ class LlamaFamilyDecoder(GenericDecoder):
         cos, signed_sin = rotation
         qk = torch.cat([q, k], 1)
         qk = torch.addcmul(qk * cos, qk.roll(head_dim // 2, -1), signed_sin)  # apply_rotary_pos_emb, fewer ops
-        kv_heads = keys.shape[0] // batch
+        kv_heads = keys.shape[0] // batch  # the buffers are [B · kv_heads, total, head_dim]
         keys.view(batch, kv_heads, -1, head_dim)[:, :, at] = qk[:, heads:]
         values.view(batch, kv_heads, -1, head_dim)[:, :, at] = attn.v_proj(x).view(batch, kv_heads, head_dim)
         # grouped-query attention without repeating the cache: each kv head serves its group of query heads
@@ -159,8 +159,9 @@ def decoder_for(model, longest: int):
 
 def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` for the families' RMSNorm (``weight · normalised(x)``, computed in float32) in one operation."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    eps = getattr(norm, "variance_epsilon", None)
+    if x.dtype == torch.float32 and eps is not None and isinstance(getattr(norm, "weight", None), torch.Tensor):
+        return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
     return norm(x)  # half precision: the module's own rounding (normalised in float32, cast, then weighted)
 
 
