@@ -162,7 +162,7 @@ def _rms_norm(norm, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(norm, "variance_epsilon", None)
     if x.dtype == torch.float32 and eps is not None and isinstance(getattr(norm, "weight", None), torch.Tensor):
         return F.rms_norm(x, norm.weight.shape, norm.weight, eps)
-    return norm(x)  # half precision: the module's own rounding (normalised in float32, cast, then weighted)
+    return norm(x)  # half precision (the module's own rounding: normalised in float32, cast, weighted), other norms
 
 
 def _cache_of(out):
