@@ -95,7 +95,7 @@ def our_run(out_dir: Path) -> dict:
         return None if any(v is None for v in values) else values
 
     return {"step_s": column("time/step_s"), "generate_s": column("time/generate_s"),
-            "score_s": column("time/score_s"), "update_s": column("time/update_s"),
+            "reward_s": column("time/reward_s"), "score_s": column("time/score_s"), "update_s": column("time/update_s"),
             "response_length": statistics.mean(r["response/length"] for r in rows),
             "forward_tokens": column("update/forward_tokens"), "head_tokens": column("update/head_tokens")}
 
@@ -103,6 +103,13 @@ def our_run(out_dir: Path) -> dict:
 def steady(times: list[float]) -> float:
     """Median leaving out the first value (it pays one-off warm-up costs)."""
     return statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def phases(run: dict) -> str:
+    """A run's steady seconds per phase, those it timed: generate (the sampler), reward (ours: the reward sources;
+    TRL counts its reward model in its score phase), score (the frozen models' forwards), update."""
+    return ", ".join(f"{name} {steady(run[f'{name}_s']):.3f}" for name in ("generate", "reward", "score", "update")
+                     if run.get(f"{name}_s"))
 
 
 def alternate(rounds: int, sides: dict, unit: str) -> dict[str, dict]:

@@ -27,11 +27,12 @@ estimator inside the loss on both sides (TRL's ``beta``, our ``kl_coef`` with ``
 the reference model on both; ``--beta 0`` drops it on both. Loss aggregation: ``--loss-type grpo`` (TRL) ↔
 ``seq_mean_token_mean`` (ours), ``dapo`` ↔ ``token_mean``, ``dr_grpo`` ↔ ``seq_mean_token_sum_norm``.
 
-Our phases come from the run's metrics (``time/generate_s``, ``time/score_s``, ``time/update_s``); TRL's step
-boundaries are ``on_step_end`` callbacks (every ``steps_per_generation × num_iterations``-th optimizer step closes a
-cycle), its generate phase is timed around ``GRPOTrainer._generate``, its score phase (old and reference log-probs,
-reward model, advantages) is the rest of ``_generate_and_score_completions``, and its update is the rest of the
-cycle.
+Our phases come from the run's metrics (``time/generate_s``: the sampler; ``time/reward_s``: the reward model;
+``time/score_s``: the reference; ``time/update_s``); TRL's step boundaries are ``on_step_end`` callbacks (every
+``steps_per_generation × num_iterations``-th optimizer step closes a cycle), its generate phase is timed around
+``GRPOTrainer._generate``, its score phase (old and reference log-probs, reward model, advantages) is the rest of
+``_generate_and_score_completions``, and its update is the rest of the cycle. The last lines compare the phases that
+do the same work: sampling, the reward model and reference forwards together, the update.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _rl_bench import (alternate, gemm_peak, our_run, prepare, print_update_gflops, prompt_texts,  # noqa: E402
-                       run_worker, steady)
+from _rl_bench import (alternate, gemm_peak, our_run, phases, prepare, print_update_gflops,  # noqa: E402
+                       prompt_texts, run_worker, steady)
 from _trl_env import ensure_trl_venv  # noqa: E402
 
 TRL_VERSION = "1.16.0"
@@ -206,9 +207,18 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
 
 def describe(name: str, run: dict, completions: int) -> str:
     s = steady(run["step_s"])
-    return (f"{name}: {s:.3f} s/step = {completions / s:.1f} samples/s (generate {steady(run['generate_s']):.3f}, "
-            f"score {steady(run['score_s']):.3f}, update {steady(run['update_s']):.3f} s); mean completion "
+    return (f"{name}: {s:.3f} s/step = {completions / s:.1f} samples/s ({phases(run)} s); mean completion "
             f"{run['response_length']:.1f} tokens")
+
+
+def phase_ratios(ours: dict, trl: dict) -> str:
+    """TRL's time over ours for the same work: sampling, the reward model and the reference (TRL's score phase, our
+    reward and score phases), the update."""
+    sampling = steady(trl["generate_s"]) / steady(ours["generate_s"])
+    scoring = steady(trl["score_s"]) / (steady(ours["reward_s"]) + steady(ours["score_s"]))
+    update = steady(trl["update_s"]) / steady(ours["update_s"])
+    return (f"by phase, TRL's time / ours: sampling {sampling:.2f}×, reward model + reference {scoring:.2f}×, "
+            f"update {update:.2f}×")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         fastest_ours, fastest_trl = min(ours["step_s"][1:] or ours["step_s"]), min(trl["step_s"][1:] or trl["step_s"])
         print(f"speed-up: moss-rlhf makes {trl_s / ours_s:.2f}× TRL GRPO's samples/s (medians); fastest steps "
               f"{fastest_ours:.3f} vs {fastest_trl:.3f} s: {fastest_trl / fastest_ours:.2f}×")
+        print(phase_ratios(ours, trl))
     if ours:
         print_update_gflops("moss-rlhf", ours, sizes, peaks)
     if trl:

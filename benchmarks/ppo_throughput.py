@@ -35,8 +35,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _rl_bench import (alternate, gemm_peak, our_run, prepare, print_update_gflops, prompt_texts,  # noqa: E402
-                       run_worker, steady)
+from _rl_bench import (alternate, gemm_peak, our_run, phases, prepare, print_update_gflops,  # noqa: E402
+                       prompt_texts, run_worker, steady)
 from _trl_env import ensure_trl_venv  # noqa: E402
 
 TRL_VERSION = "1.12.0"  # the last release with trl.experimental.ppo
@@ -173,9 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         peaks.append(gemm_peak(args.threads))
     ours = best["moss-rlhf"]
     ours_s = steady(ours["step_s"])
-    print(f"moss-rlhf: {ours_s:.3f} s/iteration (generate {steady(ours['generate_s']):.3f}, score "
-          f"{steady(ours['score_s']):.3f}, update {steady(ours['update_s']):.3f}); mean response "
-          f"{ours['response_length']:.1f} tokens")
+    print(f"moss-rlhf: {ours_s:.3f} s/iteration ({phases(ours)}); mean response {ours['response_length']:.1f} tokens")
     if "trl" in best:
         trl = best["trl"]
         trl_s = steady(trl["step_s"])

@@ -95,3 +95,43 @@ def test_configs_made_in_python_are_validated_too():
         SFTConfig(data=["x"], batch_size=0)
     with pytest.raises(ConfigError, match="give --data"):
         SFTConfig()
+
+
+# numeric options that may take any value: seeds, and a strength threshold that may be negative
+ANY_NUMBER = {"seed", "flip_below"}
+# numeric options bounded in their config's own check(), with a message that names both ends
+BOUNDED_IN_CHECK = {("ServeConfig", "port")}
+
+
+def test_every_numeric_option_is_range_checked():
+    """Every int or float option of every command carries bounds or choices, checked when the config is made: an
+    out-of-range value is an error that names the flag, never a run on silent garbage (an export of margins below
+    zero, annotators who err more often than always)."""
+    import typing
+
+    classes = [cls for _, config_cls, _ in _commands().values()
+               for _, cls, _ in (config_cls.values() if isinstance(config_cls, dict) else [(None, config_cls, None)])]
+    unchecked = set()
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            exempt = f.name in ANY_NUMBER or (cls.__name__, f.name) in BOUNDED_IN_CHECK
+            bounded = any(k in f.metadata for k in ("at_least", "at_most", "above", "below", "choices"))
+            if hints[f.name] in (int, float, int | None, float | None) and not (bounded or exempt):
+                unchecked.add(f"{cls.__name__}.{f.name}")
+    assert not unchecked, f"numeric options without bounds: {sorted(unchecked)}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["feedback", "export", "--min-agreement", "5"], "--min-agreement must be at most 1.0, got 5.0"),
+    (["feedback", "export", "--margin-much", "-1"], "--margin-much must be at least 0.0, got -1.0"),
+    (["feedback", "simulate", "--error-rate", "2"], "--error-rate must be at most 1.0, got 2.0"),
+    (["feedback", "simulate", "--annotators", "0"], "--annotators must be at least 1, got 0"),
+    (["feedback", "create", "--k", "1"], "--k must be at least 2, got 1"),
+    (["feedback", "serve", "--port", "70000"], "--port must be at most 65535, got 70000"),
+    (["chat", "--top-p", "5"], "--top-p must be at most 1.0, got 5.0"),
+])
+def test_out_of_range_options_are_refused_before_anything_runs(argv, message):
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError, match=message):
+        from_args(args._config, args)

@@ -129,6 +129,37 @@ def test_group_geometry_keeps_groups_whole():
             plan_batches(type("Bad", (Groups,), changes), world_size=2)
 
 
+def test_reward_time_counts_every_scoring_and_no_sampling(parts, monkeypatch):
+    """``GroupRollout.reward_s`` is the time spent in the reward sources: the first draw's, each dynamic-sampling
+    refill's and ReMax's greedy replies', none of the sampler's (a fake clock that only the two advance)."""
+    import types
+
+    from moss_rlhf import rollout as rollout_module
+    from moss_rlhf.data.formats import PromptRecord
+    from moss_rlhf.rollout import sample_groups
+
+    tokenizer, policy, _, prompts, _ = parts
+    now = [0.0]
+    monkeypatch.setattr(rollout_module, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    sampler = BuiltinSampler(policy, tokenizer)
+    generate = sampler.generate
+
+    def slow_generate(*args, **kwargs):
+        now[0] += 100.0
+        return generate(*args, **kwargs)
+
+    def score(rollout, records):  # every group's rewards equal: each try refills both groups
+        now[0] += 1.0
+        return torch.zeros(len(records)), {}
+
+    sampler.generate = slow_generate
+    grouped = sample_groups(sampler, tokenizer, [PromptRecord(p) for p in prompts], [0, 1], [0, 1],
+                            SamplingConfig(max_new_tokens=3), score, group_size=2, seed=0, max_prompt_len=32,
+                            dynamic_tries=2, greedy_baseline=True)
+    assert grouped.reward_s == 4.0  # the first draw, two refills, the greedy baseline
+    assert now[0] == 404.0  # ... and four generations, none of them counted
+
+
 def _refill_sizes(model_dir: str, out: str) -> None:
     import json
 

@@ -22,9 +22,10 @@ HELP = "/reset forgets the conversation, /exit quits (or Ctrl-D)"
 class ChatConfig(SamplingConfig):
     model: str = option("runs/ppo/model", "model to chat with (save_pretrained directory or hub id)", positional=True)
     system: str = option("", "system message placed at the start of every conversation")
-    max_new_tokens: int = option(256, "longest reply in tokens")
-    temperature: float = option(0.7, "sampling temperature (0: greedy)")
-    top_p: float = option(0.9, "nucleus sampling")
+    # the chat's own defaults for three sampling options, with SamplingConfig's bounds
+    max_new_tokens: int = option(256, "longest reply in tokens", at_least=1)
+    temperature: float = option(0.7, "sampling temperature (0: greedy)", at_least=0.0)
+    top_p: float = option(0.9, "nucleus sampling", above=0.0, at_most=1.0)
     seed: int = option(-1, "sampling seed (-1: a fresh one per reply)")
     device: str = option("auto", "cpu, cuda or auto")
 

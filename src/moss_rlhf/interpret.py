@@ -31,7 +31,8 @@ class InspectConfig(Config):
     text: str = option("I love to code", "the text to run through the model", positional=True)
     out: str = option("runs/inspect", "directory for attention_layer*.png, norms.png and inspect.json")
     chat: bool = option(False, "wrap the text as a user turn with the chat template (as the chat model sees it)")
-    max_tokens: int = option(48, "longest text in tokens (attention maps of more tokens are unreadable)")
+    max_tokens: int = option(48, "longest text in tokens (attention maps of more tokens are unreadable)",
+                             at_least=1)
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -252,6 +253,7 @@ class GroupRollout:
     dynamic: bool = False     # dynamic sampling was on
     sampled_groups: int = 0   # groups generated, refills included
     unfilled_groups: int = 0  # groups still of equal rewards after the last dynamic-sampling try
+    reward_s: float = 0.0     # seconds this process spent in the reward sources (the rest of the phase: sampling)
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Over every process: each reward source's mean raw score (``reward/<source>``) and, with dynamic
@@ -291,13 +293,21 @@ def sample_groups(sampler, tokenizer, prompts: Sequence[PromptRecord], indices: 
     ``lockstep`` (a sharded reward model, whose forward is a collective): every process refills as many groups as the
     process with the most to refill, the extra ones dummies whose replies are dropped."""
     k = group_size
+    reward_s = 0.0
+
+    def timed_score(rollout: Rollout, records: list[PromptRecord]):
+        nonlocal reward_s
+        start = time.perf_counter()
+        scored = score(rollout, records)
+        reward_s += time.perf_counter() - start
+        return scored
 
     def draw(slot_prompts: list[int], slot_positions: list[int], attempt: int):
         records = [prompts[i] for i in slot_prompts for _ in range(k)]
         encoded = encode_prompts(tokenizer, [prompts[i].messages for i in slot_prompts], max_prompt_len)
         seeds = prompt_seeds(seed + attempt * 7_919, [p * k + j for p in slot_positions for j in range(k)])
         rollout = sampler.generate([ids for ids in encoded for _ in range(k)], sampling, seeds)
-        return rollout, records, *score(rollout, records)
+        return rollout, records, *timed_score(rollout, records)
 
     rollout, records, scores, parts = draw(list(indices), list(positions), 0)
     sampled, unfilled = len(indices), 0
@@ -323,8 +333,8 @@ def sample_groups(sampler, tokenizer, prompts: Sequence[PromptRecord], indices: 
         unique = [records[i] for i in range(0, len(records), k)]
         greedy = sampler.generate(encode_prompts(tokenizer, [r.messages for r in unique], max_prompt_len),
                                   dataclasses.replace(sampling, temperature=0.0))
-        baseline = score(greedy, unique)[0].repeat_interleave(k)
-    return GroupRollout(rollout, records, scores, parts, baseline, k, dynamic_tries > 0, sampled, unfilled)
+        baseline = timed_score(greedy, unique)[0].repeat_interleave(k)
+    return GroupRollout(rollout, records, scores, parts, baseline, k, dynamic_tries > 0, sampled, unfilled, reward_s)
 
 
 def nonfinite_rollout(chunks: list[Experience], baseline: torch.Tensor | None = None) -> str | None:

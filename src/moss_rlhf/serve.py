@@ -28,7 +28,7 @@ class ServeConfig(Config):
     name: str = option("", "model id reported by /v1/models (default: the model's directory name)")
     host: str = option("127.0.0.1", "interface to bind (0.0.0.0 exposes the unauthenticated API to the network)")
     port: int = option(8000, "TCP port")
-    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
+    max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for", at_least=1)
     device: str = option("auto", "cpu, cuda or auto")
 
     def check(self) -> None:

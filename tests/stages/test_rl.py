@@ -215,6 +215,9 @@ def test_loop_first_ratio_is_one_and_checks_batches(tiny, tmp_path, capsys):
     assert metrics["policy/approx_kl"] > 0  # later mini-batches did move
     printed = capsys.readouterr().out
     assert "rollout batch 16 prompts = 1 process(es) × 16" in printed and "4 updates per step" in printed
+    for row in rows:  # the step's phases add up to it: sampling, rewards, scoring, update
+        phases = [row[f"time/{name}_s"] for name in ("generate", "reward", "score", "update")]
+        assert min(phases) >= 0 and sum(phases) == pytest.approx(row["time/step_s"], rel=1e-9)
 
 
 @pytest.mark.slow

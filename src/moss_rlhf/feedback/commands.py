@@ -36,14 +36,14 @@ class CreateConfig(SamplingConfig):
     name: str = option("", "project name")
     prompts: str = option("", "prompts file ({\"prompt\"} or {\"messages\"} records)")
     model: list[str] = option([], "saved model to sample from (repeat for several: response i comes from model i mod n)")
-    k: int = option(2, "responses per prompt")
-    annotators_per_item: int = option(1, "annotators who judge each item")
+    k: int = option(2, "responses per prompt", at_least=2)
+    annotators_per_item: int = option(1, "annotators who judge each item", at_least=1)
     task_type: str = option("auto", "auto (pairwise for k=2, else ranking), pairwise, rating or ranking",
                             choices=("auto", *TASK_TYPES))
     guideline_version: str = option("1", "guideline version recorded with every judgement")
     guidelines: str = option("", "a text file of labelling guidelines shown on the labelling page")
     seed: int = option(0, "sampling seed")
-    batch_size: int = option(32, "prompts per sampling batch")
+    batch_size: int = option(32, "prompts per sampling batch", at_least=1)
     device: str = option("auto", "cpu, cuda or auto")
     append: bool = option(False, "add the items to an existing project of that name")
 
@@ -74,7 +74,7 @@ class ImportConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     name: str = option("", "project name")
     file: str = option("", "JSONL of {\"prompt\" or \"messages\", \"responses\": [str, ...], \"gold\"?: index of the best}")
-    annotators_per_item: int = option(1, "annotators who judge each item")
+    annotators_per_item: int = option(1, "annotators who judge each item", at_least=1)
     task_type: str = option("pairwise", "pairwise (items with more than 2 responses become ranking), rating or ranking",
                             choices=TASK_TYPES)
     guideline_version: str = option("1", "guideline version recorded with every judgement")
@@ -140,9 +140,9 @@ def revoke_token(cfg: RevokeTokenConfig) -> str:
 class ServeConfig(Config):
     db: str = option(DEFAULT_DB, DB_HELP)
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only; put TLS in front to go wider)")
-    port: int = option(8000, "port")
+    port: int = option(8000, "port", at_least=1, at_most=65535)
     project: str = option("", "serve only this project (name or id); default: all")
-    max_body_kib: int = option(64, "largest request body in KiB (larger: 413)")
+    max_body_kib: int = option(64, "largest request body in KiB (larger: 413)", at_least=1)
     secure_cookies: bool = option(False, "mark cookies Secure (behind HTTPS)")
 
 
@@ -158,10 +158,10 @@ def serve(cfg: ServeConfig) -> None:
 class SimulateConfig(AnnotatorModel):
     db: str = option(DEFAULT_DB, DB_HELP)
     project: str = option("", "project (name or id); default: all")
-    annotators: int = option(3, "number of simulated annotators (sim-1, sim-2, ...)")
+    annotators: int = option(3, "number of simulated annotators (sim-1, sim-2, ...)", at_least=1)
     names: list[str] = option([], "annotator names instead (repeat the flag)")
     seed: int = option(0, "random seed")
-    limit: int = option(0, "judgements per annotator (0: everything they can get)")
+    limit: int = option(0, "judgements per annotator (0: everything they can get)", at_least=0)
     url: str = option("", "post over HTTP to this running server (e.g. http://127.0.0.1:8000) instead of the store")
 
 

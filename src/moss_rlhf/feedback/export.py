@@ -54,11 +54,14 @@ from moss_rlhf.files import atomic_write_text
 
 @dataclass
 class ExportOptions(Config):
-    margin_slightly: float = option(0.5, "margin of a 'slightly better' vote")
-    margin_much: float = option(1.0, "margin of a 'much better' vote")
-    margin_default: float = option(0.5, "margin of a vote with no stated strength (plain A/B, rankings)")
-    rating_much_gap: int = option(3, "a rating difference of at least this many points counts as 'much better'")
-    min_agreement: float = option(0.0, "leave out pairs whose majority has less than this share of the votes")
+    margin_slightly: float = option(0.5, "margin of a 'slightly better' vote", at_least=0.0)
+    margin_much: float = option(1.0, "margin of a 'much better' vote", at_least=0.0)
+    margin_default: float = option(0.5, "margin of a vote with no stated strength (plain A/B, rankings)",
+                                   at_least=0.0)
+    rating_much_gap: int = option(3, "a rating difference of at least this many points counts as 'much better'",
+                                  at_least=1, at_most=6)
+    min_agreement: float = option(0.0, "leave out pairs whose majority has less than this share of the votes",
+                                  at_least=0.0, at_most=1.0)
     include_gold: bool = option(True, "export gold (honeypot) items too")
     unranked_below: bool = option(False, "partial rankings: listed responses beat the unlisted ones")
     include_edits: bool = option(False, "an edited answer becomes 'chosen' against every response of its item")

@@ -30,11 +30,15 @@ Scorer = Callable[[list[dict], str], float]
 
 @dataclass
 class AnnotatorModel(Config):
-    temperature: float = option(0.5, "Bradley–Terry temperature: P(A≻B) = σ((s_A − s_B)/T); 0 always picks the higher score")
-    error_rate: float = option(0.0, "probability of flipping an answer after the noisy choice")
-    much_above: float = option(0.85, "'much better' when the chosen side's Bradley–Terry probability is at least this")
-    seconds_base: float = option(4.0, "reading time before the first character (seconds)")
-    ms_per_char: float = option(25.0, "reading time per character of prompt and responses (milliseconds)")
+    temperature: float = option(0.5, "Bradley–Terry temperature: P(A≻B) = σ((s_A − s_B)/T); 0 always picks the "
+                                     "higher score", at_least=0.0)
+    error_rate: float = option(0.0, "probability of flipping an answer after the noisy choice", at_least=0.0,
+                               at_most=1.0)
+    much_above: float = option(0.85, "'much better' when the chosen side's Bradley–Terry probability is at least "
+                                     "this", at_least=0.0, at_most=1.0)
+    seconds_base: float = option(4.0, "reading time before the first character (seconds)", at_least=0.0)
+    ms_per_char: float = option(25.0, "reading time per character of prompt and responses (milliseconds)",
+                                at_least=0.0)
 
 
 def judge_scorer() -> Scorer:

@@ -265,7 +265,6 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
     if len(prompts) < cfg.rollout_batch:
         raise ConfigError(f"{len(prompts)} training prompts in {', '.join(cfg.prompts)} are fewer than one "
                           f"--rollout-batch ({cfg.rollout_batch})")
-
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.policy, "--tokenizer" if cfg.tokenizer else "--policy")
     critic_source = cfg.critic or (cfg.reward_model if cfg.critic_from_reward and rm_weight else cfg.policy)
     models = load_rl_models(cfg.policy, cfg.reference or cfg.policy, cfg.reward_model if rm_weight else None,
@@ -353,9 +352,10 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         t_update = time.perf_counter()
         # 4. monitor
         metrics = {k: float(v) for k, v in {**stats, **update, **grouped.stats()}.items()}
-        metrics.update({"time/generate_s": t_generate - t0, "time/score_s": t_score - t_generate,
-                        "time/update_s": t_update - t_score, "time/step_s": t_update - t0,
-                        "policy/lr": policy.schedule.get_last_lr()[0], "policy/trained": float(train_policy)})
+        metrics.update({"time/generate_s": t_generate - t0 - grouped.reward_s, "time/reward_s": grouped.reward_s,
+                        "time/score_s": t_score - t_generate, "time/update_s": t_update - t_score,
+                        "time/step_s": t_update - t0, "policy/lr": policy.schedule.get_last_lr()[0],
+                        "policy/trained": float(train_policy)})
         metrics.update(memory_report({"policy": policy, "critic": critic, "reference": models.reference,
                                       "reward_model": models.reward_model}, "rl", dist) if step == 1 else {})
         first_stats = first_stats or {k: metrics[k] for k in ("reward/raw_mean", "reward/raw_std", "kl/per_token")}
