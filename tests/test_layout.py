@@ -57,3 +57,10 @@ def test_one_sampling_loop():
 @pytest.mark.parametrize("stage", sorted(p.name for p in (PACKAGE / "stages").glob("*.py")))
 def test_stage_files_read_in_one_sitting(stage):
     assert len((PACKAGE / "stages" / stage).read_text(encoding="utf-8").splitlines()) <= 400
+
+
+def test_every_module_opens_with_a_docstring():
+    """Each module says what it does (and which paper it implements) before any code; empty package markers aside."""
+    sources = {str(p.relative_to(PACKAGE)): p.read_text(encoding="utf-8") for p in sorted(PACKAGE.rglob("*.py"))}
+    bare = [name for name, text in sources.items() if text.strip() and not ast.get_docstring(ast.parse(text))]
+    assert not bare, f"modules without a docstring: {bare}"
