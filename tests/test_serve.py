@@ -126,6 +126,31 @@ def test_errors_are_clear(client, server):
     assert raw.status_code == 422 and raw.json()["error"]["param"] == "messages"
     raw = httpx.post(f"{server[0]}/completions", json={"model": "tiny", "prompt": "x", "temperature": 5})
     assert raw.status_code == 422 and "temperature" in raw.json()["error"]["message"]
+    raw = httpx.post(f"{server[0]}/chat/completions", content=b'{"model": "tiny", messages',
+                     headers={"content-type": "application/json"})
+    assert raw.status_code == 400 and "not valid JSON (character 18: Expecting property name" in raw.json()["error"]["message"]
+
+
+def test_what_cannot_be_honoured_is_refused_before_sampling(client, server):
+    """A prompt that leaves no room for max_tokens in the context is OpenAI's 400, streamed or not; a field the
+    server cannot honour is refused when it asks for something and accepted at the value that asks for nothing."""
+    import httpx
+    import openai
+
+    long = "where " * 600  # more tokens than the tiny model's 512 positions
+    with pytest.raises(openai.BadRequestError, match="context is 512 tokens; the prompt has"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": long}], max_tokens=4)
+    for stream in (False, True):
+        raw = httpx.post(f"{server[0]}/completions", json={"model": "tiny", "prompt": ["hi", long], "max_tokens": 4,
+                                                            "stream": stream})
+        assert raw.status_code == 400 and raw.json()["error"]["message"].startswith("prompt[1]: this model's context")
+    with pytest.raises(openai.UnprocessableEntityError, match="logprobs: not supported"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logprobs=True)
+    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty: not supported"):
+        client.completions.create(model="tiny", prompt="hi", presence_penalty=0.5)
+    reply = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                           presence_penalty=0, logprobs=False, user="someone")
+    assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_config_checks(tmp_path, capsys):

@@ -3,8 +3,12 @@ and tools built on it talk to our model unchanged.
 
 Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``. Honoured: ``temperature``,
 ``top_p``, ``max_tokens``, ``n``, ``stop``, ``seed``, ``stream`` (server-sent events: ``chat.completion.chunk`` /
-``text_completion`` chunks, then ``data: [DONE]``); every response carries token ``usage``. Bound to 127.0.0.1 by
-default: the server has no authentication, so exposing it is an explicit choice (``--host 0.0.0.0``).
+``text_completion`` chunks, then ``data: [DONE]``); every response carries token ``usage``. Refused with a clear
+error rather than ignored: OpenAI fields this server cannot honour when a request sets them (``logprobs``, the
+penalties, ``logit_bias``, tools, ``echo``, ``best_of``, ``suffix``, a JSON ``response_format``), and — with
+OpenAI's 400, before anything is sampled — a prompt that leaves no room for ``max_tokens`` in the model's context.
+Bound to 127.0.0.1 by default: the server has no authentication, so exposing it is an explicit choice
+(``--host 0.0.0.0``).
 
 One model serves one request at a time (a lock): a small model on a CPU gains nothing from interleaving requests.
 """
@@ -47,6 +51,14 @@ def _stops(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+# OpenAI request fields this server cannot honour, with the values that ask for nothing (what clients send by
+# default); any other value is refused, since ignoring it would answer a different question than the one asked
+UNSUPPORTED = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "presence_penalty": (None, 0),
+               "frequency_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+               "tool_choice": (None, "none"), "function_call": (None, "none"), "echo": (None, False),
+               "best_of": (None, 1), "suffix": (None, ""), "response_format": (None, {"type": "text"})}
+
+
 def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -56,13 +68,14 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
-    from pydantic import BaseModel, Field
+    from pydantic import BaseModel, ConfigDict, Field
 
     class ChatMessage(BaseModel):
         role: str
         content: str
 
     class ChatRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")  # other fields: checked against UNSUPPORTED, the rest ignored
         model: str = model_name
         messages: list[ChatMessage] = Field(min_length=1)
         temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -75,6 +88,7 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         stream_options: dict | None = None
 
     class CompletionRequest(BaseModel):
+        model_config = ConfigDict(extra="allow")
         model: str = model_name
         prompt: str | list[str]
         temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -102,6 +116,10 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
     @app.exception_handler(RequestValidationError)
     def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":  # loc: ("body", character offset)
+            at = first.get("loc", ("body", "?"))[-1]
+            return error(400, f"the request body is not valid JSON (character {at}: "
+                              f"{first.get('ctx', {}).get('error', first.get('msg'))})")
         where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
         return error(422, f"{where}: {first.get('msg')}" if where else str(first.get("msg")), where or None)
     created = int(time.time())
@@ -109,6 +127,22 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
     def check_model(name: str) -> None:
         if name != model_name:
             raise HTTPException(404, f"model {name!r} is not served here; this server serves {model_name!r}")
+
+    context = getattr(getattr(assistant.model, "config", None), "max_position_embeddings", None)
+
+    def check_request(body, prompts: list, param: str) -> None:
+        """Refuse what the server cannot honour, before anything is sampled: a field of UNSUPPORTED set to ask for
+        something, or a prompt that leaves no room for ``max_tokens`` in the model's context (OpenAI's 400)."""
+        for name, value in (body.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in UNSUPPORTED[name]:
+                raise HTTPException(422, f"{name}: not supported by this server (got {value!r})")
+        wanted = _sampling(body, max_tokens_limit)["max_new_tokens"]
+        for i, prompt in enumerate(prompts):
+            length = len(assistant.encode(prompt))
+            if context and length + wanted > context:
+                where = param if len(prompts) == 1 else f"{param}[{i}]"
+                raise HTTPException(400, f"{where}: this model's context is {context} tokens; the prompt has {length} "
+                                         f"and max_tokens asks for {wanted} more")
 
     def check_roles(messages: list) -> None:
         for i, m in enumerate(messages):
@@ -158,6 +192,7 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         check_model(body.model)
         check_roles(body.messages)
         messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        check_request(body, [messages], "messages")
         request_id, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
@@ -178,6 +213,7 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         if not prompts:
             raise HTTPException(422, "prompt must not be an empty list")
+        check_request(body, prompts, "prompt")
         request_id, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             def chunk(index: int, text: str | None, reason: str | None, first: bool = False) -> dict:
