@@ -61,6 +61,14 @@ def test_history_reset_and_exit(assistant):
     assert len(reply_writes) >= 3  # the first reply arrived in pieces, then its newline
 
 
+def test_a_message_beyond_the_context_is_refused_and_the_session_goes_on(assistant):
+    out = Recorder()
+    history = chat_loop(assistant, ChatConfig(model="m", max_new_tokens=4, seed=1),
+                        scripted(["where " * 600, "hi", "/exit"]), out)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["hi"]
+    assert "(that does not fit: the conversation would be" in out.text and "reads 512 with 4" in out.text
+
+
 def test_end_of_input_exits_cleanly(assistant):
     out = Recorder()
     history = chat_loop(assistant, ChatConfig(model="m", max_new_tokens=4, seed=1), scripted(["hi"]), out)
