@@ -187,9 +187,15 @@ def test_a_causal_lm_is_no_reward_model_or_judge(models, tmp_path, capsys):
                      "--device", "cpu"], "--judge", "is not a reward model")
 
 
-def test_a_prompt_longer_than_the_context_is_refused(models, capsys):
-    refused(capsys, ["generate", "--model", models["good"], "--prompt", "Lin went to the park. " * 200,
-                     "--device", "cpu"], "exceeds the model's context of 512 tokens")
+def test_a_prompt_longer_than_the_context_is_refused(models, tmp_path, capsys):
+    """Named by flag or by file and line, before anything is sampled."""
+    long = "Lin went to the park. " * 200
+    refused(capsys, ["generate", "--model", models["good"], "--prompt", long, "--device", "cpu"],
+            "--prompt 1: a prompt of", "exceeds the model's context of 512 tokens")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    refused(capsys, ["generate", "--model", models["good"], "--prompts-file", str(prompts), "--device", "cpu"],
+            f"{prompts}:2: a prompt of", "exceeds the model's context of 512 tokens")
 
 
 @pytest.mark.parametrize("argv, expected", [

@@ -30,13 +30,21 @@ class GenerateConfig(SamplingConfig):
 
 def run(cfg: GenerateConfig) -> list[dict]:
     from moss_rlhf.assistant import Assistant
-    from moss_rlhf.data.formats import load_prompts
+    from moss_rlhf.config import UserError
+    from moss_rlhf.data.formats import iter_rows, parse_prompt
 
     assistant = Assistant.from_pretrained(cfg.model, device=cfg.device)
-    conversations = [[{"role": "user", "content": p}] for p in cfg.prompt]
+    named = [(f"--prompt {i}", [{"role": "user", "content": p}]) for i, p in enumerate(cfg.prompt, start=1)]
     if cfg.prompts_file:
-        conversations += load_prompts(cfg.prompts_file)
-    prompts = [c for c in conversations for _ in range(cfg.num_samples)]
+        named += [(f"{name}:{line}", parse_prompt(row, (name, line)))
+                  for name, line, row in iter_rows(cfg.prompts_file)]
+    context = getattr(assistant.model.config, "max_position_embeddings", None)
+    for where, conversation in named:  # before anything is sampled: the prompt that cannot fit, by file and line
+        length = len(assistant.encode(conversation if cfg.chat else conversation[-1]["content"]))
+        if context and length + cfg.max_new_tokens > context:
+            raise UserError(f"{where}: a prompt of {length} tokens plus --max-new-tokens {cfg.max_new_tokens} "
+                            f"exceeds the model's context of {context} tokens")
+    prompts = [c for _, c in named for _ in range(cfg.num_samples)]
     inputs = prompts if cfg.chat else [c[-1]["content"] for c in prompts]  # raw strings are continued as text
     sampling = {k: getattr(cfg, k) for k in SamplingConfig.__dataclass_fields__}
     replies = [c.text for c in assistant.complete(inputs, seed=cfg.seed, batch_size=cfg.batch_size, **sampling)]
