@@ -59,6 +59,29 @@ def test_resume_forgets_rows_after_the_checkpoint(tmp_path):
     assert read_metrics(out) == []
 
 
+def test_a_line_cut_short_by_a_kill_is_passed_over_and_a_bad_one_is_named(tmp_path):
+    """A run killed while appending leaves a last line without its newline: reading (the report) passes over it, a
+    resume drops it; a malformed line anywhere else is an error with the file and line. A long row is written whole
+    (one write on an append-only descriptor, not a buffered file's 8 KiB pieces)."""
+    from moss_rlhf.data.formats import DataError
+
+    out = tmp_path / "run"
+    run = RunDir(out, TrainConfig(out=str(out)))
+    wide = {f"metric/{i:05d}": float(i) for i in range(1000)}  # a row of ~20 KB
+    for step in range(1, 4):
+        run.log(step, wide)
+    path = out / "metrics.jsonl"
+    assert [len(line) for line in path.read_text().splitlines()] == [len(json.dumps({"step": 1, **wide}))] * 3
+    with path.open("a") as fh:
+        fh.write('{"step": 4, "train/lo')
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    RunDir(out, TrainConfig(out=str(out)), resume=True).truncate_metrics(3)
+    assert path.read_text().endswith("}\n") and len(read_metrics(out)) == 3
+    path.write_text(path.read_text().replace('"step": 2,', '"step": 2', 1))
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not valid JSON"):
+        read_metrics(out)
+
+
 def test_a_resume_refuses_a_changed_trajectory_unless_overridden(tmp_path):
     from moss_rlhf.stages.sft import SFTConfig
 

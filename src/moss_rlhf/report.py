@@ -43,6 +43,7 @@ from pathlib import Path
 from moss_rlhf.config import Config, ConfigError, option
 from moss_rlhf.data.formats import DataError
 from moss_rlhf.files import atomic_write_text
+from moss_rlhf.runs import read_metrics
 
 DEFAULT_PROBE = 'What is the sentiment of "The soup was delicious."?'
 
@@ -101,25 +102,6 @@ class ReportConfig(Config):
 
 # --------------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_metrics_file(run_dir: Path) -> list[dict]:
-    """``metrics.jsonl`` rows; a bad line is an error naming the file and line."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), number, None, f"not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
-            raise DataError(str(path), number, "step", "expected an object with a numeric step")
-        rows.append(row)
-    return rows
 
 
 def read_evaluations(eval_dir: Path) -> list[tuple[Path, dict]]:
@@ -232,7 +214,7 @@ def win_rate_png(evaluation: dict) -> bytes:
 
 
 def training_section(title: str, run_dir: Path, panels: list[tuple[str, list[str]]], what: str) -> Section:
-    rows = read_metrics_file(run_dir)
+    rows = read_metrics(run_dir)
     if not rows:
         return Section(title, ran=False, note=f"not run — no {run_dir.name}/metrics.jsonl")
     png = curves_png(rows, panels)
@@ -249,7 +231,7 @@ def training_section(title: str, run_dir: Path, panels: list[tuple[str, list[str
 
 
 def reward_section(run_dir: Path, round_number: int = 1) -> Section:
-    rows = read_metrics_file(run_dir)
+    rows = read_metrics(run_dir)
     keys = sorted({k for r in rows for k in r if k != "step"})
     panels = [("preference accuracy", [k for k in keys if "acc" in k]), ("loss", [k for k in keys if "loss" in k]),
               ("reward gap, chosen − rejected", [k for k in keys if "gap" in k or "margin" in k])]
@@ -419,7 +401,7 @@ def comparison_section(root: Path, evaluations: list[tuple[Path, dict]]) -> Sect
     for run, ev in found:
         _, sources, uses_model = run_description(run)
         a, b, w = ev["model_a"]["name"], ev["model_b"]["name"], ev["win_rate"]
-        rows = read_metrics_file(run)
+        rows = read_metrics(run)
         times = sorted(r["time/step_s"] for r in rows if _finite(r.get("time/step_s")))
         kl = (ev.get("kl") or {}).get("per_token")
         groups[uses_model].append([

@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from moss_rlhf.config import ConfigError, save_yaml, to_dict
+from moss_rlhf.data.formats import DataError
 from moss_rlhf.files import atomic_write_text, recover_directory
 
 # what a run writes into its directory (and --overwrite deletes; nothing else there is touched)
@@ -110,8 +111,15 @@ class RunDir:
         if not self.is_main:
             return
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with self.metrics_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        # one write() on an O_APPEND descriptor: a run killed at any moment leaves whole lines (a buffered text
+        # file writes a long line in 8 KiB pieces); read_metrics still passes over a last line cut short
+        data = (json.dumps(row) + "\n").encode("utf-8")
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
         writer = self._writer()
         if writer is not None:
             for key, value in metrics.items():
@@ -194,10 +202,27 @@ def resume_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
+    """A run's ``metrics.jsonl`` rows. A last line without its newline — an append that a killed run, or a run
+    still writing, did not finish — is passed over; any other bad line is an error naming the file and line."""
     path = Path(run) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), number, None, f"not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), (int, float)):
+            raise DataError(str(path), number, "step", "expected an object with a numeric step")
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
