@@ -73,9 +73,8 @@ class RunDir:
         for name in ("model", "best"):
             recover_directory(self.path / name)
         if changes:
-            with (self.path / "resumes.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                     "overrides": {k: list(v) for k, v in changes.items()}}) + "\n")
+            record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "overrides": {k: list(v) for k, v in changes.items()}}
+            append_line(self.path / "resumes.jsonl", json.dumps(record))
         save_yaml(cfg, self.path / "config.yaml")
 
     def _check(self, cfg: Any, resume: bool, overwrite: bool) -> tuple[list[str], dict]:
@@ -110,16 +109,7 @@ class RunDir:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        # one write() on an O_APPEND descriptor: a run killed at any moment leaves whole lines (a buffered text
-        # file writes a long line in 8 KiB pieces); read_metrics still passes over a last line cut short
-        data = (json.dumps(row) + "\n").encode("utf-8")
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            while data:
-                data = data[os.write(fd, data):]
-        finally:
-            os.close(fd)
+        append_line(self.metrics_path, json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}))
         writer = self._writer()
         if writer is not None:
             for key, value in metrics.items():
@@ -199,6 +189,19 @@ def resume_changes(path: Path, cfg: Any) -> dict[str, tuple[Any, Any]]:
             if f.metadata.get("free_on_resume")}  # as marked where the option is first declared
     return {name: (saved[name], value) for name, value in current.items()
             if name not in free and name in saved and saved[name] != value}
+
+
+def append_line(path: Path, text: str) -> None:
+    """``text`` and a newline at the end of ``path`` in one write() on an O_APPEND descriptor: a run killed at any
+    moment leaves whole lines (a buffered text file writes a long line in 8 KiB pieces); :func:`read_metrics` still
+    passes over a last line cut short (a full disk, a crash of the machine)."""
+    data = (text + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        while data:  # a short write (rare) continues where it stopped
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
