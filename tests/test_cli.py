@@ -187,6 +187,11 @@ def test_a_causal_lm_is_no_reward_model_or_judge(models, tmp_path, capsys):
                      "--device", "cpu"], "--judge", "is not a reward model")
 
 
+def test_an_output_path_that_cannot_be_written_is_refused(models, tmp_path, capsys):
+    refused(capsys, ["generate", "--model", models["good"], "--prompt", "hi", "--max-new-tokens", "2", "--out",
+                     str(tmp_path), "--device", "cpu"], f"{tmp_path}: is a directory")
+
+
 def test_a_prompt_longer_than_the_context_is_refused(models, tmp_path, capsys):
     """Named by flag or by file and line, before anything is sampled."""
     long = "Lin went to the park. " * 200
