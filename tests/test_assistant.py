@@ -86,6 +86,9 @@ def test_classify_picks_among_the_given_labels(trained):
     assert accuracy >= 0.9, accuracy
     with pytest.raises(ValueError, match="at least two labels"):
         trained.classify("Zoe talked about the tea.", ["food"])
+    with pytest.raises(ValueError, match="distinct"):
+        trained.classify("Zoe talked about the tea.", ["food", "food"])
+    assert trained.analyze_sentiment([]) == [] and trained.classify([], list(TOPICS)) == []
 
 
 def test_respond_generate_and_batches(trained):
@@ -99,6 +102,11 @@ def test_respond_generate_and_batches(trained):
     assert completions[0].completion_tokens <= 3 and completions[0].prompt_tokens >= 1
     with pytest.raises(TypeError, match="unknown sampling option"):
         trained.generate("Lin", temprature=0.5)
+    # a conversation given in code is checked as a data file's is, never rendered as something else
+    with pytest.raises(ValueError, match=r"messages\[1\].role: expected one of system, user, assistant, got 'robot'"):
+        trained.respond([{"role": "user", "content": "hi"}, {"role": "robot", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].content: expected a string"):
+        trained.complete([[{"role": "user", "content": None}]])
 
 
 def test_same_seed_same_reply(trained):

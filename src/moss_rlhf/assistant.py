@@ -107,7 +107,7 @@ class Assistant:
             bos = self.tokenizer.bos_token_id
             # pretraining documents start with bos (collate.pack_texts), so a raw continuation should too
             return ids if bos is None or ids[:1] == [bos] else [bos] + ids
-        return encode_chat(self.tokenizer, prompt, add_generation_prompt=True)
+        return encode_chat(self.tokenizer, self._as_messages(prompt), add_generation_prompt=True)
 
     @staticmethod
     def _seeds(seed: int | None, start: int, n: int) -> list[int]:
@@ -151,7 +151,9 @@ class Assistant:
 
     @staticmethod
     def _as_messages(value: Messages | str) -> Messages:
-        return [{"role": "user", "content": value}] if isinstance(value, str) else list(value)
+        from moss_rlhf.data.formats import checked_messages
+
+        return [{"role": "user", "content": value}] if isinstance(value, str) else checked_messages(value)
 
     def stream(self, prompt: str | Messages, stop: Sequence[str] = (), seed: int | None = None,
                on_finish=None, **sampling) -> Iterator[str]:
@@ -257,6 +259,10 @@ class Assistant:
         from moss_rlhf.data.collate import IGNORE, chat_example, pad_examples
         from moss_rlhf.losses import token_logprobs
 
+        if not labels or len(set(labels)) != len(labels):
+            raise ValueError(f"labels must be one or more distinct strings, got {list(labels)}")
+        if not prompts:
+            return torch.zeros(0, len(labels))
         examples = [chat_example(self.tokenizer, self._as_messages(prompt) + [
             {"role": "assistant", "content": reply_template.format(label=label)}], max_len=1 << 30)
             for prompt in prompts for label in labels]

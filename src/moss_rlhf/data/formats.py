@@ -256,6 +256,12 @@ def _messages(value: Any, where: tuple[str, int | None], key: str = "messages") 
     return out
 
 
+def checked_messages(value: Any) -> list[Message]:
+    """A conversation given in code (the Python API), checked as a data file's would be: a non-empty list of
+    ``{role: system|user|assistant, content: str}``; a mistake is a :class:`DataError` naming the message."""
+    return _messages(value, ("the conversation", None))
+
+
 def parse_text(row: dict, where: tuple[str, int | None]) -> str:
     return _field(row, "text", where)
 
