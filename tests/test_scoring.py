@@ -40,6 +40,27 @@ def test_functions_by_name_and_clear_errors(tiny_model_dir):
         text_scorer(str(tiny_model_dir / "missing"), torch.device("cpu"))
 
 
+@pytest.mark.parametrize("fn, message", [
+    (lambda conversations, replies: [1.0], "returned 1 values for 2 responses"),
+    (lambda conversations, replies: ["high"] * len(replies), "returned 'high' for response 0; expected a number"),
+    (lambda conversations, replies: [float("nan")] * len(replies), "returned nan for response 0; expected a finite"),
+    (lambda conversations, replies, extras: [1.0] * len(replies), "raised TypeError: .* missing 1 required"),
+    (lambda conversations, replies: 1 / 0, "raised ZeroDivisionError"),
+])
+def test_a_bad_judge_function_is_one_user_error_naming_it(monkeypatch, fn, message):
+    """A ``--judge`` / ``--val-scorer`` function is held to what a reward function is (one number per reply, its
+    failure named), and to finite scores: a NaN would pass silently into win rates and the best checkpoint."""
+    import sys
+    import types
+
+    from moss_rlhf.config import UserError
+
+    monkeypatch.setitem(sys.modules, "user_judges", types.SimpleNamespace(judge=fn))
+    judge = text_scorer("user_judges:judge", torch.device("cpu"))
+    with pytest.raises(UserError, match=f"--judge user_judges:judge {message}"):
+        judge([[{"role": "user", "content": "hi"}]] * 2, ["a", "b"])
+
+
 def test_validation_reports_each_scorer_with_fixed_seeds(tiny_model_dir):
     from moss_rlhf.models import load_causal_lm
     from moss_rlhf.sampling import SamplingConfig

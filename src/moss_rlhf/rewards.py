@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moss_rlhf.config import ConfigError, UserError
+from moss_rlhf.config import ConfigError
 from moss_rlhf.data.formats import PromptRecord
 from moss_rlhf.packing import pack_sequences, packed_sequence_scores, prompt_sharing
 from moss_rlhf.sampling import Rollout, decode_responses
+from moss_rlhf.scoring import call_user_function, load_function
 
 # A reward computed from the rollout's tokens instead of a reward model (tests, rules): rollout -> score per row [B].
 RewardFn = Callable[[Rollout], torch.Tensor]
@@ -55,25 +56,13 @@ class RewardFunction:
 
     def __call__(self, prompts: list[list[dict]], responses: list[str], extras: list[dict]) -> torch.Tensor:
         args = (prompts, responses, extras) if self.takes_extras else (prompts, responses)
-        try:
-            values = list(self.fn(*args))
-        except UserError:
-            raise
-        except Exception as e:  # a user's function failing is a user error: name it, keep the cause
-            raise UserError(f"--reward-fn {self.name} raised {type(e).__name__}: {e}") from e
-        if len(values) != len(responses):
-            raise UserError(f"--reward-fn {self.name} returned {len(values)} values for {len(responses)} responses; "
-                            f"expected one number per response")
-        for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) and not (torch.is_tensor(v) and v.numel() == 1):
-                raise UserError(f"--reward-fn {self.name} returned {v!r} for response {i}; expected a number")
-        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+        # a non-finite reward is the RL loop's to catch (--on-nonfinite stop or skip), not an error here
+        values = call_user_function(self.fn, args, f"--reward-fn {self.name}", len(responses))
+        return torch.tensor(values, dtype=torch.float32)
 
 
 def load_reward_functions(specs: Sequence[str], weights: Sequence[float]) -> list[RewardFunction]:
     """``--reward-fn`` specs with their ``--reward-fn-weight`` (one per function, or none: all 1)."""
-    from moss_rlhf.scoring import load_function
-
     if weights and len(weights) != len(specs):
         raise ConfigError(f"--reward-fn-weight: {len(weights)} weights for {len(specs)} --reward-fn functions; give "
                           f"one per function (or none: all 1)")

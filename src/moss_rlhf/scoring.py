@@ -9,12 +9,13 @@ A text scorer is ``scorer(conversations, replies) -> list[float]``: one score pe
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from moss_rlhf.config import ConfigError
+from moss_rlhf.config import ConfigError, UserError
 
 TextScorer = Callable[[Sequence[list[dict]], Sequence[str]], list[float]]
 # ``gold``: the demo world's gold judge, by name (this module imports nothing of the demo)
@@ -34,6 +35,26 @@ def load_function(spec: str, flag: str) -> Callable:
     if not callable(fn):
         raise ConfigError(f"{flag}: {module_name} has no function {name!r}")
     return fn
+
+
+def call_user_function(fn: Callable, args: tuple, label: str, n: int, finite: bool = False) -> list[float]:
+    """``fn(*args)``, a user's scorer or reward function, which must return one number per reply (``n``; with
+    ``finite``, finite ones): its failure or any other answer is a user error naming it (``label``: its flag and
+    spec), the cause kept."""
+    try:
+        values = list(fn(*args))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{label} raised {type(e).__name__}: {e}") from e
+    if len(values) != n:
+        raise UserError(f"{label} returned {len(values)} values for {n} responses; expected one number per response")
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not (torch.is_tensor(v) and v.numel() == 1):
+            raise UserError(f"{label} returned {v!r} for response {i}; expected a number")
+        if finite and not math.isfinite(float(v)):
+            raise UserError(f"{label} returned {float(v)} for response {i}; expected a finite number")
+    return [float(v) for v in values]
 
 
 def reward_model_scorer(model, tokenizer, max_len: int = 512, batch_size: int = 32) -> TextScorer:
@@ -62,7 +83,9 @@ def text_scorer(spec: str, device: torch.device, flag: str = "--judge", max_len:
     """A reward-model directory, a ``package.module:function`` scorer or an alias (``gold``)."""
     spec = SCORER_ALIASES.get(spec, spec)
     if ":" in spec and not Path(spec).exists():
-        return load_function(spec, flag)
+        fn = load_function(spec, flag)
+        return lambda conversations, replies: call_user_function(fn, (conversations, replies), f"{flag} {spec}",
+                                                                 len(replies), finite=True)
     from moss_rlhf.models import check_model_path, check_vocabulary, load_scorer
     from moss_rlhf.tokenizer import load_tokenizer
 
