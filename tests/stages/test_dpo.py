@@ -243,7 +243,10 @@ def test_precomputed_reference_log_probs_are_reused_only_when_they_match(tmp_pat
     other = write_jsonl(tmp_path / "other.jsonl", preference_rows(40, seed=5))
     dpo.run(config(tmp_path / "c", tiny_model_dir, other, **common))
     assert "other data's log-probs: scoring again" in capsys.readouterr().out
-    cache.write_bytes(b"not a torch file")
-    dpo.run(config(tmp_path / "d", tiny_model_dir, other, **common))
-    assert "unreadable" in capsys.readouterr().out
+    cache.write_bytes(b"not a torch file")  # a file of the user's, given by mistake: refused, never written over
+    with pytest.raises(ConfigError, match="ref.pt: exists and is not a file of reference log-probs"):
+        dpo.run(config(tmp_path / "d", tiny_model_dir, other, **common))
+    assert cache.read_bytes() == b"not a torch file"
+    cache.unlink()
+    dpo.run(config(tmp_path / "d", tiny_model_dir, other, **common, overwrite=True))
     assert steady(read_metrics(tmp_path / "c")) == steady(read_metrics(tmp_path / "d"))

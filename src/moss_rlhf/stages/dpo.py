@@ -295,9 +295,12 @@ def score_references(cfg: DPOConfig, datasets: list[ReplyRows], dist: distribute
     if cache and cache.exists():
         try:
             stored = torch.load(cache, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say so, then score afresh
-            stored = {}
-            print(f"dpo: {cache}: unreadable ({type(e).__name__}); scoring the reference again")
+        except Exception as e:
+            stored = type(e).__name__
+        if not isinstance(stored, dict) or "fingerprint" not in stored:  # another file: never written over
+            why = stored if isinstance(stored, str) else "no fingerprint"
+            raise ConfigError(f"--precompute-ref {cache}: exists and is not a file of reference log-probs ({why}); "
+                              f"give another path, or delete it to score afresh")
         if stored.get("fingerprint") == fingerprint:
             for data, reference in zip(datasets, stored["reference"]):
                 data.reference = reference
