@@ -192,6 +192,15 @@ def test_an_output_path_that_cannot_be_written_is_refused(models, tmp_path, caps
                      str(tmp_path), "--device", "cpu"], f"{tmp_path}: is a directory")
 
 
+def test_an_rl_run_whose_prompt_and_reply_cannot_fit_is_refused_at_the_start(models, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n' * 40)
+    refused(capsys, ["rl", "--policy", models["good"], "--reward-model", models["rm"], "--prompts", str(prompts),
+                     "--out", str(tmp_path / "rl"), "--device", "cpu", "--eval-size", "4", "--max-new-tokens", "500",
+                     "--max-steps", "1"],
+            "--max-prompt-len 128 + --max-new-tokens 500 exceed the policy's context of 512 tokens")
+
+
 def test_a_prompt_longer_than_the_context_is_refused(models, tmp_path, capsys):
     """Named by flag or by file and line, before anything is sampled."""
     long = "Lin went to the park. " * 200

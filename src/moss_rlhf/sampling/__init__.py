@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from moss_rlhf.config import Config, option
+from moss_rlhf.config import Config, ConfigError, option
 
 
 @dataclass
@@ -119,7 +119,12 @@ def make_sampler(cfg, policy, tokenizer) -> Sampler:
     """The rollout engine ``cfg.rollout_engine`` names for ``policy``: the builtin loop on the policy itself, or a
     colocated vLLM engine started from ``cfg.policy`` and given the policy's current weights (a resumed run's).
     Either samples in the training precision: with ``--precision bf16`` from bf16 weights (the builtin loop from a
-    bf16 copy of the policy's), as the update's forward computes."""
+    bf16 copy of the policy's), as the update's forward computes. A prompt and reply that cannot fit the policy's
+    context are refused here, at the start, not at the first prompt that long, hours into the run."""
+    context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
+        raise ConfigError(f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} exceed the "
+                          f"policy's context of {context} tokens: lower one of them")
     bf16 = cfg.precision == "bf16"
     if cfg.rollout_engine == "builtin":
         from moss_rlhf.sampling.builtin import BuiltinSampler
