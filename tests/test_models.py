@@ -72,3 +72,29 @@ def test_save_is_atomic_and_loads_in_plain_transformers(tmp_path, tiny_model_dir
     save_model(model, None, tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_sequences_beyond_learned_positions_are_refused_before_training(tmp_path, tiny_model_dir):
+    """GPT-2 has a table of 64 learned positions here: a 65-token --max-len would stop the first batch with an
+    IndexError, so train_lm refuses it at the start with the figures; a rotary model (Llama) is not held to its
+    max_position_embeddings (it reads any length), and a sequence that fits passes."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from moss_rlhf.models import check_positions
+    from moss_rlhf.stages.reward import RewardConfig
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(IndexError):  # what a run met before the check
+        gpt2(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"--max-len 65: the model \(gpt2\) has learned positions for 64 tokens"):
+        check_positions(gpt2, 65, "--max-len")
+    check_positions(gpt2, 64, "--max-len")
+    check_positions(load_causal_lm(str(tiny_model_dir)), 4096, "--seq-len")  # rotary: 512 positions, any length
+    # train_lm applies it to --max-len where a stage has one (packed examples restart their positions)
+    from moss_rlhf import distributed
+    from moss_rlhf.runs import RunDir
+    from moss_rlhf.training import train_lm
+
+    cfg = RewardConfig(data=["x.jsonl"], out=str(tmp_path / "run"), max_len=65)
+    with pytest.raises(ConfigError, match="--max-len 65"):
+        train_lm(cfg, gpt2, None, None, None, RunDir(cfg.out, cfg), distributed.init("cpu"))

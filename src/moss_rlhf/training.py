@@ -27,7 +27,7 @@ from moss_rlhf.checkpoint import Checkpointer
 from moss_rlhf.config import ConfigError, NonFiniteError, TrainConfig
 from moss_rlhf.data.collate import BatchOrder, TokenData
 from moss_rlhf.losses import lm_loss_sum
-from moss_rlhf.models import accepts, base_model, final_hidden_states, save_model
+from moss_rlhf.models import accepts, base_model, check_positions, final_hidden_states, save_model
 from moss_rlhf.runs import Progress, RunDir, plot_curves
 
 
@@ -141,6 +141,10 @@ def train_lm(cfg: TrainConfig, model: torch.nn.Module, tokenizer, train: TokenDa
     global-batch values to every micro-batch, so that accumulation and more processes still equal one batch.
     ``frozen``: the other models the run holds (DPO's reference), for the memory report."""
     device = dist.device
+    # the longest positions a batch holds: an example's (--max-len; packed examples restart theirs), else a row's
+    length = next((name for name in ("max_len", "seq_len") if hasattr(cfg, name)), None)
+    if length:
+        check_positions(model, getattr(cfg, length), "--" + length.replace("_", "-"))
     trainee = Trainee.create(model, cfg, dist)
     optimizer, schedule = trainee.optimizer, trainee.schedule
     order = BatchOrder(len(train), cfg.batch_size, cfg.grad_accum, dist.world_size, cfg.seed)
