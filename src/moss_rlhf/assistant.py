@@ -109,6 +109,14 @@ class Assistant:
             return ids if bos is None or ids[:1] == [bos] else [bos] + ids
         return encode_chat(self.tokenizer, self._as_messages(prompt), add_generation_prompt=True)
 
+    def overflow(self, prompt: str | Messages, max_new_tokens: int) -> tuple[int, int] | None:
+        """``(prompt tokens, context)`` when ``prompt`` and a reply of ``max_new_tokens`` do not fit the model's
+        context (what the sampler would refuse), else None: the server, the chat and ``generate`` ask first."""
+        from moss_rlhf.models import context_length
+
+        context, length = context_length(self.model), len(self.encode(prompt))
+        return (length, context) if context and length + max_new_tokens > context else None
+
     @staticmethod
     def _seeds(seed: int | None, start: int, n: int) -> list[int]:
         """Seeded: the same call gives the same replies (prompt i with its own seed); unseeded: fresh randomness."""

@@ -38,7 +38,6 @@ def chat_loop(assistant, cfg: ChatConfig, read=input, out: TextIO | None = None)
     start = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = list(start)
     turn = 0
-    context = getattr(getattr(assistant.model, "config", None), "max_position_embeddings", None)
     while True:
         try:
             line = read(">>> ")
@@ -63,8 +62,8 @@ def chat_loop(assistant, cfg: ChatConfig, read=input, out: TextIO | None = None)
             out.flush()
             continue
         history.append({"role": "user", "content": text})
-        length = len(assistant.encode(history))
-        if context and length + cfg.max_new_tokens > context:  # say so and keep the session, without this message
+        if (too_long := assistant.overflow(history, cfg.max_new_tokens)) is not None:  # say so, keep the session
+            length, context = too_long
             history.pop()
             out.write(f"(that does not fit: the conversation would be {length} tokens, and the model reads "
                       f"{context} with {cfg.max_new_tokens} of them kept for the reply; /reset starts afresh)\n")

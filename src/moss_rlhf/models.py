@@ -199,6 +199,12 @@ def check_vocabulary(model, tokenizer, flag: str = "--tokenizer") -> None:
                           f"they do not belong together")
 
 
+def context_length(model) -> int | None:
+    """The positions ``model`` reads (its config's ``max_position_embeddings``, GPT-2's ``n_positions``); None where
+    the config does not say."""
+    return getattr(getattr(base_model(model), "config", None), "max_position_embeddings", None)
+
+
 # the names transformers gives a table of learned absolute positions (GPT-2 and GPT-Neo, OPT and BioGPT, BERT)
 POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
 
@@ -207,13 +213,12 @@ def check_positions(model, longest: int, flag: str) -> None:
     """Refuse, before any step, sequences longer than a model with learned absolute positions has positions for: it
     would stop at the first such batch with an IndexError. Rotary and ALiBi models read any length (the sampler
     alone holds them to ``max_position_embeddings``)."""
-    config = getattr(base_model(model), "config", None)
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = context_length(model)
     learned = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES
                   for name, m in model.named_modules())
     if learned and positions and longest > positions:
-        raise ConfigError(f"{flag} {longest}: the model ({config.model_type}) has learned positions for "
-                          f"{positions} tokens only; give {flag} {positions} or less")
+        raise ConfigError(f"{flag} {longest}: the model ({base_model(model).config.model_type}) has learned "
+                          f"positions for {positions} tokens only; give {flag} {positions} or less")
 
 
 def score_head(model) -> torch.nn.Linear:

@@ -128,8 +128,6 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
         if name != model_name:
             raise HTTPException(404, f"model {name!r} is not served here; this server serves {model_name!r}")
 
-    context = getattr(getattr(assistant.model, "config", None), "max_position_embeddings", None)
-
     def check_request(body, prompts: list, param: str) -> None:
         """Refuse what the server cannot honour, before anything is sampled: a field of UNSUPPORTED set to ask for
         something, or a prompt that leaves no room for ``max_tokens`` in the model's context (OpenAI's 400)."""
@@ -138,8 +136,8 @@ def create_app(assistant, model_name: str, max_tokens_limit: int = 1024):
                 raise HTTPException(422, f"{name}: not supported by this server (got {value!r})")
         wanted = _sampling(body, max_tokens_limit)["max_new_tokens"]
         for i, prompt in enumerate(prompts):
-            length = len(assistant.encode(prompt))
-            if context and length + wanted > context:
+            if (too_long := assistant.overflow(prompt, wanted)) is not None:
+                length, context = too_long
                 where = param if len(prompts) == 1 else f"{param}[{i}]"
                 raise HTTPException(400, f"{where}: this model's context is {context} tokens; the prompt has {length} "
                                          f"and max_tokens asks for {wanted} more")

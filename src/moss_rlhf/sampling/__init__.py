@@ -121,7 +121,9 @@ def make_sampler(cfg, policy, tokenizer) -> Sampler:
     Either samples in the training precision: with ``--precision bf16`` from bf16 weights (the builtin loop from a
     bf16 copy of the policy's), as the update's forward computes. A prompt and reply that cannot fit the policy's
     context are refused here, at the start, not at the first prompt that long, hours into the run."""
-    context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)
+    from moss_rlhf.models import context_length
+
+    context = context_length(policy)
     if context and cfg.max_prompt_len + cfg.max_new_tokens > context:
         raise ConfigError(f"--max-prompt-len {cfg.max_prompt_len} + --max-new-tokens {cfg.max_new_tokens} exceed the "
                           f"policy's context of {context} tokens: lower one of them")

@@ -66,9 +66,10 @@ class BuiltinSampler:
         """Sample up to ``cfg.max_new_tokens`` for each prompt; a row stops at any stop token. ``on_token(step,
         tokens[B])`` is called after each step (streaming; it may raise to end generation early)."""
         from moss_rlhf.data.collate import left_pad
+        from moss_rlhf.models import context_length
 
         model = self.model
-        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        context = context_length(model)
         longest = max((len(p) for p in prompts), default=0)
         if context and longest + cfg.max_new_tokens > context:
             raise UserError(f"a prompt of {longest} tokens plus --max-new-tokens {cfg.max_new_tokens} exceeds the "

@@ -38,10 +38,10 @@ def run(cfg: GenerateConfig) -> list[dict]:
     if cfg.prompts_file:
         named += [(f"{name}:{line}", parse_prompt(row, (name, line)))
                   for name, line, row in iter_rows(cfg.prompts_file)]
-    context = getattr(assistant.model.config, "max_position_embeddings", None)
     for where, conversation in named:  # before anything is sampled: the prompt that cannot fit, by file and line
-        length = len(assistant.encode(conversation if cfg.chat else conversation[-1]["content"]))
-        if context and length + cfg.max_new_tokens > context:
+        too_long = assistant.overflow(conversation if cfg.chat else conversation[-1]["content"], cfg.max_new_tokens)
+        if too_long is not None:
+            length, context = too_long
             raise UserError(f"{where}: a prompt of {length} tokens plus --max-new-tokens {cfg.max_new_tokens} "
                             f"exceeds the model's context of {context} tokens")
     prompts = [c for _, c in named for _ in range(cfg.num_samples)]
