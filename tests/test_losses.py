@@ -159,6 +159,12 @@ def test_logits_logprobs_match_log_softmax_and_its_gradients(temperature):
     logprobs, entropy = L.logits_logprobs(leaf, targets, temperature, with_entropy=True)
     assert not entropy.requires_grad and logprobs.requires_grad
     assert L.logits_logprobs(leaf, targets, temperature)[1] is None
+    # backward turns the kept probabilities into the gradient in place: a second backward through the same graph
+    # is refused, never answered with a wrong gradient
+    logprobs, _ = L.logits_logprobs(leaf, targets, temperature)
+    logprobs.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="inplace"):
+        logprobs.sum().backward()
     # float32 logits (bf16 too) give float32 results, equal to the per-row reference
     half = logits.to(torch.bfloat16)
     torch.testing.assert_close(L.logits_logprobs(half, targets)[0],

@@ -231,7 +231,8 @@ def score_head(model) -> torch.nn.Linear:
 
 
 def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                        position_ids: torch.Tensor | None = None, **forward_kwargs) -> torch.Tensor:
+                        position_ids: torch.Tensor | None = None, packed_layout=None,
+                        **forward_kwargs) -> torch.Tensor:
     """The last layer's (normed) hidden states ``[B, T, d]`` of a transformers causal LM or scorer.
 
     With gradients on, through ``model(...)`` itself (``forward_kwargs`` go there, e.g. ``logits_to_keep``): under
@@ -239,17 +240,19 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     process train on its own gradients (the 1-vs-2-process tests catch that) — and asking for every layer's output
     costs nothing, since backward keeps them anyway. Without gradients (scoring rollouts, evaluation), through the
     inner backbone, so that only the last layer's output is held, not one tensor per layer — except for a model
-    sharded by FSDP, whose every forward runs through its root (which gathers the embeddings and heads)."""
+    sharded by FSDP, whose every forward runs through its root (which gathers the embeddings and heads).
+    ``packed_layout``: packed rows' attention layout, for a model that attends by it (``packed_attention``)."""
     from moss_rlhf.distributed import is_sharded
 
+    layout = {} if packed_layout is None else {"packed_layout": packed_layout}
     if torch.is_grad_enabled() or is_sharded(model):
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    output_hidden_states=True, use_cache=False, **forward_kwargs)
+                    output_hidden_states=True, use_cache=False, **layout, **forward_kwargs)
         return out.hidden_states[-1]
     base = base_model(model)
     backbone = getattr(base, base.base_model_prefix)
-    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False).last_hidden_state
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                    **layout).last_hidden_state
 
 
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -16,10 +16,11 @@ sequence: transformers turns the restarts into a block-diagonal causal mask (eag
 Group sampling (GRPO, RLOO, DAPO: k replies to each prompt) repeats every prompt k times. With shared prompts a
 group is packed as its prompt once and then its replies, each reply attending to the prompt and to itself through
 an explicit mask, with the positions it would have alone — the shared-prefix forward of Prefix Grouper (Liu et
-al. 2025, arXiv 2506.05433), here as one masked attention call instead of its two-part attention: the prompt's
-k − 1 copies leave the linear layers, their gradients flow into the one copy. The masked call computes the unit's
-whole attention square, so where that would cost more than the copies it saves (long replies to a short prompt)
-the group stays apart (:func:`prompt_sharing_pays`).
+al. 2025, arXiv 2506.05433): the prompt's k − 1 copies leave the linear layers, their gradients flow into the one
+copy. The RL stage's Llama-family SDPA models attend by the rows' :class:`AttentionLayout` (``packed_attention``):
+each sequence, prompt and reply only over what they may see, so a group always shares its prompt. Any other model
+takes the rows' mask and computes each unit's whole attention square; where that would cost more than the prompt
+copies it saves (long replies to a short prompt) the group stays apart (:func:`prompt_sharing_pays`).
 
 The same :class:`PackedRows` of a micro-batch is used when its experience is made and at every update on it, so
 the first update's probability ratio is exactly 1. Results equal the padded forward's up to float rounding (tested).
@@ -36,9 +37,13 @@ from moss_rlhf import losses
 from moss_rlhf.data.collate import fewest_padded_rows
 from moss_rlhf.distributed import is_sharded
 from moss_rlhf.models import base_model, final_hidden_states, score_head, unwrap
+from moss_rlhf.packed_attention import NAME as PACKED_ATTENTION
+from moss_rlhf.packed_attention import AttentionLayout, installed
 
 # the attention implementations that take a custom mask (shared prompts); flash and flex kernels take none here
-MASKED_ATTENTION = ("sdpa", "eager")
+MASKED_ATTENTION = ("sdpa", "eager", PACKED_ATTENTION)
+# ``share_prompts`` where every model attends by the layout (``packed_attention``): sharing a prompt costs no square
+SHARE_ALWAYS = 2 ** 62
 
 
 @dataclass
@@ -52,6 +57,7 @@ class PackedRows:
     scatter_index: torch.Tensor   # [N] where each response token sits in the padded [b, R] layout (flat)
     last_index: torch.Tensor      # [b] flat position of each sequence's last token
     shape: tuple[int, int]        # (b, R): the padded response layout
+    layout: AttentionLayout                       # the segments each position attends within (packed_attention)
     attention_mask: torch.Tensor | None = None  # [rows, 1, width, width] bool with shared prompts; None: by position
 
     @property
@@ -62,7 +68,8 @@ class PackedRows:
     def to(self, device: torch.device) -> PackedRows:
         return PackedRows(*(getattr(self, f).to(device) for f in ("input_ids", "position_ids", "predict_index",
                                                                      "targets", "scatter_index", "last_index")),
-                          self.shape, None if self.attention_mask is None else self.attention_mask.to(device))
+                          self.shape, self.layout.to(device),
+                          None if self.attention_mask is None else self.attention_mask.to(device))
 
     def unpack(self, flat: torch.Tensor) -> torch.Tensor:
         """Per-response-token values ``[N]`` → the padded layout ``[b, R]`` (0 after each response's end);
@@ -106,6 +113,7 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
     # per position: its unit (row end padding: a unit of its own) and its branch (0: the prompt, j: the j-th reply)
     unit_of, branch = [-1] * (len(layout) * width), [0] * (len(layout) * width)
     predict, targets, scatter, last = [], [], [], [0] * len(prompts)
+    trunks, branches = [], []  # the attention layout's segments (AttentionLayout)
     for r, row in enumerate(layout):
         at = r * width  # flat position
         for u in row:
@@ -114,6 +122,9 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
             positions[at:at + len(prompt)] = range(len(prompt))
             unit_of[at:at + lengths[u]] = [u] * lengths[u]
             prompt_end = at + len(prompt) - 1
+            prompt_positions = list(range(at, at + len(prompt)))
+            if lengths[u]:
+                trunks.append(list(range(at, at + lengths[u])) if len(units[u]) == 1 else prompt_positions)
             at += len(prompt)
             for j, i in enumerate(units[u], start=1):
                 reply = replies[i]
@@ -126,6 +137,8 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
                 targets += reply
                 scatter += range(i * response_width, i * response_width + n)
                 last[i] = at + n - 1 if n else prompt_end
+                if len(units[u]) > 1 and n:
+                    branches.append((prompt_positions, list(range(at, at + n))))
                 at += n
         end = (r + 1) * width
         positions[at:end] = range(end - at)  # the row's end padding: a segment of its own, never read
@@ -133,7 +146,8 @@ def pack_sequences(sequences: torch.Tensor, attention_mask: torch.Tensor, respon
     mask = shared_prompt_mask(torch.tensor(unit_of).view(shape), torch.tensor(branch).view(shape)) if shared else None
     as_long = functools.partial(torch.tensor, dtype=torch.long)
     return PackedRows(as_long(ids).view(shape), as_long(positions).view(shape), as_long(predict), as_long(targets),
-                      as_long(scatter), as_long(last), (len(prompts), response_width), mask).to(device)
+                      as_long(scatter), as_long(last), (len(prompts), response_width),
+                      AttentionLayout.build(trunks, branches), mask).to(device)
 
 
 def prompt_sharing_pays(prompt: int, replies: list[int], hidden_size: int) -> bool:
@@ -152,9 +166,12 @@ def prompt_sharing_pays(prompt: int, replies: list[int], hidden_size: int) -> bo
 
 
 def prompt_sharing(models) -> int:
-    """``pack_sequences``'s ``share_prompts`` for rows that ``models`` will run: the smallest hidden size among them
-    (attention weighs most against the linear layers there), or 0 where one of them runs attention that takes no
-    mask."""
+    """``pack_sequences``'s ``share_prompts`` for rows that ``models`` will run: :data:`SHARE_ALWAYS` where all of
+    them attend by the layout (a reply's attention then costs the same with its prompt shared or not), else the
+    smallest hidden size among them (attention weighs most against the linear layers there), or 0 where one of them
+    runs attention that takes no mask."""
+    if all(installed(m) for m in models):
+        return SHARE_ALWAYS
     if not takes_attention_masks(models):
         return 0
     return min(getattr(base_model(m).config, "hidden_size", 0) or 0 for m in models)
@@ -180,10 +197,21 @@ def takes_attention_masks(models) -> bool:
     return all(attention_implementation(model) in MASKED_ATTENTION for model in models)
 
 
-def attention_for(model, packed: PackedRows) -> torch.Tensor | None:
-    """The attention mask ``model`` takes for ``packed``: None for rows told apart by their restarting positions;
-    with shared prompts, the boolean mask for SDPA, or the additive one (0 or the dtype's lowest) for eager
-    attention."""
+def attention_for(model, packed: PackedRows) -> dict:
+    """The keyword arguments that make ``model``'s attention see only what each position may: the layout for a model
+    that attends by it (and a placeholder mask, so that transformers builds none); otherwise the attention mask —
+    None for rows told apart by their restarting positions, with shared prompts the boolean mask for SDPA, or the
+    additive one (0 or the dtype's lowest) for eager attention."""
+    if installed(model):
+        return dict(attention_mask=_NO_MASK.to(packed.input_ids.device), packed_layout=packed.layout)
+    return dict(attention_mask=_mask_for(model, packed))
+
+
+# a 4D mask is taken as it is: what a model that attends by the layout is given, so that no mask is built
+_NO_MASK = torch.ones(1, 1, 1, 1, dtype=torch.bool)
+
+
+def _mask_for(model, packed: PackedRows) -> torch.Tensor | None:
     mask = packed.attention_mask
     if mask is None:
         return None
@@ -211,12 +239,12 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
     head = plain_output_head(model)
     temperature = temperature if temperature > 0 else 1.0
     if head is None:
-        out = model(input_ids=packed.input_ids, attention_mask=attention_for(model, packed),
-                    position_ids=packed.position_ids, use_cache=False)
+        out = model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                    **attention_for(model, packed))
         logits = out.logits.flatten(0, 1)[packed.predict_index]
     else:
-        hidden = final_hidden_states(model, packed.input_ids, attention_for(model, packed), packed.position_ids,
-                                     logits_to_keep=1)
+        hidden = final_hidden_states(model, packed.input_ids, position_ids=packed.position_ids, logits_to_keep=1,
+                                     **attention_for(model, packed))
         hidden = hidden.flatten(0, 1)[packed.predict_index]
         if (type(head) is torch.nn.Linear and not is_sharded(model)
                 and len(hidden) * head.out_features > losses.HEAD_BLOCK_ELEMENTS):
@@ -231,7 +259,8 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
 
 
 def _token_scores(model, packed: PackedRows) -> torch.Tensor:
-    hidden = final_hidden_states(model, packed.input_ids, attention_for(model, packed), packed.position_ids)
+    hidden = final_hidden_states(model, packed.input_ids, position_ids=packed.position_ids,
+                                 **attention_for(model, packed))
     return score_head(unwrap(model))(hidden).squeeze(-1).float().flatten()
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from moss_rlhf import distributed
+from moss_rlhf import distributed, packed_attention
 from moss_rlhf.config import ConfigError
 from moss_rlhf.losses import entropy_from_logits, masked_sum, token_logprobs
 from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, disable_dropout, load_causal_lm,
@@ -79,6 +79,7 @@ def load_rl_models(policy: str, reference: str, reward_model: str | None, critic
     for model in models.all():
         check_vocabulary(model, tokenizer)
         disable_dropout(model)
+        packed_attention.install(model)  # packed rows attend segment by segment (packing.pack_sequences)
         model.to(device).eval()
     return models
 

@@ -1,7 +1,9 @@
 """The built-in sampler: greedy decoding equals the no-cache argmax continuation and left padding does not change a
 prompt's continuation; rows stop at a stop token; a reply depends only on its prompt and its seed (not on the batch
 around it); the recorded log-probs are those of the distribution sampled from (temperature included); the
-repetition penalty never counts padding, even where padding shares its id with the end token; NaN logits raise."""
+repetition penalty never counts padding, even where padding shares its id with the end token; NaN logits raise;
+the draw is the first token whose cumulative probability exceeds the row's uniform times the total, with the sampled
+distribution's frequencies, and a token of probability 0 is never drawn, even at the ends of [0, 1)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from moss_rlhf.config import NonFiniteError
 from moss_rlhf.models import load_causal_lm
 from moss_rlhf.rollout import response_logprobs
 from moss_rlhf.sampling import SamplingConfig, prompt_seeds
-from moss_rlhf.sampling.builtin import BuiltinSampler, filter_logits
+from moss_rlhf.sampling.builtin import BuiltinSampler, filter_logits, invert_cdf
 from moss_rlhf.tokenizer import load_tokenizer
 
 
@@ -126,6 +128,30 @@ def test_nan_logits_raise(cfg):
     model.logits[4] = float("nan")  # one NaN among the vocabulary, the likeliest tokens finite
     with pytest.raises(NonFiniteError, match="NaN"):
         BuiltinSampler(model, stop_ids=[1], pad_id=0).generate([[5, 6]], cfg)
+
+
+@pytest.mark.parametrize("vocab", [2048, 197, 7])
+def test_a_draw_is_where_the_cumulative_probability_crosses_the_uniform(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(16, vocab, generator=g) * 3
+    logits[2:, 1::3] = float("-inf")  # filtered tokens (top-k, top-p): probability 0
+    logits[0, :-1] = float("-inf")  # all the mass on the last token
+    logits[1, 1:] = float("-inf")  # ... on the first
+    probs = logits.log_softmax(-1).exp()
+    reference_cdf = probs.double().cumsum(-1)
+    for seed in range(50):
+        uniforms = torch.rand(16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        expected = torch.searchsorted(reference_cdf, uniforms[:, None] * reference_cdf[:, -1:], right=True)[:, 0]
+        assert torch.equal(invert_cdf(probs, uniforms), expected)
+    extremes = torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64).repeat(8)  # the ends of [0, 1)
+    drawn = invert_cdf(probs, extremes)
+    assert (probs.gather(1, drawn[:, None]) > 0).all() and drawn[0] == vocab - 1 and drawn[1] == 0
+    # the frequencies of many draws from one row are its probabilities
+    row = probs[5:6].expand(20000, -1)
+    counts = torch.bincount(invert_cdf(row, torch.rand(20000, generator=g, dtype=torch.float64)), minlength=vocab)
+    assert (counts[1::3] == 0).all() and (counts > 0).sum() > 1
+    likely = probs[5] > 0.02
+    torch.testing.assert_close(counts[likely] / 20000, probs[5][likely], atol=0.012, rtol=0)
 
 
 def test_filters():

@@ -1,0 +1,155 @@
+"""Attention by the packed layout against SDPA under the packed rows' full mask: the same outputs at every real
+position and the same gradients in query, key and value (grouped-query heads, shared prompts, lone sequences, an
+empty reply, rows' end padding); whole models of every family it is installed on give the padded forward's
+log-probs, entropies, gradients, values and scores through it; it is installed only where it is exact."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                          MistralConfig, MistralForCausalLM, MistralForSequenceClassification, Qwen2Config,
+                          Qwen2ForCausalLM, Qwen2ForSequenceClassification, Qwen3Config, Qwen3ForCausalLM,
+                          Qwen3ForSequenceClassification)
+
+from moss_rlhf import packed_attention
+from moss_rlhf.models import position_ids_of, sequence_scores
+from moss_rlhf.packing import (SHARE_ALWAYS, pack_sequences, packed_logprobs, packed_sequence_scores, packed_values,
+                                prompt_sharing)
+from moss_rlhf.rollout import critic_values, response_logprobs
+
+
+def rollout_like(seed: int = 0, vocab: int = 97):
+    """Left-padded prompts and right-padded replies as a sampler lays them out: a group of three replies to one
+    prompt (one of them empty), a group of two, and a prompt alone."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [4, 4, 4, 6, 6, 3]
+    replies = [5, 0, 3, 2, 6, 4]
+    prompt_ids = [torch.randint(3, vocab, (n,), generator=g) for n in (4, 6, 3)]
+    rows_prompt = [prompt_ids[0]] * 3 + [prompt_ids[1]] * 2 + [prompt_ids[2]]
+    width_p, width_r = max(prompts), max(replies)
+    sequences = torch.zeros(len(prompts), width_p + width_r, dtype=torch.long)
+    mask = torch.zeros_like(sequences)
+    for i, (p, n) in enumerate(zip(rows_prompt, replies)):
+        sequences[i, width_p - len(p):width_p] = p
+        sequences[i, width_p:width_p + n] = torch.randint(3, vocab, (n,), generator=g)
+        mask[i, width_p - len(p):width_p + n] = 1
+    return types.SimpleNamespace(sequences=sequences, attention_mask=mask, response_ids=sequences[:, width_p:],
+                                 response_mask=mask[:, width_p:])
+
+
+def test_layout_attention_equals_sdpa_under_the_rows_mask_values_and_gradients():
+    rollout = rollout_like()
+    packed = pack_sequences(rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1],
+                            share_prompts=SHARE_ALWAYS)
+    assert packed.attention_mask is not None  # prompts were shared: the rows' mask is the reference
+    layout = packed.layout
+    assert layout.branch_query is not None and len(layout.branch_query) == 4  # five replies, one of them empty
+    rows, width = packed.input_ids.shape
+    heads, kv_heads, dim = 4, 2, 8
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(rows, heads, width, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(rows, kv_heads, width, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(rows, kv_heads, width, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    real = torch.zeros(rows * width, dtype=torch.bool)
+    real[layout.destination] = True
+    # every real position once: the first group's prompt once instead of three times, the second's once of two
+    assert int(real.sum()) == int(rollout.attention_mask.sum()) - 2 * 4 - 6
+    weights = torch.randn(rows * width, heads, dim, generator=g, dtype=torch.float64)
+
+    def reference():
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                             attn_mask=packed.attention_mask, scale=0.3)
+        return out.transpose(1, 2).reshape(rows * width, heads, dim)
+
+    def ours():
+        out, _ = packed_attention.packed_attention(None, q, k, v, None, scaling=0.3, packed_layout=layout)
+        assert out.shape == (rows, width, heads, dim)
+        return out.reshape(rows * width, heads, dim)
+
+    results = []
+    for fn in (ours, reference):
+        out = fn()
+        (out[real] * weights[real]).sum().backward()
+        results.append((out[real].detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()))
+        q.grad = k.grad = v.grad = None
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert (ours()[~real] == 0).all()  # rows' end padding attends to nothing
+
+
+SHAPE = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=128, pad_token_id=0)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification, {"head_dim": 16}),
+    "mistral": (MistralConfig, MistralForCausalLM, MistralForSequenceClassification, {"sliding_window": None}),
+}
+
+
+def build(kind: str, scorer: bool = False, **overrides):
+    config_class, lm_class, scorer_class, extra = FAMILIES[kind]
+    torch.manual_seed(0)
+    config = config_class(**{**SHAPE, **extra, "num_labels": 1, "attn_implementation": "sdpa", **overrides})
+    model = (scorer_class if scorer else lm_class)(config)
+    for p in model.parameters():  # spread a random init's tiny weights, so that attention matters
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_models_attending_by_the_layout_give_the_padded_forwards(kind, monkeypatch):
+    policy, scorer = build(kind), build(kind, scorer=True)
+    assert packed_attention.install(policy) and packed_attention.install(scorer)
+    assert prompt_sharing([policy, scorer]) == SHARE_ALWAYS
+    calls = []  # the layout's attention runs (two SDPA calls a layer: trunks and replies)
+    counting = types.SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(1) or
+                                     F.scaled_dot_product_attention(*a, **k))
+    monkeypatch.setattr(packed_attention, "F", counting)
+    rollout = rollout_like()
+    packed = pack_sequences(rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1],
+                            share_prompts=prompt_sharing([policy, scorer]))
+    seq, mask = rollout.sequences, rollout.attention_mask
+    width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
+    lp, entropy = packed_logprobs(policy, packed, 0.7, with_entropy=True, entropy_grad=True)
+    assert len(calls) == 2 * 2
+    monkeypatch.setattr(packed_attention, "F", F)  # the padded reference runs transformers' own SDPA path
+    ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, 0.7, with_entropy=True,
+                                            entropy_grad=True)
+    torch.testing.assert_close(lp[counted], ref_lp[counted], atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy[counted], ref_entropy[counted], atol=1e-5, rtol=0)
+    grads = []
+    for value in ((lp + entropy)[counted].sum(), (ref_lp + ref_entropy)[counted].sum()):
+        policy.zero_grad()
+        value.backward()
+        grads.append([p.grad.clone() for p in policy.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # scorers run through the backbone alone without gradients
+        monkeypatch.setattr(packed_attention, "F", counting)
+        values, scores = packed_values(scorer, packed), packed_sequence_scores(scorer, packed)
+        assert len(calls) == 4 + 2 * 2 * 2
+        monkeypatch.setattr(packed_attention, "F", F)
+        torch.testing.assert_close(values[counted], critic_values(scorer, seq, mask, position_ids_of(mask),
+                                                                  width)[counted], atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores, sequence_scores(scorer, seq, mask), atol=1e-5, rtol=0)
+        # without a layout the installed model is transformers' SDPA model (sampling's prompt pass, evaluation)
+        reference = build(kind)
+        torch.testing.assert_close(policy(seq, attention_mask=mask).logits, reference(seq, attention_mask=mask).logits,
+                                   atol=1e-6, rtol=0)
+
+
+def test_installed_only_where_exact():
+    assert not packed_attention.install(build("llama", attn_implementation="eager"))
+    assert not packed_attention.install(build("mistral", sliding_window=16))  # a window the layout would ignore
+    assert not packed_attention.install(build("qwen2", use_sliding_window=True, sliding_window=16,
+                                              layer_types=["sliding_attention"] * 2))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=1, n_head=2, attn_implementation="sdpa"))
+    assert not packed_attention.install(gpt2)
+    model = build("qwen3")
+    assert packed_attention.install(model) and packed_attention.installed(model)
+    assert packed_attention.install(model)  # twice: still once
