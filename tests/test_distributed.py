@@ -287,6 +287,50 @@ def test_a_clean_end_waits_for_every_process(tmp_path):
     run_in_processes(_write_then_leave, tmp_path / "done")
 
 
+def _threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+def _free_the_group_at_shutdown(out) -> None:
+    """Rank by rank: the process's threads before the group starts and after ``shutdown``, with a model loaded and
+    an object collective run in between (as a stage does)."""
+    import json
+    import sys
+
+    import torch.distributed as dist
+
+    from moss_rlhf import distributed
+
+    assert "torch.distributed.nn" not in sys.modules  # else the probe proves nothing: the defaults are taken
+    before = _threads()
+    d = distributed.init("cpu")
+    from transformers import LlamaConfig, LlamaForCausalLM  # imports torch.distributed.fsdp and .nn
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                 vocab_size=50))
+    everyone: list = [None, None]
+    dist.all_gather_object(everyone, d.rank)
+    distributed.shutdown(wait_for_all=True)
+    (out / f"{d.rank}.json").write_text(json.dumps([before, _threads()]))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_shutdown_frees_the_group_and_its_threads(tmp_path):
+    """torch modules that take ``group=dist.group.WORLD`` as a default argument hold the group for good when they are
+    imported after it starts (transformers imports them when it loads a model): destroyed, it lived on with its gloo
+    threads into the interpreter's shutdown, where a thread dropping a finished collective's tensors waited for the
+    GIL and aborted the process after a clean run (about one two-process run in thirty). Started by ``init``, the
+    group is freed at ``shutdown``: the gloo threads are gone before the process exits."""
+    import json
+
+    run_in_processes(_free_the_group_at_shutdown, tmp_path)
+    for rank in (0, 1):
+        before, after = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert after == before, f"process {rank}: {after - before} threads of the process group outlived shutdown"
+
+
 REUSE_PROBE = r"""
 import resource
 import sys

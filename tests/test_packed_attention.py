@@ -16,10 +16,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
                           Qwen3ForSequenceClassification)
 
 from moss_rlhf import packed_attention
-from moss_rlhf.models import position_ids_of, sequence_scores
-from moss_rlhf.packing import (SHARE_ALWAYS, pack_sequences, packed_logprobs, packed_sequence_scores, packed_values,
-                                prompt_sharing)
-from moss_rlhf.rollout import critic_values, response_logprobs
+from moss_rlhf.packing import SHARE_ALWAYS, pack_sequences, prompt_sharing
+from tests.test_packing import assert_forwards_equal_the_padded_ones
 
 
 def rollout_like(seed: int = 0, vocab: int = 97):
@@ -113,30 +111,12 @@ def test_models_attending_by_the_layout_give_the_padded_forwards(kind, monkeypat
     rollout = rollout_like()
     packed = pack_sequences(rollout.sequences, rollout.attention_mask, rollout.response_ids.shape[1],
                             share_prompts=prompt_sharing([policy, scorer]))
+    # the padded reference forwards run transformers' own SDPA function: only the packed ones are counted
+    assert_forwards_equal_the_padded_ones(policy, scorer, rollout, packed, temperatures=(0.7,))
+    assert len(calls) == 3 * 2 * 2  # three packed forwards (log-probs, values, scores) × 2 layers × 2 calls
+    monkeypatch.setattr(packed_attention, "F", F)
     seq, mask = rollout.sequences, rollout.attention_mask
-    width, counted = rollout.response_ids.shape[1], rollout.response_mask.bool()
-    lp, entropy = packed_logprobs(policy, packed, 0.7, with_entropy=True, entropy_grad=True)
-    assert len(calls) == 2 * 2
-    monkeypatch.setattr(packed_attention, "F", F)  # the padded reference runs transformers' own SDPA path
-    ref_lp, ref_entropy = response_logprobs(policy, seq, mask, position_ids_of(mask), width, 0.7, with_entropy=True,
-                                            entropy_grad=True)
-    torch.testing.assert_close(lp[counted], ref_lp[counted], atol=1e-5, rtol=0)
-    torch.testing.assert_close(entropy[counted], ref_entropy[counted], atol=1e-5, rtol=0)
-    grads = []
-    for value in ((lp + entropy)[counted].sum(), (ref_lp + ref_entropy)[counted].sum()):
-        policy.zero_grad()
-        value.backward()
-        grads.append([p.grad.clone() for p in policy.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    with torch.no_grad():  # scorers run through the backbone alone without gradients
-        monkeypatch.setattr(packed_attention, "F", counting)
-        values, scores = packed_values(scorer, packed), packed_sequence_scores(scorer, packed)
-        assert len(calls) == 4 + 2 * 2 * 2
-        monkeypatch.setattr(packed_attention, "F", F)
-        torch.testing.assert_close(values[counted], critic_values(scorer, seq, mask, position_ids_of(mask),
-                                                                  width)[counted], atol=1e-5, rtol=0)
-        torch.testing.assert_close(scores, sequence_scores(scorer, seq, mask), atol=1e-5, rtol=0)
+    with torch.no_grad():
         # without a layout the installed model is transformers' SDPA model (sampling's prompt pass, evaluation)
         reference = build(kind)
         torch.testing.assert_close(policy(seq, attention_mask=mask).logits, reference(seq, attention_mask=mask).logits,
