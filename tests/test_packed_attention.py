@@ -133,3 +133,20 @@ def test_installed_only_where_exact():
     model = build("qwen3")
     assert packed_attention.install(model) and packed_attention.installed(model)
     assert packed_attention.install(model)  # twice: still once
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_the_rl_stage_models_attend_by_the_layout(tiny_model_dir, tmp_path, lora_r):
+    """The models RL loads (policy — under LoRA too —, reference, critic) attend by the layout, so every forward over
+    a rollout shares its groups' prompts; a saved policy does not name the implementation and loads as SDPA."""
+    from moss_rlhf.models import LoraOptions, load_causal_lm, save_model
+    from moss_rlhf.rollout import load_rl_models
+    from moss_rlhf.tokenizer import load_tokenizer
+
+    path, tokenizer = str(tiny_model_dir), load_tokenizer(str(tiny_model_dir))
+    models = load_rl_models(path, path, None, path, tokenizer, LoraOptions(r=lora_r), torch.device("cpu"))
+    assert all(packed_attention.installed(m) for m in models.all()) and len(models.all()) == 3 - bool(lora_r)
+    assert prompt_sharing(models.all()) == SHARE_ALWAYS
+    save_model(models.policy, tokenizer, tmp_path / "policy")
+    assert packed_attention.NAME not in (tmp_path / "policy" / "config.json").read_text()
+    assert load_causal_lm(str(tmp_path / "policy")).config._attn_implementation == "sdpa"
