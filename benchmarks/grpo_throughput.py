@@ -2,7 +2,8 @@
 ``GRPOTrainer`` (trl 1.16.0), side by side in one run, on the same model, tokenizer, prompts, group size, response
 length, number of optimizer updates per step, KL setting and loss aggregation.
 
-    python benchmarks/grpo_throughput.py [--iterations 6] [--threads 1] [--beta 0] [--loss-type dapo] [--skip-trl]
+    python benchmarks/grpo_throughput.py [--iterations 6] [--threads 1] [--beta 0] [--loss-type dapo] [--compile]
+                                         [--skip-trl]
 
 What it does:
   1. trains a small byte-level BPE tokenizer on a synthetic corpus and saves one randomly initialised Llama of the
@@ -25,7 +26,10 @@ fastest setting on one CPU process), ``steps_per_generation = completions / --mi
 --epochs``, so it makes the same number of optimizer steps per generation. KL: ``--beta`` (default 0.04) as the k3
 estimator inside the loss on both sides (TRL's ``beta``, our ``kl_coef`` with ``kl_placement="loss"``), which loads
 the reference model on both; ``--beta 0`` drops it on both. Loss aggregation: ``--loss-type grpo`` (TRL) ↔
-``seq_mean_token_mean`` (ours), ``dapo`` ↔ ``token_mean``, ``dr_grpo`` ↔ ``seq_mean_token_sum_norm``.
+``seq_mean_token_mean`` (ours), ``dapo`` ↔ ``token_mean``, ``dr_grpo`` ↔ ``seq_mean_token_sum_norm``. ``--compile``:
+torch.compile on both sides — ours ``--compile`` (each model's blocks and the sampler's decode step), TRL's
+``torch_compile=True`` (the Trainer compiles the model it trains) — with the first step, which compiles, printed
+apart and, as always, left out of the medians.
 
 Our phases come from the run's metrics (``time/generate_s``: the sampler; ``time/reward_s``: the reward model;
 ``time/score_s``: the reference; ``time/update_s``); TRL's step boundaries are ``on_step_end`` callbacks (every
@@ -70,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TRL's loss_type; ours gets the matching loss_agg (grpo: seq_mean_token_mean, dapo: "
                         "token_mean, dr_grpo: seq_mean_token_sum_norm)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both implementations")
+    p.add_argument("--compile", action="store_true", help="torch.compile on both sides (ours --compile, TRL's "
+                                                          "torch_compile=True)")
     p.add_argument("--rounds", type=int, default=2, help="alternate the two implementations this many times and keep "
                                                          "each one's best round")
     p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary size")
@@ -103,7 +109,8 @@ def run_ours(workdir: Path, args: argparse.Namespace) -> dict:
                       rollout_batch=args.rollout_batch, mini_batch=args.mini_batch, batch_size=args.mini_batch,
                       ppo_epochs=args.epochs, max_new_tokens=args.response_length, max_steps=args.iterations, lr=LR,
                       kl_coef=args.beta, kl_placement="loss", kl_estimator="k3", loss_agg=LOSS_AGG[args.loss_type],
-                      eval_every=0, save_every=0, progress=False, device="cpu", best_metric="reward", overwrite=True)
+                      eval_every=0, save_every=0, progress=False, device="cpu", best_metric="reward", overwrite=True,
+                      compile=args.compile)
     rl.run(cfg)
     return our_run(workdir / "ours")
 
@@ -120,7 +127,7 @@ def trl_settings(args: argparse.Namespace) -> dict:
         beta=args.beta, use_bias_correction_kl=False,  # plain k3 in the loss (1.16 multiplies it by the ratio)
         loss_type=args.loss_type, learning_rate=LR, lr_scheduler_type="constant",
         logging_steps=10 ** 6, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        log_completions=False, dataloader_num_workers=0, seed=0)
+        log_completions=False, dataloader_num_workers=0, seed=0, torch_compile=args.compile)
 
 
 def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
@@ -208,7 +215,7 @@ def run_trl(workdir: Path, args: argparse.Namespace) -> dict:
 def describe(name: str, run: dict, completions: int) -> str:
     s = steady(run["step_s"])
     return (f"{name}: {s:.3f} s/step = {completions / s:.1f} samples/s ({phases(run)} s); mean completion "
-            f"{run['response_length']:.1f} tokens")
+            f"{run['response_length']:.1f} tokens; first step {run['step_s'][0]:.1f} s")
 
 
 def phase_ratios(ours: dict, trl: dict) -> str:
@@ -237,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"config: {args.rollout_batch} prompts × {args.group} completions = {completions} per step, up to "
           f"{args.response_length} new tokens, mini-batch {args.mini_batch}, {args.epochs} epoch(s) = "
           f"{updates_per_step(args)} optimizer update(s) per step, beta {args.beta} (k3 in the loss), loss "
-          f"{args.loss_type} / {LOSS_AGG[args.loss_type]}, {args.iterations} steps, {args.threads} thread(s), CPU")
+          f"{args.loss_type} / {LOSS_AGG[args.loss_type]}, {args.iterations} steps, {args.threads} thread(s), CPU"
+          f"{', torch.compile on both sides' if args.compile else ''}")
     script = str(Path(__file__).resolve())
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         workdir = Path(tmp)

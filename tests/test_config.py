@@ -135,3 +135,18 @@ def test_out_of_range_options_are_refused_before_anything_runs(argv, message):
     args = build_parser().parse_args(argv)
     with pytest.raises(ConfigError, match=message):
         from_args(args._config, args)
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["sft", "--compile", "--parallel", "fsdp"], {}, "--compile is not supported with --parallel fsdp"),
+    (["rl", "--compile", "--device", "cpu"], {"CXX": "no-such-compiler"},
+     "--compile on the CPU needs a C.. compiler for inductor's kernels: 'no-such-compiler' is not on the PATH"),
+])
+def test_compile_is_refused_where_it_cannot_run(argv, env, message, monkeypatch):
+    """--compile with FSDP2, or on the CPU without a C++ compiler: one line before anything loads, not an inductor
+    traceback at the first forward."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ConfigError, match=message):
+        from_args(args._config, args)

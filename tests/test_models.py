@@ -1,6 +1,7 @@
 """Models: importing the package changes no global state of transformers; a load or save silences transformers'
 progress bars for its own duration only; dropout can be switched off everywhere it hides; model paths are checked
-with one clear line; a saved model is written atomically and loads in plain transformers."""
+with one clear line; a saved model is written atomically and loads in plain transformers; compiled blocks
+(--compile) give the eager forward and backward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from moss_rlhf.config import ConfigError
-from moss_rlhf.models import check_model_path, disable_dropout, load_causal_lm, quiet_transformers, save_model
+from moss_rlhf.models import (check_model_path, compile_layers, disable_dropout, load_causal_lm, quiet_transformers,
+                              save_model)
 
 
 def test_importing_the_package_leaves_transformers_logging_alone():
@@ -41,6 +43,35 @@ def test_disable_dropout_makes_training_mode_deterministic(tiny_model_dir):
     disable_dropout(model)
     assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
     assert model.config.attention_dropout == 0.0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_model_dir):
+    """--compile compiles each block in place: the same module (its state dict's keys, what saving, LoRA and DDP
+    see), the eager loss and gradients, and sequences of another length reuse the compilation (dynamic shapes)."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = load_causal_lm(str(tiny_model_dir)), load_causal_lm(str(tiny_model_dir))
+    keys = list(compiled.state_dict())
+    compile_layers(compiled)
+    assert list(compiled.state_dict()) == keys
+    graphs = []
+    for length in (12, 20):
+        ids = torch.randint(3, compiled.config.vocab_size, (3, length), generator=torch.Generator().manual_seed(0))
+        losses = []
+        before = counters["stats"]["unique_graphs"]
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.detach())
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert graphs[0] >= 1 and graphs[1] == 0
+    with pytest.raises(ConfigError, match="--compile: Linear keeps no list of transformer blocks"):
+        compile_layers(torch.nn.Linear(2, 2))
 
 
 def test_model_paths_are_checked_with_one_line(tmp_path):

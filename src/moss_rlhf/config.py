@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import math
 import os
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -98,11 +99,31 @@ class TrainConfig(Config):
     cpu_offload: bool = option(False, "fsdp: keep the shards and the optimizer step on the CPU")
     activation_checkpointing: bool = option(False, "recompute each block's activations in backward instead of "
                                                    "storing them (less memory, ~a third more compute)")
+    compile: bool = option(False, "torch.compile (inductor) each transformer block of the models, and RL's decode "
+                                  "step: faster steps after 10-60 s of compilation on first use (cached on disk "
+                                  "for later runs); for long runs. On the CPU it needs a C++ compiler",
+                           free_on_resume=True)
 
     def check(self) -> None:
         """The checks every training loop shares (a stage's own ``check`` calls this first)."""
         if self.cpu_offload and self.parallel != "fsdp":
             raise ConfigError("--cpu-offload needs --parallel fsdp")
+        if self.compile:
+            check_compile(self.parallel, self.device)
+
+
+def check_compile(parallel: str, device: str) -> None:
+    """``--compile`` can run here: not with FSDP2 (its hooks gather a block's weights around the block, where a
+    compiled block would trace them), and on the CPU with a C++ compiler for inductor's kernels."""
+    import torch
+
+    if parallel == "fsdp":
+        raise ConfigError("--compile is not supported with --parallel fsdp (use --parallel ddp or drop --compile)")
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    compiler = os.environ.get("CXX") or "g++"
+    if on_cpu and shutil.which(compiler) is None:
+        raise ConfigError(f"--compile on the CPU needs a C++ compiler for inductor's kernels: {compiler!r} is not on "
+                          f"the PATH (install g++, set CXX, or drop --compile)")
 
 
 # --------------------------------------------------------------------------------------------------------------------

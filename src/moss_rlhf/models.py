@@ -305,6 +305,24 @@ def disable_dropout(model) -> None:
             setattr(config, key, 0.0)
 
 
+def compile_layers(model) -> None:
+    """``torch.compile`` each transformer block of ``model`` in place (inductor, shapes dynamic), as torchtune does:
+    the blocks share one compiled graph, so compilation costs what one block's does, and the model stays the same
+    module — its state dict, saving, LoRA adapters and DDP wrapping are unchanged. The embeddings and the output
+    head stay eager (our log-probs read the head's output, ``losses.logits_logprobs``). Packed rows vary in
+    length from step to step; dynamic shapes compile them once, not once per length."""
+    from moss_rlhf.config import ConfigError
+
+    base = base_model(model)
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    blocks = getattr(backbone, "layers", None) or getattr(backbone, "h", None)
+    if not isinstance(blocks, torch.nn.ModuleList):
+        raise ConfigError(f"--compile: {type(base).__name__} keeps no list of transformer blocks where "
+                          f"transformers' decoders do (.layers or .h)")
+    for block in blocks:
+        block.compile(dynamic=True)
+
+
 def unwrap(model):
     """The plain transformers model under DDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):

@@ -34,8 +34,8 @@ import torch
 from moss_rlhf import distributed, packed_attention
 from moss_rlhf.config import ConfigError
 from moss_rlhf.losses import entropy_from_logits, masked_sum, token_logprobs
-from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, disable_dropout, load_causal_lm,
-                              load_scorer, token_scores, unwrap)
+from moss_rlhf.models import (LoraOptions, accepts, apply_lora, check_vocabulary, compile_layers, disable_dropout,
+                              load_causal_lm, load_scorer, token_scores, unwrap)
 from moss_rlhf.packing import PackedRows, pack_sequences, packed_logprobs, packed_values, prompt_sharing
 from moss_rlhf.data.formats import PromptRecord
 from moss_rlhf.sampling import Rollout, SamplingConfig, cat_rollouts, encode_prompts, prompt_seeds
@@ -54,11 +54,14 @@ class RLModels:
     def all(self) -> list[torch.nn.Module]:
         return [m for m in (self.policy, self.reference, self.reward_model, self.critic) if m is not None]
 
-    def shard_frozen(self, dist: distributed.Dist, cfg) -> None:
-        """Under ``--parallel fsdp`` the frozen models (reference, reward model) are sharded too, without an
-        optimizer (the policy and the critic are sharded with theirs, by ``training.Trainee``)."""
-        for model in filter(None, (self.reference, self.reward_model) if cfg.parallel == "fsdp" else ()):
-            distributed.shard(model, dist, cfg.cpu_offload, cfg.precision)
+    def prepare_frozen(self, dist: distributed.Dist, cfg) -> None:
+        """The frozen models (reference, reward model) as ``training.Trainee`` prepares the policy and the critic:
+        sharded under ``--parallel fsdp`` (without an optimizer), their blocks compiled under ``--compile``."""
+        for model in filter(None, (self.reference, self.reward_model)):
+            if cfg.parallel == "fsdp":
+                distributed.shard(model, dist, cfg.cpu_offload, cfg.precision)
+            if cfg.compile:
+                compile_layers(model)
 
 
 def load_rl_models(policy: str, reference: str, reward_model: str | None, critic: str | None, tokenizer,

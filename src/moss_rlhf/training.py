@@ -27,7 +27,7 @@ from moss_rlhf.checkpoint import Checkpointer
 from moss_rlhf.config import ConfigError, NonFiniteError, TrainConfig
 from moss_rlhf.data.collate import BatchOrder, TokenData
 from moss_rlhf.losses import lm_loss_sum
-from moss_rlhf.models import accepts, base_model, check_positions, final_hidden_states, save_model
+from moss_rlhf.models import accepts, base_model, check_positions, compile_layers, final_hidden_states, save_model
 from moss_rlhf.runs import Progress, RunDir, plot_curves
 
 
@@ -94,8 +94,9 @@ class Trainee:
     @classmethod
     def create(cls, model: torch.nn.Module, cfg: TrainConfig, dist: distributed.Dist, lr: float | None = None,
                max_grad_norm: float | None = None) -> Trainee:
-        """``model`` on the device, DDP-wrapped or FSDP-sharded (``--parallel``), with activation checkpointing when
-        asked, then AdamW — built after sharding, on the shards — and the warm-up + cosine schedule."""
+        """``model`` on the device, DDP-wrapped or FSDP-sharded (``--parallel``), with activation checkpointing
+        and compiled blocks (``--compile``) when asked, then AdamW — built after sharding, on the shards — and the
+        warm-up + cosine schedule."""
         model.to(dist.device)
         if cfg.activation_checkpointing:
             base = base_model(model)
@@ -103,6 +104,8 @@ class Trainee:
                 base.activation_checkpointing_enable()
             else:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.compile:
+            compile_layers(model)
         module = model
         if cfg.parallel == "fsdp":
             distributed.shard(model, dist, cfg.cpu_offload, cfg.precision)

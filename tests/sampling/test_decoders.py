@@ -1,7 +1,7 @@
 """The Llama-family decoder against the generic transformers forward it replaces: the same logits at every step
 (teacher-forced through the same tokens, with left padding), for each architecture it claims, under LoRA, with
 grouped-query attention, and for groups of equal prompts that share one prompt pass; the same greedy replies; the
-generic decoder wherever it cannot reproduce the model."""
+step compiled (--compile) too; the generic decoder wherever it cannot reproduce the model."""
 
 from __future__ import annotations
 
@@ -135,11 +135,33 @@ def test_greedy_replies_are_the_generic_decoders(monkeypatch):
     prompt_lists = [row[m.bool()].tolist() for row, m in zip(prompts, mask)]
     sampler = BuiltinSampler(model, stop_ids=[5, 6, 7], pad_id=0)
     lean = sampler.generate(prompt_lists, SamplingConfig(max_new_tokens=20, temperature=0))
-    monkeypatch.setattr("moss_rlhf.sampling.decoders.decoder_for", lambda model, longest: GenericDecoder(model))
+    monkeypatch.setattr("moss_rlhf.sampling.decoders.decoder_for",
+                        lambda model, longest, compiled=False: GenericDecoder(model))
     generic = sampler.generate(prompt_lists, SamplingConfig(max_new_tokens=20, temperature=0))
     assert torch.equal(lean.response_ids, generic.response_ids)
     assert torch.equal(lean.finished, generic.finished)
     torch.testing.assert_close(lean.logprobs, generic.logprobs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_compiled_step_matches_the_generic_forward_and_compiles_once():
+    """--compile: the step through torch.compile attends over the whole buffer with the positions not generated yet
+    masked (static shapes); its logits are the generic forward's, and a second generation of another batch size and
+    prompt width reuses the compiled step (dynamic shapes, the position a tensor)."""
+    from torch._dynamo.utils import counters
+
+    model = build("qwen3")  # grouped-query attention and per-head norms
+    graphs = []
+    for batch, width in ((5, 9), (3, 6)):
+        prompts, mask = left_padded(batch, width)
+        forced = torch.randint(3, 97, (batch, 8), generator=torch.Generator().manual_seed(2))
+        before = counters["stats"]["unique_graphs"]
+        compiled = teacher_forced_logits(LlamaFamilyDecoder(model, compiled=True), prompts, mask, forced)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        generic = teacher_forced_logits(GenericDecoder(model), prompts, mask, forced)
+        for t, (a, b) in enumerate(zip(compiled, generic)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=f"step {t}")
+    assert graphs[0] >= 1 and graphs[1] == 0
 
 
 def test_models_it_cannot_reproduce_get_the_generic_decoder():

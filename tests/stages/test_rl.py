@@ -462,6 +462,37 @@ def test_shared_prompts_give_the_same_run(tiny, tmp_path):
     assert runs[True][-1]["policy/approx_kl"] > 0 and runs[True][-1]["reward/reward_model"] != 0
 
 
+@pytest.mark.slow
+def test_compiled_models_give_the_eager_run(tiny, tmp_path, monkeypatch):
+    """--compile: the policy's, the reference's and the reward model's blocks and the sampler's decode step run
+    through torch.compile; the run is the eager one to float rounding (the same replies, rewards, losses) and the
+    saved policy is a plain model."""
+    from moss_rlhf.models import load_causal_lm
+    from moss_rlhf.sampling import decoders
+
+    runs, blocks, steps = {}, [], []
+    for compiled in (False, True):
+        if compiled:  # count what is compiled: equal runs alone would pass with nothing compiled
+            compile_block, compiled_decode = torch.nn.Module.compile, decoders._compiled_decode
+            monkeypatch.setattr(torch.nn.Module, "compile",
+                                lambda self, **kw: blocks.append(type(self).__name__) or compile_block(self, **kw))
+            monkeypatch.setattr(decoders, "_compiled_decode", lambda: steps.append(1) or compiled_decode())
+        out = tmp_path / str(compiled)
+        rl.run(grpo_config(tiny, out, reward_model=str(tiny / "reward"), group_size=4, mini_batch=16, max_steps=2,
+                           compile=compiled))
+        runs[compiled] = read_metrics(out)
+    layers = load_causal_lm(str(tiny / "model")).config.num_hidden_layers
+    assert blocks == ["LlamaDecoderLayer"] * 3 * layers  # the policy's, the reference's, the reward model's
+    assert steps  # the sampler decoded through the compiled step
+    for a, b in zip(runs[False], runs[True]):
+        keys = sorted(k for k in a if isinstance(a[k], float) and not k.startswith(("time/", "memory/")))
+        bad = [(key, a[key], b[key]) for key in keys if b[key] != pytest.approx(a[key], rel=1e-3, abs=1e-4)]
+        assert not bad, (a["step"], bad)
+        assert b["response/length"] == a["response/length"]
+    eager, compiled = (load_causal_lm(str(tmp_path / str(c) / "model")) for c in (False, True))
+    assert eager.state_dict().keys() == compiled.state_dict().keys()
+
+
 def test_remax_and_reinforce_pp_run_without_a_critic_or_reward_model(tiny, tmp_path):
     """ReMax samples a greedy reply per prompt as its baseline; REINFORCE++ whitens reward-to-go; neither loads a
     critic, and with only a Python reward the reward model is not loaded either."""

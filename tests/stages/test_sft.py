@@ -1,5 +1,6 @@
 """SFT: loss only on assistant tokens (the label mask); packing never splits an example and gives exactly the padded
-loss, gradient and run; training lowers the loss; LoRA trains adapters only and saves a plain model."""
+loss, gradient and run; compiled blocks give the eager run; training lowers the loss; LoRA trains adapters only and
+saves a plain model."""
 
 from __future__ import annotations
 
@@ -66,6 +67,25 @@ def test_packed_and_padded_runs_follow_the_same_curve(tmp_path, tiny_model_dir, 
         result = sft.run(cfg)
         curves[pack] = [r["train/loss"] for r in read_metrics(cfg.out) if "train/loss" in r] + [result.eval_loss]
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_follow_the_eager_curve(tmp_path, tiny_model_dir, conversations_file, monkeypatch):
+    """--compile (every stage's blocks through torch.compile, ``training.Trainee``): packed rows of varying lengths
+    give the eager run's losses to float rounding."""
+    curves, blocks = {}, []
+    compile_block = torch.nn.Module.compile
+    for compiled in (False, True):
+        if compiled:  # count what is compiled: equal curves alone would pass with nothing compiled
+            monkeypatch.setattr(torch.nn.Module, "compile",
+                                lambda self, **kw: blocks.append(type(self).__name__) or compile_block(self, **kw))
+        cfg = SFTConfig(out=str(tmp_path / str(compiled)), model=str(tiny_model_dir), data=[str(conversations_file)],
+                        max_steps=3, batch_size=8, seq_len=128, max_len=64, pack=True, lr=3e-3, warmup_steps=1,
+                        log_every=1, eval_every=3, save_every=0, progress=False, device="cpu", compile=compiled)
+        result = sft.run(cfg)
+        curves[compiled] = [r["train/loss"] for r in read_metrics(cfg.out) if "train/loss" in r] + [result.eval_loss]
+    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    assert blocks == ["LlamaDecoderLayer"] * load_causal_lm(str(tiny_model_dir)).config.num_hidden_layers
 
 
 @pytest.mark.parametrize("pack", [True, False])

@@ -131,7 +131,7 @@ def make_sampler(cfg, policy, tokenizer) -> Sampler:
     if cfg.rollout_engine == "builtin":
         from moss_rlhf.sampling.builtin import BuiltinSampler
 
-        return BuiltinSampler(policy, tokenizer, dtype=torch.bfloat16 if bf16 else None)
+        return BuiltinSampler(policy, tokenizer, dtype=torch.bfloat16 if bf16 else None, compiled=cfg.compile)
     from moss_rlhf.sampling.vllm import VLLMSampler
 
     sampler = VLLMSampler(cfg.policy, tokenizer, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,

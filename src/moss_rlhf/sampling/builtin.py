@@ -30,7 +30,7 @@ class BuiltinSampler:
     process calling it)."""
 
     def __init__(self, model, tokenizer=None, stop_ids: Sequence[int] | None = None, pad_id: int | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, compiled: bool = False):
         from moss_rlhf.tokenizer import stop_token_ids
 
         if tokenizer is not None:
@@ -45,6 +45,7 @@ class BuiltinSampler:
         self.copies = self.model is not model
         self.stop_ids = list(stop_ids) if stop_ids is not None else stop_token_ids(tokenizer)
         self.pad_id = pad_id if pad_id is not None else tokenizer.pad_token_id
+        self.compiled = compiled  # a Llama-family model's decode step through torch.compile (sampling.decoders)
 
     def sync_weights(self, model) -> None:
         from moss_rlhf.distributed import copy_weights
@@ -85,13 +86,13 @@ class BuiltinSampler:
             uniforms = torch.stack([torch.rand(cfg.max_new_tokens, generator=torch.Generator().manual_seed(s),
                                                dtype=torch.float64) for s in seeds]) if cfg.temperature > 0 else None
             return _sample(model, ids.to(device), mask.to(device), cfg, self.stop_ids, self.pad_id,
-                           None if uniforms is None else uniforms.to(device), on_token)
+                           None if uniforms is None else uniforms.to(device), on_token, self.compiled)
         finally:
             model.train(was_training)
 
 
 def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig, stop_ids: list[int],
-            pad_id: int, uniforms: torch.Tensor | None, on_token) -> Rollout:
+            pad_id: int, uniforms: torch.Tensor | None, on_token, compiled: bool = False) -> Rollout:
     from moss_rlhf.models import position_ids_of
     from moss_rlhf.sampling.decoders import decoder_for
 
@@ -99,7 +100,7 @@ def _sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: Sam
     batch = prompt_ids.shape[0]
     stop = torch.tensor(stop_ids, device=device, dtype=torch.long)
     positions = position_ids_of(prompt_mask)
-    decoder = decoder_for(model, prompt_ids.shape[1] + cfg.max_new_tokens)
+    decoder = decoder_for(model, prompt_ids.shape[1] + cfg.max_new_tokens, compiled)
     logits = decoder.start(prompt_ids, prompt_mask, positions, cfg.max_new_tokens)
     vocab = logits.shape[-1]
     seen = None

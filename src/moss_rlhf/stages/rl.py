@@ -295,7 +295,7 @@ def run(cfg: RLConfig, reward_fn: RewardFn | None = None,
         state.update(checkpoints.restore() or {})
         run_dir.truncate_metrics(state["step"])
     step, best, first_stats, skipped = state["step"], state["best"], state["first_stats"], state.get("skipped", 0)
-    models.shard_frozen(dist, cfg)
+    models.prepare_frozen(dist, cfg)
     sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, cfg.repetition_penalty)
     sampler = make_sampler(cfg, models.policy, tokenizer)
     order = BatchOrder(len(prompts), plan.rollout_per_process, 1, dist.world_size, cfg.seed)
