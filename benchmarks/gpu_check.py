@@ -1,7 +1,7 @@
 """One prepared check for a lent GPU (an H200 here): moss-rlhf on a Qwen2-0.5B-shaped model in bf16, in one table.
 
     bash benchmarks/gpu_check.sh                 # on the GPU machine: sized for under 8 minutes (not yet timed)
-    python benchmarks/gpu_check.py --smoke       # anywhere: the same code paths on a tiny model, CPU, fp32, ~20 s
+    python benchmarks/gpu_check.py --smoke       # anywhere: the same code paths on a tiny model, CPU, fp32, ~1 min
 
 What it measures, each part on its own (a part that fails prints its error and the others still run):
   1. the bf16 GEMM peak: the best of ten 8192³ products timed with CUDA events — the MFU denominator;
@@ -10,7 +10,9 @@ What it measures, each part on its own (a part that fails prints its error and t
      buffers of their own for each forward and backward), and on a GPU with ``--cpu-offload`` too (weights,
      gradients and optimizer state in host memory, each block copied to the GPU for its compute);
   3. one PPO-max and one GRPO run of a few steps with builtin rollouts, and with vLLM's where vLLM imports:
-     generated tokens/s and seconds per step (medians after the first step, which pays one-off costs).
+     generated tokens/s and seconds per step (medians after the first step, which pays one-off costs); GRPO again
+     with ``--compile`` (the blocks and the decode step through torch.compile; its first step, which compiles, is
+     reported apart).
 
 Random weights from a config and a tokenizer trained here on synthetic text, so nothing is downloaded: the model has
 Qwen2-0.5B's shape (24 layers, d 896, 14 heads / 2 KV heads, MLP 4864, tied embedding of 151,936 rows), the
@@ -140,24 +142,25 @@ def sft(paths: dict, work: Path, smoke: bool, device: str, precision: str, peak:
     return figures | ({"device peak MB": device_peak[0]} if device_peak else {})
 
 
-def rl(paths: dict, work: Path, smoke: bool, device: str, precision: str, preset: str, engine: str) -> dict:
+def rl(paths: dict, work: Path, smoke: bool, device: str, precision: str, preset: str, engine: str,
+       compiled: bool = False) -> dict:
     from moss_rlhf.stages import rl as rl_stage
 
     group = 4 if preset == "grpo" else 1
     prompts = (8 if smoke else 64) // group
     new_tokens = 16 if smoke else 128
-    cfg = rl_stage.RLConfig(out=str(work / f"rl-{preset}-{engine}"), policy=str(paths["model"]),
+    cfg = rl_stage.RLConfig(out=str(work / f"rl-{preset}-{engine}{'-compiled' * compiled}"), policy=str(paths["model"]),
                             reward_model=str(paths["reward"]), prompts=[str(paths["prompts"])], preset=preset,
                             group_size=group, rollout_batch=prompts, mini_batch=prompts * group,
                             batch_size=8 if smoke else 16, max_new_tokens=new_tokens, max_steps=3 if smoke else 4,
                             eval_every=0, save_every=0, progress=False, device=device, precision=precision,
-                            rollout_engine=engine, best_metric="reward", overwrite=True)
+                            rollout_engine=engine, best_metric="reward", overwrite=True, compile=compiled)
     rl_stage.run(cfg)
-    rows = [r for r in metrics_of(Path(cfg.out)) if "time/step_s" in r][1:]
+    first, *rows = [r for r in metrics_of(Path(cfg.out)) if "time/step_s" in r]
     generated = statistics.median(r["response/length"] * prompts * group / r["time/generate_s"] for r in rows)
     return {"generated tokens/s": generated, "s/step": statistics.median(r["time/step_s"] for r in rows),
             "generate s": statistics.median(r["time/generate_s"] for r in rows),
-            "update s": statistics.median(r["time/update_s"] for r in rows)}
+            "update s": statistics.median(r["time/update_s"] for r in rows), "first step s": first["time/step_s"]}
 
 
 def part(name: str, fn, results: dict) -> None:
@@ -201,6 +204,8 @@ def main(argv=None) -> dict:
             for engine in ("builtin", "vllm") if has_vllm else ("builtin",):
                 part(f"{preset}, {engine} rollouts",
                      lambda: rl(paths, work, args.smoke, device, precision, preset, engine), results)
+        part("grpo, builtin rollouts, --compile",
+             lambda: rl(paths, work, args.smoke, device, precision, "grpo", "builtin", compiled=True), results)
     print("\n| part | figures |\n|---|---|")
     for name, figures in results.items():
         shown = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items())

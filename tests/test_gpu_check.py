@@ -21,11 +21,11 @@ def test_every_part_of_the_gpu_check_runs_in_smoke_mode():
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.split("RESULTS ", 1)[1])
     assert set(results) == {"GEMM peak TFLOP/s", "SFT", "SFT, --parallel fsdp on one device",
-                            "ppo_max, builtin rollouts", "grpo, builtin rollouts"}
+                            "ppo_max, builtin rollouts", "grpo, builtin rollouts", "grpo, builtin rollouts, --compile"}
     assert not [name for name, figures in results.items() if "error" in figures]
     assert results["GEMM peak TFLOP/s"]["value"] > 0
     for name in ("SFT", "SFT, --parallel fsdp on one device"):
         assert results[name]["tokens/s"] > 0 and 0 < results[name]["MFU"] < 1
-    for name in ("ppo_max, builtin rollouts", "grpo, builtin rollouts"):
+    for name in ("ppo_max, builtin rollouts", "grpo, builtin rollouts", "grpo, builtin rollouts, --compile"):
         assert results[name]["generated tokens/s"] > 0 and results[name]["s/step"] > results[name]["update s"] > 0
     assert "| SFT |" in done.stdout  # the table a lease's output ends with
