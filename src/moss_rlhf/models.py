@@ -319,6 +319,10 @@ def compile_layers(model) -> None:
     if not isinstance(blocks, torch.nn.ModuleList):
         raise ConfigError(f"--compile: {type(base).__name__} keeps no list of transformer blocks where "
                           f"transformers' decoders do (.layers or .h)")
+    # one block function serves every model of a run, and each of its variants is a compilation of its own: with
+    # and without gradients, LoRA's layers and plain ones, with and without a packed layout (PPO-max under LoRA
+    # with a critic and evaluations made 7); dynamo's default limit of 8 would leave any beyond it eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in blocks:
         block.compile(dynamic=True)
 
