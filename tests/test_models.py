@@ -55,6 +55,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_model_dir):
     keys = list(compiled.state_dict())
     compile_layers(compiled)
     assert list(compiled.state_dict()) == keys
+    assert all(block._compiled_call_impl is not None for block in compiled.model.layers)
     assert torch._dynamo.config.recompile_limit >= 32  # room for every variant of a run's block (PPO-max: 7)
     graphs = []
     for length in (12, 20):
@@ -70,7 +71,7 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients(tiny_model_dir):
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert graphs[0] >= 1 and graphs[1] == 0
+    assert graphs[1] == 0  # (the first length may reuse a graph an earlier test of the process compiled)
     with pytest.raises(ConfigError, match="--compile: Linear keeps no list of transformer blocks"):
         compile_layers(torch.nn.Linear(2, 2))
 
