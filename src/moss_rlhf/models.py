@@ -258,9 +258,61 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def token_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """One scalar per token ``[B, T]`` from a scorer: the critic's values. The backbone runs once and the head is
-    applied to every hidden state (the reward model reads the last non-pad one)."""
+    applied to every hidden state."""
     hidden = final_hidden_states(model, input_ids, attention_mask, position_ids)
     return score_head(unwrap(model))(hidden).squeeze(-1).float()
+
+
+# A reward model's score may add its reply's mean log-likelihood under its own language-model head
+# (``moss-rlhf reward --likelihood-weight``). The weight is saved in the model's config.json, so every reader of the
+# model — reward training and evaluation, RL's rollouts, ``--judge`` — scores a reply alike.
+LIKELIHOOD_WEIGHT = "moss_rlhf_likelihood_weight"
+
+
+def likelihood_weight(model) -> float:
+    """The weight of the reply's mean log-likelihood in this scorer's reward (0: the score head alone)."""
+    config = base_model(model).config
+    weight = float(getattr(config, LIKELIHOOD_WEIGHT, 0.0) or 0.0)
+    if weight and not getattr(config, "tie_word_embeddings", False):
+        raise ConfigError(f"the reward model's config sets {LIKELIHOOD_WEIGHT} {weight:g}, which reads the likelihood "
+                          f"through the input embeddings; that is the language-model head only with tied embeddings "
+                          f"(tie_word_embeddings), which this {type(base_model(model)).__name__} does not have")
+    return weight
+
+
+def mean_reply_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                        n_rows: int) -> torch.Tensor:
+    """Each row's mean log-probability of its reply tokens ``[n_rows]`` (0 for a row without any): ``hidden [N, d]``
+    the final hidden states at the positions that predict the ``N`` reply tokens ``targets``, ``rows`` the row of
+    each, ``head [V, d]`` the output projection (for a model sharded by FSDP2, read after its forward, which leaves
+    the root's weights gathered). The logits are formed block by block (``losses.linear_logprobs``)."""
+    from moss_rlhf.losses import linear_logprobs
+
+    logprobs, _ = linear_logprobs(hidden, head, None, targets)
+    total = logprobs.new_zeros(n_rows).index_add(0, rows, logprobs)
+    count = logprobs.new_zeros(n_rows).index_add(0, rows, torch.ones_like(logprobs))
+    return total / count.clamp(min=1)
+
+
+def likelihood_bonus(model, hidden: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
+                     n_rows: int) -> torch.Tensor:
+    """The scorer's ``likelihood_weight`` × each row's mean reply log-probability under its tied embeddings
+    (:func:`mean_reply_logprobs`'s arguments)."""
+    head = base_model(model).get_input_embeddings().weight
+    return likelihood_weight(model) * mean_reply_logprobs(hidden, head, targets, rows, n_rows)
+
+
+def reply_likelihood_bonus(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`likelihood_bonus` per row ``[B]`` of padded ``hidden [B, T, d]`` (the final hidden states), the reply's
+    tokens marked by ``labels [B, T]`` (``IGNORE`` elsewhere, as ``collate.reply_example`` writes them); zeros for a
+    scorer without the term."""
+    from moss_rlhf.data.collate import IGNORE
+
+    if not likelihood_weight(model):
+        return hidden.new_zeros(hidden.shape[0], dtype=torch.float32)
+    targets = labels[:, 1:]
+    counted = targets != IGNORE
+    return likelihood_bonus(model, hidden[:, :-1][counted], targets[counted], counted.nonzero()[:, 0], len(hidden))
 
 
 def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -269,12 +321,21 @@ def position_ids_of(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
     """One scalar per sequence ``[B]``: the score at the last non-pad token (works for left and right padding) —
-    the turn end of the reply, where reward training reads it too (``collate.reply_example``)."""
-    values = token_scores(model, input_ids, attention_mask, position_ids_of(attention_mask))
+    the turn end of the reply, where reward training reads it too (``collate.reply_example``) — plus, for a reward
+    model trained with ``--likelihood-weight``, that weight × the reply's mean log-likelihood (the reply's tokens
+    marked by ``labels``)."""
+    hidden = final_hidden_states(model, input_ids, attention_mask, position_ids_of(attention_mask))
     last = last_token_index(attention_mask).clamp(min=0)
-    return values.gather(1, last[:, None]).squeeze(1)
+    at_last = hidden[torch.arange(len(hidden), device=hidden.device), last]
+    scores = score_head(unwrap(model))(at_last).squeeze(-1).float()
+    if likelihood_weight(model):
+        if labels is None:
+            raise ValueError("this reward model adds the reply's likelihood: give the reply's labels")
+        scores = scores + reply_likelihood_bonus(model, hidden, labels)
+    return scores
 
 
 def apply_lora(model, options: LoraOptions, task_type: str = "CAUSAL_LM"):

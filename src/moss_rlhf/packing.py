@@ -36,7 +36,7 @@ import torch
 from moss_rlhf import losses
 from moss_rlhf.data.collate import fewest_padded_rows
 from moss_rlhf.distributed import is_sharded
-from moss_rlhf.models import base_model, final_hidden_states, score_head, unwrap
+from moss_rlhf.models import base_model, final_hidden_states, likelihood_bonus, likelihood_weight, score_head, unwrap
 from moss_rlhf.packed_attention import NAME as PACKED_ATTENTION
 from moss_rlhf.packed_attention import AttentionLayout, installed
 
@@ -258,18 +258,27 @@ def packed_logprobs(model, packed: PackedRows, temperature: float = 1.0, with_en
     return packed.unpack(logprobs), packed.unpack(entropy) if with_entropy else None
 
 
-def _token_scores(model, packed: PackedRows) -> torch.Tensor:
+def _hidden_states(model, packed: PackedRows) -> torch.Tensor:
+    """The final hidden states ``[rows · width, d]`` of the packed rows, flattened as the indices count."""
     hidden = final_hidden_states(model, packed.input_ids, position_ids=packed.position_ids,
                                  **attention_for(model, packed))
-    return score_head(unwrap(model))(hidden).squeeze(-1).float().flatten()
+    return hidden.flatten(0, 1)
 
 
 def packed_values(critic, packed: PackedRows) -> torch.Tensor:
     """The critic's values ``[b, R]``: its score at the position that predicts each response token (the state
     before it)."""
-    return packed.unpack(_token_scores(critic, packed)[packed.predict_index])
+    hidden = _hidden_states(critic, packed)[packed.predict_index]
+    return packed.unpack(score_head(unwrap(critic))(hidden).squeeze(-1).float())
 
 
 def packed_sequence_scores(model, packed: PackedRows) -> torch.Tensor:
-    """A scorer's value ``[b]`` at each sequence's last token: the reward model's score at the reply's turn end."""
-    return _token_scores(model, packed)[packed.last_index]
+    """A reward model's score ``[b]``: its head at each sequence's last token (the reply's turn end), plus, for one
+    trained with ``--likelihood-weight``, that weight × the response's mean log-likelihood
+    (``models.likelihood_weight``)."""
+    hidden = _hidden_states(model, packed)
+    scores = score_head(unwrap(model))(hidden[packed.last_index]).squeeze(-1).float()
+    if likelihood_weight(model):
+        rows = packed.scatter_index // packed.shape[1]
+        scores = scores + likelihood_bonus(model, hidden[packed.predict_index], packed.targets, rows, packed.shape[0])
+    return scores

@@ -60,7 +60,7 @@ def call_user_function(fn: Callable, args: tuple, label: str, n: int, finite: bo
 def reward_model_scorer(model, tokenizer, max_len: int = 512, batch_size: int = 32) -> TextScorer:
     """A text scorer from a loaded reward model: each conversation + reply rendered as in reward training
     (``collate.reply_example``: ending at the reply's turn end) and scored there."""
-    from moss_rlhf.data.collate import left_pad, reply_example
+    from moss_rlhf.data.collate import pad_examples, reply_example
     from moss_rlhf.models import sequence_scores
 
     device = next(model.parameters()).device
@@ -70,10 +70,11 @@ def reward_model_scorer(model, tokenizer, max_len: int = 512, batch_size: int = 
         model.eval()
         out: list[float] = []
         for start in range(0, len(replies), batch_size):
-            encoded = [reply_example(tokenizer, c, r, max_len).input_ids
-                       for c, r in zip(conversations[start:start + batch_size], replies[start:start + batch_size])]
-            ids, mask = left_pad(encoded, tokenizer.pad_token_id)
-            out.extend(sequence_scores(model, ids.to(device), mask.to(device)).float().tolist())
+            batch = pad_examples([reply_example(tokenizer, c, r, max_len) for c, r in
+                                  zip(conversations[start:start + batch_size], replies[start:start + batch_size])],
+                                 tokenizer.pad_token_id, side="left")
+            out.extend(sequence_scores(model, *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels"))
+                                       ).float().tolist())
         return out
 
     return score

@@ -5,6 +5,7 @@ processes give the 1-process run."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -256,3 +257,161 @@ def test_metarm_run_keeps_the_shifted_replies_apart_and_refuses_bad_meta_sets(tm
         load_sample_groups(bad)
     assert main(["reward", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(tmp_path / "x"),
                  "--meta-data", str(bad), "--no-progress"]) == 2
+
+
+def _scorer_with_likelihood(model_dir, tokenizer, weight: float):
+    from moss_rlhf.models import LIKELIHOOD_WEIGHT, load_scorer
+
+    scorer = load_scorer(str(model_dir), tokenizer).eval()
+    torch.nn.init.normal_(scorer.score.weight, std=0.3, generator=torch.Generator().manual_seed(1))
+    setattr(scorer.config, LIKELIHOOD_WEIGHT, weight)
+    return scorer
+
+
+def test_the_likelihood_term_scores_alike_in_training_evaluation_and_rollouts(tmp_path, tiny_model_dir):
+    """score = head at the turn end + w × the reply's mean log-probability, against transformers' own forwards: the
+    head through ``*ForSequenceClassification`` (last non-pad token), the log-probabilities through the causal LM's
+    logits; then the same scores from the text scorer (left padding) and RL's packed rows (prompts shared or not)."""
+    from moss_rlhf import packed_attention
+    from moss_rlhf.data.collate import Example, left_pad, pad_examples
+    from moss_rlhf.models import load_causal_lm
+    from moss_rlhf.packing import pack_sequences, prompt_sharing
+    from moss_rlhf.rewards import reward_model_scores
+    from moss_rlhf.sampling import Rollout
+    from moss_rlhf.scoring import reward_model_scorer
+    from moss_rlhf.stages.reward import pair_examples
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    # two prompts, two pairs each, replies of unequal lengths: the mean is per reply
+    prefs = [p for p in load_preferences(write_jsonl(tmp_path / "p.jsonl", varied_rows(4)))]
+    prefs = [prefs[0], dataclasses.replace(prefs[1], prompt=prefs[0].prompt), prefs[2],
+             dataclasses.replace(prefs[3], prompt=prefs[2].prompt)]
+    scorer = _scorer_with_likelihood(tiny_model_dir, tokenizer, 0.6)
+    lm = load_causal_lm(str(tiny_model_dir)).eval()
+    expected = []
+    with torch.no_grad():
+        for pref in prefs:
+            for example in pair_examples(tokenizer, pref, 64):
+                ids, labels = torch.tensor([example.input_ids]), torch.tensor(example.labels)
+                logprobs = torch.log_softmax(lm(input_ids=ids).logits[0, :-1].double(), -1)
+                targets = labels[1:]
+                reply = targets != -100
+                mean = logprobs[reply].gather(1, targets[reply][:, None]).mean()
+                expected.append(float(scorer(input_ids=ids).logits[0, 0]) + 0.6 * float(mean))
+    expected = torch.tensor(expected).view(-1, 2)  # (chosen, rejected) per pair
+    assert expected.std() > 0.1  # the scores differ: a wrong pooling cannot match by accident
+
+    chosen, rejected = score_pairs(scorer, tokenizer, prefs, max_len=64)
+    assert torch.stack([chosen, rejected], 1).double() == pytest.approx(expected, abs=1e-4)
+
+    texts = reward_model_scorer(scorer, tokenizer, max_len=64, batch_size=3)(
+        [p.prompt for p in prefs for _ in range(2)], [r for p in prefs for r in (p.chosen, p.rejected)])
+    assert torch.tensor(texts).view(-1, 2).double() == pytest.approx(expected, abs=1e-4)
+
+    # RL: prompt tokens, then the reply's up to its turn end, as the sampler leaves them
+    examples = [e for p in prefs for e in pair_examples(tokenizer, p, 64)]
+    starts = [e.labels.index(next(x for x in e.labels if x != -100)) for e in examples]
+    prompt_ids, prompt_mask = left_pad([e.input_ids[:s] for e, s in zip(examples, starts)], tokenizer.pad_token_id)
+    responses = pad_examples([Example(e.input_ids[s:], e.labels[s:]) for e, s in zip(examples, starts)],
+                             tokenizer.pad_token_id)
+    response_ids, response_mask = responses["input_ids"], responses["attention_mask"]
+    rollout = Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.ones(len(examples), dtype=torch.bool),
+                      torch.zeros(response_ids.shape))
+    packed_attention.install(scorer)
+    for share in (0, prompt_sharing([scorer])):
+        rl = reward_model_scores(scorer, rollout, batch_size=8, share_prompts=share)
+        assert rl.view(-1, 2).double() == pytest.approx(expected, abs=1e-4)
+    shared = pack_sequences(rollout.sequences, rollout.attention_mask, response_ids.shape[1],
+                            share_prompts=prompt_sharing([scorer]))
+    assert shared.input_ids.shape[0] < len(examples) or shared.n_tokens < int(rollout.attention_mask.sum())
+
+
+def test_the_likelihood_terms_gradient_is_the_reference_one(tmp_path, tiny_model_dir):
+    """The Bradley–Terry loss through the likelihood term, values and every gradient, in float64, against the term
+    written with a plain log-softmax over the backbone's hidden states and the tied embeddings."""
+    from moss_rlhf.losses import bradley_terry_loss
+    from moss_rlhf.stages.reward import RewardLoss, pair_data
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prefs = load_preferences(write_jsonl(tmp_path / "p.jsonl", varied_rows(3)))
+    cfg = config(tmp_path, tiny_model_dir, tmp_path / "p.jsonl", use_margin=False)
+    scorer = _scorer_with_likelihood(tiny_model_dir, tokenizer, 0.8).double()
+    batch = pair_data(tokenizer, prefs, cfg).batch([0, 1, 2])
+    ours = RewardLoss(cfg, None)(scorer, batch)
+    grads = torch.autograd.grad(ours, list(scorer.parameters()))
+
+    hidden = scorer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    last = batch["attention_mask"].sum(1) - 1
+    head = scorer.score(hidden[torch.arange(6), last]).squeeze(-1)
+    logprobs = torch.log_softmax(hidden[:, :-1] @ scorer.model.embed_tokens.weight.T, -1)
+    targets = batch["labels"][:, 1:]
+    reply = (targets != -100).double()
+    picked = logprobs.gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
+    rewards = head + 0.8 * (picked * reply).sum(1) / reply.sum(1)
+    reference = bradley_terry_loss(rewards[:3], rewards[3:], reduction="sum")
+    reference_grads = torch.autograd.grad(reference, list(scorer.parameters()))
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-10)
+    for ours_grad, reference_grad in zip(grads, reference_grads):
+        assert torch.allclose(ours_grad, reference_grad, rtol=1e-8, atol=1e-12)
+    assert reference_grads[0].abs().sum() > 0  # the embeddings get a gradient through the term
+
+
+def test_the_likelihood_weight_is_saved_kept_and_refused_without_tied_embeddings(tmp_path, tiny_model_dir):
+    import json
+
+    from moss_rlhf.config import ConfigError
+    from moss_rlhf.models import LIKELIHOOD_WEIGHT, build_causal_lm, load_scorer, save_model
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(40))
+    reward.run(config(tmp_path / "a", tiny_model_dir, data, likelihood_weight=0.5, max_steps=2, eval_every=0))
+    saved = tmp_path / "a" / "rm" / "model"
+    assert json.loads((saved / "config.json").read_text())[LIKELIHOOD_WEIGHT] == 0.5
+    tokenizer = load_tokenizer(str(saved))
+    prefs = load_preferences(data)[:4]
+    with_term = score_pairs(load_scorer(str(saved), tokenizer, trained=True), tokenizer, prefs, max_len=64)
+    bare = load_scorer(str(saved), tokenizer, trained=True)
+    setattr(bare.config, LIKELIHOOD_WEIGHT, 0.0)
+    assert not torch.allclose(with_term[0], score_pairs(bare, tokenizer, prefs, max_len=64)[0])
+    # continuing from it keeps its weight unless told otherwise
+    reward.run(config(tmp_path / "b", saved, data, max_steps=1, eval_every=0))
+    assert json.loads((tmp_path / "b" / "rm" / "model" / "config.json").read_text())[LIKELIHOOD_WEIGHT] == 0.5
+    reward.run(config(tmp_path / "c", saved, data, max_steps=1, eval_every=0, likelihood_weight=0.0))
+    assert json.loads((tmp_path / "c" / "rm" / "model" / "config.json").read_text())[LIKELIHOOD_WEIGHT] == 0.0
+
+    untied = build_causal_lm("tiny", tokenizer, seed=0)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    save_model(untied, tokenizer, tmp_path / "untied")
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        reward.run(config(tmp_path / "d", tmp_path / "untied", data, likelihood_weight=1.0, max_steps=1))
+
+
+def _sharded_likelihood_scores(model_dir: str, out: str) -> None:
+    import json
+
+    from moss_rlhf import distributed
+    from moss_rlhf.packing import pack_sequences, packed_sequence_scores
+
+    d = distributed.init("cpu")
+    tokenizer = load_tokenizer(model_dir)
+    scorer = _scorer_with_likelihood(model_dir, tokenizer, 0.6)
+    ids = torch.randint(5, len(tokenizer), (4, 20), generator=torch.Generator().manual_seed(d.rank))
+    packed = pack_sequences(ids, torch.ones_like(ids), 8)
+    with torch.no_grad():
+        whole = packed_sequence_scores(scorer, packed)
+        distributed.shard(scorer, d)
+        sharded = packed_sequence_scores(scorer, packed)
+    if d.is_main:
+        with open(out, "w") as fh:
+            json.dump([whole.tolist(), sharded.tolist()], fh)
+
+
+@pytest.mark.slow
+def test_a_sharded_reward_model_adds_the_same_likelihood(tmp_path, tiny_model_dir):
+    """Under FSDP2 the term reads the embeddings after the model's forward, which leaves the root's weights gathered:
+    the scores are the unsharded model's."""
+    import json
+
+    run_in_processes(_sharded_likelihood_scores, str(tiny_model_dir), str(tmp_path / "scores.json"))
+    whole, sharded = json.loads((tmp_path / "scores.json").read_text())
+    assert sharded == pytest.approx(whole, abs=1e-5)

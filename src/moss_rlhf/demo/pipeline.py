@@ -17,8 +17,9 @@ new pairs from the current policy, new labels, the reward model continues traini
 
 ``--reward-recipe part2`` trains the reward model as "Secrets of RLHF ... Part II" advises: an ensemble measures
 every labelled pair's preference strength (``moss-rlhf reward strength``), and the reward model trains on the pairs
-with the treatments and the contrastive term in ``pipeline_stages.PART2_REWARD`` (its own directories,
-``reward-part2/`` and ``rl-<algorithm>-part2/``, beside the plain run's, so the report compares both).
+with the settings in ``pipeline_stages.PART2_REWARD`` — soft labels from the strength, and the reply's likelihood in
+the reward (``--likelihood-weight``) — in its own directories,
+``reward-part2/`` and ``rl-<algorithm>-part2/``, beside the plain run's, so the report compares both.
 
 The same pipeline runs on the user's own material: ``--model`` (skip pretraining), ``--corpus``, ``--sft-data``,
 ``--prompts``, ``--eval-prompts``, and ``--preferences`` (real human labels exported by the feedback app instead of
@@ -78,8 +79,8 @@ class DemoConfig(Config):
                                      "gold judge as a Python reward: RL against the gold judge, reported apart)",
                             choices=("model", "gold"))
     reward_recipe: str = option("plain", "the reward model: plain Bradley–Terry, or part2 (an ensemble's preference "
-                                         "strength of every pair, then Part II's treatment of the pairs; its own "
-                                         "reward-part2/ and RL run, compared in the report)",
+                                         "strength of every pair, then soft labels and the reply's likelihood in the "
+                                         "reward; its own reward-part2/ and RL run, compared in the report)",
                                 choices=("plain", "part2"))
     reference_temperature: float | None = option(None, "RL recipes: take the KL to SFT at this temperature (below 1: "
                                                        "to SFT sharpened towards its mode, which knows content the "

@@ -21,10 +21,11 @@ GOLD_REWARD = "moss_rlhf.demo.judge:gold_scores"  # the world's judge as a Pytho
 DPO_SETTINGS = (0.3, 1e-4, 16)  # β, lr, pairs per step
 KTO_SETTINGS = (0.3, 1e-4, 32)  # β, lr, replies per step: each pair gives two
 STRENGTH_MEMBERS = 5  # the ensemble that measures preference strength (the paper: 10 larger models)
-# Part II's recipe: soft labels from each pair's strength and the SwAV term. On the default world no treatment or
-# term moved agreement with the gold judge by more than 1.4 points (6 of 414 held-out pairs; the README's table)
-PART2_REWARD = {"soft_labels": True, "contrastive_weight": 0.1, "contrastive_method": "swav",
-                "contrastive_temperature": 0.1}
+# The Part II recipe: soft labels from each pair's strength, and the reply's mean log-likelihood in the reward. On a
+# fixed split of the default world, three seeds each, it agreed with the gold judge on 0.881 against plain
+# Bradley–Terry's 0.850; Part II's own treatments and terms moved agreement by at most 1.4 points, and adding the
+# SwAV term to this recipe lowered it to 0.873 (the README's Part II section)
+PART2_REWARD = {"soft_labels": True, "likelihood_weight": 1.0}
 METARM_SAMPLES = (128, 4)  # meta set: prompts sampled from the current policy, replies per prompt
 METARM_SETTINGS = {"meta_lr": 0.01, "meta_batch": 4}
 

@@ -5,14 +5,16 @@ SFT model and trained on preference pairs with the Bradley–Terry loss (Ouyang 
 
 with the options MOSS-RLHF uses ("Secrets of RLHF in Large Language Models Part II: Reward Modeling", Wang et al.
 2024): a margin from the annotators' strength of preference, label smoothing, and an auxiliary LM loss on the chosen
-reply (weight β) that keeps the backbone a language model. Ties and "both bad" are not pairs; the feedback export
-leaves them out. With pairs scored by ``moss-rlhf reward strength`` (an ensemble's preference strength), Part II's
-treatments of noisy labels, each a switch: drop the weakest share, flip the labels below a threshold, soft labels,
-an adaptive margin, reweighting by the ensemble's confidence; its contrastive terms on the pairs' difference
-representations (SimCSE-style InfoNCE, or SwAV-style swapped prediction of Sinkhorn codes over learned prototypes);
-and MetaRM (Dou et al. 2024, arXiv 2405.00438): with ``--meta-data`` (unlabelled replies of the shifted policy, several
-per prompt) each step first takes a gradient ascent step on the reward model's ability to tell those replies apart,
-and the preference loss is minimised at the adapted weights.
+reply (weight β) that keeps the backbone a language model. ``--likelihood-weight w`` adds w × the reply's mean
+log-likelihood under the model's own LM head to its reward (SimPO's implicit reward, Meng et al. 2024): the SFT
+model's knowledge of what a right reply says counts from the first step. Ties and "both bad" are not pairs; the
+feedback export leaves them out. With pairs scored by ``moss-rlhf reward strength`` (an ensemble's preference
+strength), Part II's treatments of noisy labels, each a switch: drop the weakest share, flip the labels below a
+threshold, soft labels, an adaptive margin, reweighting by the ensemble's confidence; its contrastive terms on the
+pairs' difference representations (SimCSE-style InfoNCE, or SwAV-style swapped prediction of Sinkhorn codes over
+learned prototypes); and MetaRM (Dou et al. 2024, arXiv 2405.00438): with ``--meta-data`` (unlabelled replies of the
+shifted policy, several per prompt) each step first takes a gradient ascent step on the reward model's ability to
+tell those replies apart, and the preference loss is minimised at the adapted weights.
 
 Each reply is rendered as PPO's rollouts and evaluation see it (``collate.reply_example``: ending at the reply's turn
 end), and the score is read at that turn end. The result is a Hugging Face ``*ForSequenceClassification`` directory
@@ -38,7 +40,9 @@ from moss_rlhf.data.collate import IGNORE, Example, TokenData, pad_examples, rep
 from moss_rlhf.data.formats import Preference, SampleGroup, load_preferences, load_sample_groups, preference_record
 from moss_rlhf.data.splits import load_split
 from moss_rlhf.losses import bradley_terry_loss, info_nce, reward_difference_objective, swav_loss
-from moss_rlhf.models import check_vocabulary, final_hidden_states, load_causal_lm, load_scorer, score_head, unwrap
+from moss_rlhf.models import (LIKELIHOOD_WEIGHT, base_model, check_vocabulary, final_hidden_states, likelihood_weight,
+                               load_causal_lm, load_scorer, mean_reply_logprobs, reply_likelihood_bonus, score_head,
+                               unwrap)
 from moss_rlhf.runs import RunDir
 from moss_rlhf.tokenizer import load_tokenizer
 from moss_rlhf.training import LoopResult, autocast, train_lm
@@ -58,6 +62,9 @@ class RewardConfig(TrainConfig):
     label_smoothing: float = option(0.0, "Bradley–Terry label smoothing ε in [0, 0.5)", at_least=0.0, below=0.5)
     lm_coef: float = option(0.0, "β: weight of the LM loss on the chosen reply (mean over its tokens, per pair)",
                             at_least=0.0)
+    likelihood_weight: float | None = option(None, "add this × the reply's mean log-likelihood under the model's LM "
+                                                   "head to its score, saved with it (default: the --model's own, 0 "
+                                                   "for an LM; needs tied embeddings)", at_least=0.0)
     # Part II's treatments of the pairs by their preference strength (`moss-rlhf reward strength`), training pairs only
     drop_weakest: float = option(0.0, "leave out this share of the training pairs of lowest mean strength",
                                  at_least=0.0, below=1.0)
@@ -73,14 +80,11 @@ class RewardConfig(TrainConfig):
     contrastive_method: str = option("simcse", "the contrastive term: simcse (InfoNCE between two views of each "
                                                "pair) or swav (each view predicts the other's Sinkhorn codes over "
                                                "learned prototypes)", choices=("simcse", "swav"))
-    contrastive_temperature: float = option(0.05, "temperature τ of the contrastive term (SwAV's paper: 0.1)",
-                                            above=0.0)
-    contrastive_dropout: float = option(0.1, "feature dropout that makes the contrastive term's two views",
-                                        above=0.0, below=1.0)
-    swav_prototypes: int = option(16, "swav: number of prototypes (cluster centres, trained with the model)",
-                                  at_least=2)
-    swav_epsilon: float = option(0.05, "swav: Sinkhorn entropy ε of the codes (smaller: harder assignments)",
-                                 above=0.0)
+    contrastive_temperature: float = option(0.05, "the contrastive term's temperature τ (SwAV: 0.1)", above=0.0)
+    contrastive_dropout: float = option(0.1, "feature dropout making the contrastive term's views", above=0.0,
+                                        below=1.0)
+    swav_prototypes: int = option(16, "swav: number of prototypes (cluster centres, trained too)", at_least=2)
+    swav_epsilon: float = option(0.05, "swav: Sinkhorn entropy ε of the codes (smaller: harder)", above=0.0)
     # MetaRM (Dou et al. 2024): the shifted policy's unlabelled replies keep the reward model discriminative there
     meta_data: list[str] = option([], "MetaRM's meta set: replies sampled from the shifted (RL) policy, {prompt, "
                                       "response} rows, at least 2 per prompt (`moss-rlhf generate --num-samples K "
@@ -168,7 +172,7 @@ def pair_data(tokenizer, prefs: list[Preference], cfg: RewardConfig, training: b
         if meta_rows:
             groups = [meta_rows[i % len(meta_rows)] for i in indices[:cfg.meta_batch]]
             rows = pad_examples([row for group in groups for row in group], tokenizer.pad_token_id)
-            padded["meta_input_ids"], padded["meta_attention_mask"] = rows["input_ids"], rows["attention_mask"]
+            padded.update({f"meta_{k}": v for k, v in rows.items()})
             padded["meta_sizes"] = torch.tensor([len(group) for group in groups])
         return padded
 
@@ -225,7 +229,7 @@ class RewardLoss:
         autograd through attention kernels that have none."""
         module = unwrap(model)
         names, params = zip(*[(n, p) for n, p in module.named_parameters() if p.requires_grad])
-        meta = {"input_ids": batch["meta_input_ids"], "attention_mask": batch["meta_attention_mask"]}
+        meta = {k: batch[f"meta_{k}"] for k in ("input_ids", "attention_mask", "labels")}
         sizes = batch["meta_sizes"].tolist()
 
         def at(values, fn, inputs):  # fn(module, inputs) with the weights `values` in place of the parameters
@@ -256,12 +260,14 @@ class RewardLoss:
         return self.scores_and_features(model, batch)[0]
 
     def scores_and_features(self, model, batch):
+        """Each row's reward (its head at the last real token, + ``--likelihood-weight`` × its reply's mean
+        log-likelihood), its final hidden states and that token's index."""
         mask = batch["attention_mask"]
         hidden = final_hidden_states(model, batch["input_ids"], mask)
-        values = score_head(unwrap(model))(hidden).squeeze(-1)
-        values = values.to(torch.promote_types(values.dtype, torch.float32))  # bf16 up; float64 (tests) stays
         last = mask.long().sum(-1) - 1  # right padding: the last real token
-        return values.gather(1, last[:, None]).squeeze(1), hidden, last
+        values = score_head(unwrap(model))(hidden[torch.arange(len(hidden), device=hidden.device), last]).squeeze(-1)
+        values = values.to(torch.promote_types(values.dtype, torch.float32))  # bf16 up; float64 (tests) stays
+        return values + reply_likelihood_bonus(model, hidden, batch["labels"]).to(values.dtype), hidden, last
 
     def forward(self, model, batch):
         """Rewards of the chosen and the rejected replies, the auxiliary terms' weighted sum (LM, contrastive) and
@@ -277,16 +283,12 @@ class RewardLoss:
             term = (swav_loss(*views, self.current(model, self.prototypes), tau, self.cfg.swav_epsilon)
                     if self.cfg.contrastive_method == "swav" else info_nce(*views, tau))
             aux_sum = aux_sum + self.cfg.contrastive_weight * term.sum()
-        if self.lm_head is not None:
+        if self.lm_head is not None:  # each pair's token losses averaged within the pair
             targets = batch["labels"][:n, 1:]
             counted = targets != IGNORE
-            # the projection at the reply's tokens only; each pair's token losses are averaged within the pair
-            head = self.current(model, self.lm_head)
-            token_loss = torch.nn.functional.cross_entropy((hidden[:n, :-1][counted] @ head.T).float(),
-                                                           targets[counted], reduction="none")
-            rows = counted.nonzero()[:, 0]
-            per_pair = torch.zeros(n, device=rewards.device).index_add(0, rows, token_loss)
-            aux_sum = aux_sum + self.cfg.lm_coef * (per_pair / counted.sum(1).clamp(min=1)).sum()
+            logprobs = mean_reply_logprobs(hidden[:n, :-1][counted], self.current(model, self.lm_head),
+                                           targets[counted], counted.nonzero()[:, 0], n)
+            aux_sum = aux_sum - self.cfg.lm_coef * logprobs.sum()
         return rewards[:n], rewards[n:], aux_sum, n
 
 
@@ -310,13 +312,11 @@ def score_pairs(model, tokenizer, prefs: list[Preference], max_len: int = 256, b
     cfg = RewardConfig(data=["-"], max_len=max_len, use_margin=False)
     data = pair_data(tokenizer, prefs, cfg)
     loss = RewardLoss(cfg, None)
-    chosen, rejected = [], []
+    scores = []
     for start in range(0, len(prefs), batch_size):
         batch = data.batch(list(range(start, min(start + batch_size, len(prefs)))))
-        c, r, _, _ = loss.forward(model, {k: v.to(device) for k, v in batch.items()})
-        chosen.append(c.cpu())
-        rejected.append(r.cpu())
-    return torch.cat(chosen), torch.cat(rejected)
+        scores.append([s.cpu() for s in loss.forward(model, {k: v.to(device) for k, v in batch.items()})[:2]])
+    return torch.cat([c for c, _ in scores]), torch.cat([r for _, r in scores])
 
 
 def pair_evaluator(data: TokenData, loss_fn: RewardLoss, cfg: RewardConfig, dist: distributed.Dist):
@@ -362,15 +362,15 @@ def run(cfg: RewardConfig) -> LoopResult:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, "--tokenizer" if cfg.tokenizer else "--model")
     model = load_scorer(cfg.model, tokenizer)
     check_vocabulary(model, tokenizer)
+    if cfg.likelihood_weight is not None:  # saved with the model: whatever loads it scores with the same term
+        setattr(base_model(model).config, LIKELIHOOD_WEIGHT, cfg.likelihood_weight)
+    weight = likelihood_weight(model)  # an untied model is refused here, before training
     lm_head = None
-    if cfg.lm_coef > 0:
-        lm = load_causal_lm(cfg.model)
-        if getattr(lm.config, "tie_word_embeddings", False):
-            lm_head = model.get_input_embeddings().weight  # tied: the scorer's own embeddings
-        else:
-            model.register_parameter("aux_lm_head", torch.nn.Parameter(lm.get_output_embeddings().weight.clone()))
-            lm_head = model.aux_lm_head
-        del lm
+    if cfg.lm_coef > 0 and getattr(model.config, "tie_word_embeddings", False):
+        lm_head = model.get_input_embeddings().weight  # tied: the scorer's own embeddings
+    elif cfg.lm_coef > 0:
+        head = load_causal_lm(cfg.model).get_output_embeddings().weight.detach().clone()
+        lm_head = model.aux_lm_head = torch.nn.Parameter(head)
     prototypes = None
     if cfg.contrastive_weight > 0 and cfg.contrastive_method == "swav":
         # trained with the model (so they are in its optimizer and checkpoints); seeded by --seed
@@ -390,7 +390,7 @@ def run(cfg: RewardConfig) -> LoopResult:
               + (f"; MetaRM on {len(meta)} prompts' {sum(len(g.responses) for g in meta)} sampled replies "
                  f"(η {cfg.meta_lr:g})" if meta else "")
               + (f"; {cfg.contrastive_method} contrastive term × {cfg.contrastive_weight:g}"
-                 if cfg.contrastive_weight else ""))
+                 if cfg.contrastive_weight else "") + (f"; + {weight:g} × log-likelihood" if weight else ""))
     result = train_lm(cfg, model, tokenizer, train, loss_fn, run_dir, dist,
                       evaluate=pair_evaluator(evaluation, loss_fn, cfg, dist), desc="reward")
     if dist.is_main and result.eval_metrics:
