@@ -116,7 +116,7 @@ class Checkpointer:
                               f"--overwrite starts afresh")
         if checkpoint is None:
             if self.is_main:
-                print(f"{self.desc}: --resume given but {self.root} holds no checkpoint yet; starting from step 0")
+                print(f"{self.desc}: resuming, but {self.root} holds no checkpoint yet; starting from step 0")
             return None
         state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
         missing = [name for name in self.objects if name not in state.get("objects", {}) and name not in

@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from moss_rlhf.cli import main
+from moss_rlhf.demo.pipeline_stages import PART2_REWARD, STRENGTH_MEMBERS
+from moss_rlhf.models import LIKELIHOOD_WEIGHT
 
 
 @pytest.mark.slow
@@ -72,6 +74,12 @@ def test_quick_demo_runs_every_stage(tmp_path, capsys):
         assert (out / path).exists(), path
     state = json.loads((out / "pipeline.json").read_text())
     assert "pairs@2" in state["done"] and state["done"]["reward-part2"]["gold_accuracy"] is not None
+    # the ensemble that measures strength scores as the Part II reward model does: with the reply's likelihood
+    members = sorted((out / "strength" / "members").glob("*/model"))
+    assert len(members) == STRENGTH_MEMBERS
+    for model in [out / "reward-part2" / "model", *members]:
+        saved = json.loads((model / "config.json").read_text())
+        assert saved[LIKELIHOOD_WEIGHT] == PART2_REWARD["likelihood_weight"], model
     meta = [json.loads(line) for line in (out / "meta-round2" / "samples.jsonl").read_text().splitlines()]
     assert len(meta) == 4 * len({row["prompt"] for row in meta})  # 4 replies per prompt, from round 1's PPO-max
     html = (out / "report.html").read_text(encoding="utf-8")

@@ -18,7 +18,7 @@ new pairs from the current policy, new labels, the reward model continues traini
 ``--reward-recipe part2`` trains the reward model as "Secrets of RLHF ... Part II" advises: an ensemble measures
 every labelled pair's preference strength (``moss-rlhf reward strength``), and the reward model trains on the pairs
 with the settings in ``pipeline_stages.PART2_REWARD`` — soft labels from the strength, and the reply's likelihood in
-the reward (``--likelihood-weight``) — in its own directories,
+the reward (``--likelihood-weight``, in the ensemble's members too) — in its own directories,
 ``reward-part2/`` and ``rl-<algorithm>-part2/``, beside the plain run's, so the report compares both.
 
 The same pipeline runs on the user's own material: ``--model`` (skip pretraining), ``--corpus``, ``--sft-data``,
