@@ -293,9 +293,10 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-def _free_the_group_at_shutdown(out) -> None:
+def _free_the_group_at_shutdown(out, sharded: bool) -> None:
     """Rank by rank: the process's threads before the group starts and after ``shutdown``, with a model loaded and
-    an object collective run in between (as a stage does)."""
+    an object collective run in between (as a stage does); ``sharded``: the model sharded by FSDP2 and one training
+    step run (its device mesh outlives the model in DTensor's caches)."""
     import json
     import sys
 
@@ -308,8 +309,13 @@ def _free_the_group_at_shutdown(out) -> None:
     d = distributed.init("cpu")
     from transformers import LlamaConfig, LlamaForCausalLM  # imports torch.distributed.fsdp and .nn
 
-    LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                 vocab_size=50))
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, vocab_size=50))
+    if sharded:
+        distributed.shard(model, d)
+        ids = torch.arange(8).reshape(2, 4)
+        model(input_ids=ids, labels=ids).loss.backward()
+    del model
     everyone: list = [None, None]
     dist.all_gather_object(everyone, d.rank)
     distributed.shutdown(wait_for_all=True)
@@ -317,15 +323,17 @@ def _free_the_group_at_shutdown(out) -> None:
 
 
 @pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads in /proc")
-def test_shutdown_frees_the_group_and_its_threads(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["ddp", "fsdp"])
+def test_shutdown_frees_the_group_and_its_threads(tmp_path, sharded):
     """torch modules that take ``group=dist.group.WORLD`` as a default argument hold the group for good when they are
     imported after it starts (transformers imports them when it loads a model): destroyed, it lived on with its gloo
     threads into the interpreter's shutdown, where a thread dropping a finished collective's tensors waited for the
     GIL and aborted the process after a clean run (about one two-process run in thirty). Started by ``init``, the
-    group is freed at ``shutdown``: the gloo threads are gone before the process exits."""
+    group is freed at ``shutdown``: the gloo threads are gone before the process exits. FSDP2's device meshes held
+    the group too, from DTensor's sharding caches, until ``shutdown`` emptied them."""
     import json
 
-    run_in_processes(_free_the_group_at_shutdown, tmp_path)
+    run_in_processes(_free_the_group_at_shutdown, tmp_path, sharded)
     for rank in (0, 1):
         before, after = json.loads((tmp_path / f"{rank}.json").read_text())
         assert after == before, f"process {rank}: {after - before} threads of the process group outlived shutdown"

@@ -28,7 +28,9 @@ optimizer state kept in host memory, each block's weights brought to the GPU onl
 from __future__ import annotations
 
 import copy
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -356,5 +358,22 @@ def shutdown(wait_for_all: bool = False) -> None:
     if _started_here and dist.is_available() and dist.is_initialized():
         if wait_for_all:
             dist.barrier()
+        _free_device_mesh_groups()
         dist.destroy_process_group()
     _started_here = False
+
+
+def _free_device_mesh_groups() -> None:
+    """FSDP2's device meshes outlive the models sharded over them: DTensor's sharding caches (torch's, module-level)
+    keep their specs, and each mesh holds its process groups (``_pg_registry``). ``destroy_process_group`` then left
+    the group and its gloo threads running into the interpreter's shutdown after every FSDP run, with the abort
+    :func:`_import_group_defaults` describes (met once in a full test suite on a busy machine). Emptied registries free
+    it; outside torch.compile a mesh finds its groups by name, so a cached mesh stays harmless. The sharded models
+    that are gone but in reference cycles (FSDP's hooks make them) hold the group as well: collected first."""
+    device_mesh = sys.modules.get("torch.distributed.device_mesh")
+    if device_mesh is None:
+        return
+    gc.collect()
+    for obj in gc.get_objects():
+        if issubclass(type(obj), device_mesh.DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
